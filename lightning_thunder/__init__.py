@@ -1,0 +1,35 @@
+"""lightning_thunder: a trace compiler for PyTorch training, shipped as a Lightning extension.
+
+Public API::
+
+    cm = lightning_thunder.compile(model, plugins=[...])
+    lightning_thunder.last_traces(cm)            # forward traces, stage by stage
+    lightning_thunder.last_backward_traces(cm)   # backward traces
+    lightning_thunder.compile_stats(cm)          # compile time, graphs, graph breaks, ...
+
+Write a plugin by subclassing :class:`Plugin`.
+"""
+
+from lightning_thunder.api import compile, compile_stats, default_plugins, last_backward_traces, last_traces
+from lightning_thunder.capture import CaptureError, CompileOptions, CompileStats, ThunderModule
+from lightning_thunder.executors import Executor, OpExecutor
+from lightning_thunder.plugins import Plugin
+from lightning_thunder.trace import Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError",
+    "CompileOptions",
+    "CompileStats",
+    "Executor",
+    "OpExecutor",
+    "Plugin",
+    "ThunderModule",
+    "Trace",
+    "compile",
+    "compile_stats",
+    "default_plugins",
+    "last_backward_traces",
+    "last_traces",
+]

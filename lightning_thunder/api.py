@@ -1,0 +1,146 @@
+"""The public entry points: :func:`compile`, :func:`last_traces`, :func:`last_backward_traces`,
+:func:`compile_stats`."""
+
+from __future__ import annotations
+
+import builtins
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from lightning_thunder.capture.backend import ThunderBackend
+from lightning_thunder.capture.compiled import ThunderFunction, ThunderModule, compile_states
+from lightning_thunder.capture.options import CompileOptions
+from lightning_thunder.capture.state import CompileState, CompileStats, GraphRecord
+from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.trace.trace import Trace
+
+__all__ = ["compile", "last_traces", "last_backward_traces", "compile_stats", "default_plugins"]
+
+T = TypeVar("T")
+
+
+def default_plugins() -> list[Plugin]:
+    """The plugins :func:`compile` uses when ``plugins=None``.
+
+    Today: none, so every op runs on the torch executor (the Triton fusion plugin joins this list
+    when CUDA is available once it exists).
+    """
+    return []
+
+
+def _check_plugins(plugins: Sequence[Plugin] | None) -> list[Plugin]:
+    if plugins is None:
+        return default_plugins()
+    if isinstance(plugins, Plugin):
+        raise TypeError(f"plugins must be a list of Plugin instances; wrap the single plugin: plugins=[{plugins!r}]")
+    checked = []
+    for p in plugins:
+        if isinstance(p, type) and issubclass(p, Plugin):
+            raise TypeError(f"plugins must hold Plugin instances, got the class {p.__name__}; use {p.__name__}()")
+        if not isinstance(p, Plugin):
+            raise TypeError(f"plugins must hold lightning_thunder.Plugin instances, got {type(p).__name__}: {p!r}")
+        checked.append(p)
+    return checked
+
+
+def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options: Any) -> T:  # noqa: A001
+    """Compile a module or function with lightning_thunder.
+
+    Dynamo captures the program (graph breaks and recompiles are handled per subgraph), each graph
+    becomes a torch-level :class:`Trace`, pre-autograd plugins rewrite it, AOTAutograd produces
+    forward and backward ATen traces, post-autograd plugins and passes rewrite those, executors
+    claim ops, and the final traces run as generated Python.
+
+    Args:
+        fn_or_module: an ``nn.Module`` or a callable.
+        plugins: compiler plugins, applied in order (``None``: :func:`default_plugins`).
+        **options: see :class:`~lightning_thunder.capture.CompileOptions` (``dynamic``, ``fullgraph``,
+            ``partitioner``, ``cse``). Unknown names raise ``TypeError``.
+
+    Returns:
+        For a module, an ``nn.Module`` with the same parameters, buffers, ``state_dict`` keys and forward
+        signature (a :class:`~lightning_thunder.capture.ThunderModule`); for a function, a callable.
+
+    Example::
+
+        cm = lightning_thunder.compile(model)
+        loss = cm(x).sum(); loss.backward()
+        print(lightning_thunder.last_traces(cm)[-1])
+    """
+    opts = CompileOptions.from_kwargs(options)
+    plugin_list = _check_plugins(plugins)
+    if isinstance(fn_or_module, (ThunderModule, ThunderFunction)):
+        raise TypeError("this object is already compiled by lightning_thunder; compile the original instead")
+    state = CompileState()
+    backend = ThunderBackend(plugin_list, opts, state)
+    if isinstance(fn_or_module, nn.Module):
+        module: nn.Module = fn_or_module
+        for p in plugin_list:
+            new = p.transform_module(module)
+            if not isinstance(new, nn.Module):
+                raise TypeError(f"{p.name}.transform_module must return an nn.Module, got {type(new).__name__}")
+            module = new
+        compiled = torch.compile(module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        return ThunderModule(module, compiled, state, backend)  # type: ignore[return-value]
+    if callable(fn_or_module):
+        compiled_fn = torch.compile(fn_or_module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        return ThunderFunction(fn_or_module, compiled_fn, state, backend)  # type: ignore[return-value]
+    raise TypeError(f"lightning_thunder.compile expects an nn.Module or a callable, got {type(fn_or_module).__name__}")
+
+
+def _last_record(cm: Any) -> GraphRecord:
+    records = [r for s in compile_states(cm) for r in s.records]
+    if not records:
+        raise RuntimeError(
+            "nothing has been compiled yet: traces exist once the compiled module or function has been called"
+        )
+    return builtins.max(records, key=lambda r: r.sequence)
+
+
+def last_traces(cm: Any) -> list[Trace]:
+    """The traces of the most recently compiled forward graph of ``cm``, stage by stage.
+
+    In order: the torch-level trace from Dynamo, one after each pre-autograd plugin, the forward after
+    AOTAutograd, one after each post-autograd plugin and pass, one per executor, and the final
+    executable trace (``[-1]``). Each has ``.name`` (``"torch"``, ``"forward/dce"``, ...
+    ``"forward/final"``), ``.python()`` and ``.python_callable()``.
+    """
+    record = _last_record(cm)
+    return [*record.torch_traces, *record.forward_traces]
+
+
+def last_backward_traces(cm: Any) -> list[Trace]:
+    """The backward traces of the most recently compiled graph of ``cm``, stage by stage.
+
+    Empty for inference graphs. AOTAutograd compiles the backward at the first ``backward()``, so the
+    stages after partitioning appear once a backward has run.
+    """
+    return list(_last_record(cm).backward_traces)
+
+
+def compile_stats(cm: Any) -> CompileStats:
+    """Compilation statistics of ``cm`` (summed over its compiled submodules for regional compilation).
+
+    See :class:`~lightning_thunder.capture.CompileStats` for the fields.
+    """
+    states = compile_states(cm)
+    if len(states) == 1:
+        return states[0].stats()
+    parts = [s.stats() for s in states]
+    counts: Counter[str] = Counter()
+    for part in parts:
+        counts.update(part.executor_counts)
+    return CompileStats(
+        compile_time_s=sum(p.compile_time_s for p in parts),
+        graphs=sum(p.graphs for p in parts),
+        graph_breaks=[b for p in parts for b in p.graph_breaks],
+        recompiles=[r for p in parts for r in p.recompiles],
+        fusion_regions=sum(p.fusion_regions for p in parts),
+        executor_counts=dict(counts),
+    )
+
+

@@ -1,0 +1,229 @@
+"""The Dynamo backend: one captured FX graph in, executable forward and backward callables out.
+
+Pipeline for each graph Dynamo hands us (see DESIGN.md, "The pipeline")::
+
+    Dynamo FX graph -> Trace "torch" -> pre-autograd plugins
+      -> AOTAutograd (functionalization, autodiff, decomposition) with our partition function:
+         joint graph -> partitioner -> Trace "forward" + Trace "backward" -> post-autograd plugins
+      -> per graph: DCE, CSE, executors (plugins' first, torch last), del insertion -> final trace
+      -> final trace's Python source, compiled (boxed calling convention)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+
+from lightning_thunder.capture.errors import WORKAROUND, CaptureError, locate_failure
+from lightning_thunder.capture.options import CompileOptions
+from lightning_thunder.capture.state import CompileState, GraphRecord
+from lightning_thunder.executors.base import Executor
+from lightning_thunder.executors.torch_executor import TorchExecutor
+from lightning_thunder.passes import common_subexpression_elimination, dead_code_elimination, insert_deletions
+from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.trace import Trace, fx_from_trace, trace_from_fx
+
+__all__ = ["ThunderBackend"]
+
+_AOT_PROVENANCE = "AOTAutograd (functionalization, autodiff, decomposition) and {} partition"
+
+
+def _recompile_reason() -> str | None:
+    """Dynamo's reason for the compilation in progress, if it is a recompilation."""
+    try:
+        compile_id = torch._guards.CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001 - private API; absence only means "unknown"
+        compile_id = None
+    if compile_id is None or not getattr(compile_id, "frame_compile_id", 0):
+        return None
+    reason = None
+    try:
+        reason = torch._dynamo.utils.get_metrics_context()._metrics.get("recompile_reason")
+    except Exception:  # noqa: BLE001 - private API; fall back to a generic reason
+        reason = None
+    return reason or "guard failure (Dynamo gave no reason)"
+
+
+def _check_trace(value: Any, plugin: Plugin, hook: str) -> Trace:
+    if not isinstance(value, Trace):
+        raise TypeError(f"{plugin.name}.{hook} must return a Trace, got {type(value).__name__}")
+    return value
+
+
+class ThunderBackend:
+    """A ``torch.compile`` backend running the lightning_thunder pipeline.
+
+    Args:
+        plugins: compiler plugins, applied in order.
+        options: validated compile options.
+        state: where the traces and statistics of each compiled graph are recorded.
+    """
+
+    def __init__(self, plugins: Sequence[Plugin], options: CompileOptions, state: CompileState) -> None:
+        self.plugins = list(plugins)
+        self.options = options
+        self.state = state
+        self.executors: list[Executor] = [ex for p in self.plugins for ex in p.executors()]
+        self.executors.append(TorchExecutor())
+        self.decompositions: dict[Any, Callable] = {}
+        for ex in self.executors:
+            self.decompositions.update(ex.decompositions())
+
+    # ------------------------------------------------------------------------------ entry point
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Compile one Dynamo graph (the ``torch.compile`` backend protocol)."""
+        t0 = time.perf_counter()
+        record = self.state.new_record()
+        record.recompile_reason = _recompile_reason()
+        if record.recompile_reason:
+            self.state.recompiles.append(record.recompile_reason)
+        trace = trace_from_fx(gm, name="torch", provenance="Dynamo capture (torch-level ops, before autograd)")
+        record.torch_traces.append(trace)
+        changed = False
+        for plugin in self.plugins:
+            t1 = time.perf_counter()
+            new = _check_trace(plugin.transform_torch_trace(trace), plugin, "transform_torch_trace")
+            changed |= new is not trace
+            trace = self._stage(new, trace, f"torch/{plugin.name}", plugin, t1)
+            record.torch_traces.append(trace)
+        aot_input = fx_from_trace(trace) if changed else gm
+        try:
+            compiled = aot_module_simplified(
+                aot_input,
+                list(example_inputs),
+                fw_compiler=self._compiler(record, "forward"),
+                bw_compiler=self._compiler(record, "backward"),
+                inference_compiler=self._compiler(record, "inference"),
+                partition_fn=self._partition_fn(record),
+                decompositions=self.decompositions,
+                keep_inference_input_mutations=True,
+            )
+        except CaptureError:
+            raise
+        except Exception as e:
+            where = locate_failure(e, aot_input)
+            at = f" at {where}" if where else ""
+            raise CaptureError(
+                f"lightning_thunder could not trace graph {record.index} through autograd{at}: "
+                f"{type(e).__name__}: {e}\n{WORKAROUND}"
+            ) from e
+        record.compile_time_s += time.perf_counter() - t0
+        return compiled
+
+    # ------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def _stage(new: Trace, old: Trace, name: str, plugin: Plugin, t_start: float) -> Trace:
+        """Name a plugin's output as its own stage (an unchanged trace is recorded as such)."""
+        ms = (time.perf_counter() - t_start) * 1e3
+        if new is old:
+            return old.derive(f"plugin {plugin.name} (no change)", name=name, elapsed_ms=ms)
+        provenance = new.provenance if new.provenance.startswith("plugin ") else f"plugin {plugin.name}"
+        return new.derive(provenance, name=name, elapsed_ms=ms)
+
+    def _partition_fn(self, record: GraphRecord) -> Callable:
+        partitioner = (
+            min_cut_rematerialization_partition if self.options.partitioner == "min_cut" else default_partition
+        )
+        provenance = _AOT_PROVENANCE.format(self.options.partitioner)
+
+        def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+            fw_gm, bw_gm = partitioner(joint, joint_inputs, **kwargs)
+            fw = trace_from_fx(
+                fw_gm, name="forward", provenance=provenance, pretty_inputs=False, input_names=_user_names(record)
+            )
+            bw = trace_from_fx(bw_gm, name="backward", provenance=provenance, fn_name="backward", pretty_inputs=False)
+            record.forward_traces.append(fw)
+            record.backward_traces.append(bw)
+            changed = False
+            for plugin in self.plugins:
+                t1 = time.perf_counter()
+                new_fw, new_bw = plugin.transform_forward_backward(fw, bw)
+                new_fw = _check_trace(new_fw, plugin, "transform_forward_backward")
+                new_bw = _check_trace(new_bw, plugin, "transform_forward_backward")
+                changed |= new_fw is not fw or new_bw is not bw
+                fw = self._stage(new_fw, fw, f"forward/{plugin.name}", plugin, t1)
+                bw = self._stage(new_bw, bw, f"backward/{plugin.name}", plugin, t1)
+                record.forward_traces.append(fw)
+                record.backward_traces.append(bw)
+            if changed:
+                return fx_from_trace(fw), fx_from_trace(bw)
+            return fw_gm, bw_gm
+
+        return partition
+
+    def _compiler(self, record: GraphRecord, kind: str) -> Callable:
+        """The fw/bw/inference compiler AOTAutograd calls with each final ATen graph."""
+
+        def compile_graph(gm: fx.GraphModule, example_inputs: Any) -> Callable:
+            t0 = time.perf_counter()
+            stage = "backward" if kind == "backward" else "forward"
+            history = record.backward_traces if stage == "backward" else record.forward_traces
+            if kind == "inference":
+                record.inference = True
+                trace = trace_from_fx(
+                    gm,
+                    name="forward",
+                    provenance=_AOT_PROVENANCE.format("no (inference)"),
+                    pretty_inputs=False,
+                    input_names=_user_names(record),
+                )
+                history.append(trace)
+                for plugin in self.plugins:
+                    t1 = time.perf_counter()
+                    new, _ = plugin.transform_forward_backward(trace, None)
+                    new = _check_trace(new, plugin, "transform_forward_backward")
+                    trace = self._stage(new, trace, f"forward/{plugin.name}", plugin, t1)
+                    history.append(trace)
+            else:
+                trace = trace_from_fx(
+                    gm,
+                    name=stage,
+                    provenance="AOTAutograd graph as compiled",
+                    fn_name=stage,
+                    pretty_inputs=False,
+                    input_names=_user_names(record) if stage == "forward" else None,
+                )
+                last = history[-1] if history else None
+                if last is not None and _body(last) == _body(trace):
+                    trace = last
+                else:
+                    history.append(trace)
+            finals = self.finish(trace, stage)
+            history.extend(finals)
+            fn = finals[-1].python_callable(boxed=True)
+            elapsed = time.perf_counter() - t0
+            record.compile_time_s += elapsed
+            if kind == "backward" and not self.state.in_call:
+                self.state.backward_compile_time_s += elapsed
+            return fn
+
+        return compile_graph
+
+    def finish(self, trace: Trace, stage: str) -> list[Trace]:
+        """The generic post-autograd passes for one graph; the last trace returned is executable."""
+        out = [dead_code_elimination(trace, name=f"{stage}/dce")]
+        if self.options.cse:
+            out.append(common_subexpression_elimination(out[-1], name=f"{stage}/cse"))
+        for ex in self.executors:
+            claimed = ex.claim(out[-1])
+            if not isinstance(claimed, Trace):
+                raise TypeError(f"executor {ex.name!r}.claim must return a Trace, got {type(claimed).__name__}")
+            out.append(claimed.renamed(f"{stage}/executor:{ex.name}"))
+        out.append(insert_deletions(out[-1], name=f"{stage}/final"))
+        return out
+
+
+def _user_names(record: GraphRecord) -> list[str]:
+    """The torch-level input names, which AOTAutograd's forward takes in the same order."""
+    return [p.name for p in record.torch_traces[-1].inputs]
+
+
+def _body(trace: Trace) -> str:
+    """The printed program without its header line (for comparing programs)."""
+    return trace.python().split("\n", 1)[1]

@@ -1,0 +1,116 @@
+"""What a compiled module or function remembers: one record per compiled graph, and statistics."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lightning_thunder.trace.trace import DELETE, Trace
+
+__all__ = ["GraphRecord", "CompileState", "CompileStats"]
+
+_SEQUENCE = itertools.count()
+
+
+@dataclass
+class GraphRecord:
+    """The traces of one captured graph (Dynamo compiles one per graph break and per recompile).
+
+    Attributes:
+        index: position among the graphs compiled for this module/function.
+        sequence: process-wide compile order (to find the most recent graph across modules).
+        torch_traces: the torch-level trace and one per pre-autograd plugin.
+        forward_traces: the forward after autograd, then one per post-autograd pass, ending with the
+            final executable trace.
+        backward_traces: likewise for the backward (empty for inference graphs; the final stages
+            appear once the first backward has run, since AOTAutograd compiles it lazily).
+        inference: whether the graph was compiled without autograd.
+        compile_time_s: time spent in our backend for this graph (forward and backward).
+        recompile_reason: why Dynamo recompiled, when this graph is a recompile.
+    """
+
+    index: int
+    sequence: int = 0
+    torch_traces: list[Trace] = field(default_factory=list)
+    forward_traces: list[Trace] = field(default_factory=list)
+    backward_traces: list[Trace] = field(default_factory=list)
+    inference: bool = False
+    compile_time_s: float = 0.0
+    recompile_reason: str | None = None
+
+    def final_traces(self) -> list[Trace]:
+        """The executable forward and backward traces compiled so far."""
+        out = []
+        for traces in (self.forward_traces, self.backward_traces):
+            if traces and traces[-1].name.endswith("/final"):
+                out.append(traces[-1])
+        return out
+
+
+@dataclass
+class CompileStats:
+    """Statistics of a compiled module or function (see :func:`lightning_thunder.compile_stats`).
+
+    Attributes:
+        compile_time_s: wall time of the calls that compiled something (Dynamo capture, AOTAutograd,
+            our passes, and that call's own execution), plus backward compilation.
+        graphs: number of graphs compiled (each graph break and recompile adds one).
+        graph_breaks: the reasons Dynamo gave for each graph break.
+        recompiles: the reasons for each recompilation (guard failures).
+        fusion_regions: regions run by a fused kernel in the final traces.
+        executor_counts: executor name -> number of ops it runs in the final traces (ops of a fused
+            region count individually).
+    """
+
+    compile_time_s: float
+    graphs: int
+    graph_breaks: list[str]
+    recompiles: list[str]
+    fusion_regions: int
+    executor_counts: dict[str, int]
+
+
+class CompileState:
+    """Mutable state shared by a compiled callable and its backend."""
+
+    def __init__(self) -> None:
+        self.records: list[GraphRecord] = []
+        self.graph_breaks: list[str] = []
+        self.recompiles: list[str] = []
+        self.call_compile_time_s = 0.0
+        self.backward_compile_time_s = 0.0
+        self.in_call = 0  # > 0 while a call of the compiled callable runs (its time already counts)
+
+    def new_record(self) -> GraphRecord:
+        """Start the record of a newly captured graph."""
+        record = GraphRecord(index=len(self.records), sequence=next(_SEQUENCE))
+        self.records.append(record)
+        return record
+
+    def last_record(self) -> GraphRecord | None:
+        """The most recently captured graph, if any."""
+        return self.records[-1] if self.records else None
+
+    def stats(self) -> CompileStats:
+        """Summarize the records."""
+        counts: Counter[str] = Counter()
+        regions = 0
+        for record in self.records:
+            for trace in record.final_traces():
+                for op in trace.ops:
+                    if op.target is DELETE or not op.executor:
+                        continue
+                    if op.subops:
+                        regions += 1
+                        counts[op.executor] += len(op.subops)
+                    else:
+                        counts[op.executor] += 1
+        return CompileStats(
+            compile_time_s=self.call_compile_time_s + self.backward_compile_time_s,
+            graphs=len(self.records),
+            graph_breaks=list(self.graph_breaks),
+            recompiles=list(self.recompiles),
+            fusion_regions=regions,
+            executor_counts=dict(counts),
+        )

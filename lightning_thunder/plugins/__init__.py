@@ -1,0 +1,5 @@
+"""Compiler plugins."""
+
+from lightning_thunder.plugins.base import Plugin
+
+__all__ = ["Plugin"]

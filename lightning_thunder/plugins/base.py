@@ -1,0 +1,56 @@
+"""The plugin API: the composable unit users see.
+
+A plugin may change the module once at compile time, rewrite the torch-level trace before
+autograd, rewrite the forward and backward traces after autograd, and bring executors. Every hook
+is a no-op by default, so a plugin overrides only what it needs. Plugins compose in list order and
+each one's effect shows up as its own named trace in :func:`lightning_thunder.last_traces`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_thunder.executors.base import Executor
+from lightning_thunder.trace.trace import Trace
+
+__all__ = ["Plugin"]
+
+
+class Plugin:
+    """Base class of compiler plugins; override the hooks you need.
+
+    Example (a plugin that counts the ops of each torch-level trace)::
+
+        class CountOps(Plugin):
+            def transform_torch_trace(self, trace):
+                print(len(trace.ops), "ops")
+                return trace
+    """
+
+    @property
+    def name(self) -> str:
+        """The plugin's name as shown in trace names (the class name by default)."""
+        return type(self).__name__
+
+    def transform_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Change the module once, at compile time (sharding, dtype, layer swaps). Returns the module to compile."""
+        return module
+
+    def transform_torch_trace(self, trace: Trace) -> Trace:
+        """Rewrite the torch-level trace before autograd (e.g. swap ``linear`` for an FP8 linear)."""
+        return trace
+
+    def transform_forward_backward(self, forward: Trace, backward: Trace | None) -> tuple[Trace, Trace | None]:
+        """Rewrite the ATen-level forward and backward traces after autograd.
+
+        ``backward`` is ``None`` for inference graphs (no input requires grad, or ``torch.no_grad()``).
+        Changing which values the forward saves for the backward is allowed; the two must agree.
+        """
+        return forward, backward
+
+    def executors(self) -> list[Executor]:
+        """Executors this plugin brings; they run before the torch executor, in plugin order."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
