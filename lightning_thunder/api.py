@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_thunder.capture.backend import ThunderBackend
+from lightning_thunder.capture.backend import get_backend
 from lightning_thunder.capture.compiled import ThunderFunction, ThunderModule, compile_states
 from lightning_thunder.capture.options import CompileOptions
 from lightning_thunder.capture.state import CompileState, CompileStats, GraphRecord
@@ -23,13 +23,16 @@ __all__ = ["compile", "last_traces", "last_backward_traces", "compile_stats", "d
 T = TypeVar("T")
 
 
+_DEFAULT_PLUGINS: tuple[Plugin, ...] = ()
+
+
 def default_plugins() -> list[Plugin]:
-    """The plugins :func:`compile` uses when ``plugins=None``.
+    """The plugins :func:`compile` uses when ``plugins=None`` (the same instances every time).
 
     Today: none, so every op runs on the torch executor (the Triton fusion plugin joins this list
     when CUDA is available once it exists).
     """
-    return []
+    return list(_DEFAULT_PLUGINS)
 
 
 def _check_plugins(plugins: Sequence[Plugin] | None) -> list[Plugin]:
@@ -75,8 +78,7 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
     plugin_list = _check_plugins(plugins)
     if isinstance(fn_or_module, (ThunderModule, ThunderFunction)):
         raise TypeError("this object is already compiled by lightning_thunder; compile the original instead")
-    state = CompileState()
-    backend = ThunderBackend(plugin_list, opts, state)
+    backend = get_backend(plugin_list, opts)
     if isinstance(fn_or_module, nn.Module):
         module: nn.Module = fn_or_module
         for p in plugin_list:
@@ -85,20 +87,32 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
                 raise TypeError(f"{p.name}.transform_module must return an nn.Module, got {type(new).__name__}")
             module = new
         compiled = torch.compile(module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        state = CompileState(type(module).__qualname__)
         return ThunderModule(module, compiled, state, backend)  # type: ignore[return-value]
     if callable(fn_or_module):
         compiled_fn = torch.compile(fn_or_module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        state = CompileState(getattr(fn_or_module, "__qualname__", type(fn_or_module).__qualname__))
         return ThunderFunction(fn_or_module, compiled_fn, state, backend)  # type: ignore[return-value]
     raise TypeError(f"lightning_thunder.compile expects an nn.Module or a callable, got {type(fn_or_module).__name__}")
 
 
 def _last_record(cm: Any) -> GraphRecord:
-    records = [r for s in compile_states(cm) for r in s.records]
+    states = compile_states(cm)
+    records = [r for s in states for r in s.records]
+    if not records:
+        # This instance reused graphs another instance of its class compiled with the same plugins.
+        records = [b.latest[s.label] for s, b in zip(states, _backends_of(cm)) if s.label in b.latest]
     if not records:
         raise RuntimeError(
             "nothing has been compiled yet: traces exist once the compiled module or function has been called"
         )
     return builtins.max(records, key=lambda r: r.sequence)
+
+
+def _backends_of(cm: Any) -> list[Any]:
+    from lightning_thunder.capture.compiled import compiled_objects
+
+    return [obj._lt_backend for obj in compiled_objects(cm)]
 
 
 def last_traces(cm: Any) -> list[Trace]:

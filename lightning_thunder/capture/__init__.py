@@ -1,6 +1,6 @@
 """Capture: the Dynamo backend, the AOTAutograd bridge, compiled wrappers and their records."""
 
-from lightning_thunder.capture.backend import ThunderBackend
+from lightning_thunder.capture.backend import ThunderBackend, get_backend
 from lightning_thunder.capture.compiled import ThunderFunction, ThunderModule, compile_states
 from lightning_thunder.capture.errors import CaptureError
 from lightning_thunder.capture.options import CompileOptions
@@ -16,4 +16,5 @@ __all__ = [
     "ThunderFunction",
     "ThunderModule",
     "compile_states",
+    "get_backend",
 ]

@@ -22,27 +22,29 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 
 from lightning_thunder.capture.errors import WORKAROUND, CaptureError, locate_failure
 from lightning_thunder.capture.options import CompileOptions
-from lightning_thunder.capture.state import CompileState, GraphRecord
+from lightning_thunder.capture.state import CompileState, GraphRecord, current_state
 from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.torch_executor import TorchExecutor
 from lightning_thunder.passes import common_subexpression_elimination, dead_code_elimination, insert_deletions
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace import Trace, fx_from_trace, trace_from_fx
 
-__all__ = ["ThunderBackend"]
+__all__ = ["ThunderBackend", "get_backend"]
 
 _AOT_PROVENANCE = "AOTAutograd (functionalization, autodiff, decomposition) and {} partition"
 
 
-def _recompile_reason() -> str | None:
-    """Dynamo's reason for the compilation in progress, if it is a recompilation."""
+def _frame_id() -> int | None:
+    """Dynamo's id of the frame being compiled (``None`` if unknown)."""
     try:
         compile_id = torch._guards.CompileContext.current_compile_id()
     except Exception:  # noqa: BLE001 - private API; absence only means "unknown"
-        compile_id = None
-    if compile_id is None or not getattr(compile_id, "frame_compile_id", 0):
         return None
-    reason = None
+    return getattr(compile_id, "frame_id", None)
+
+
+def _recompile_reason() -> str:
+    """Dynamo's reason for recompiling the frame being compiled."""
     try:
         reason = torch._dynamo.utils.get_metrics_context()._metrics.get("recompile_reason")
     except Exception:  # noqa: BLE001 - private API; fall back to a generic reason
@@ -59,30 +61,43 @@ def _check_trace(value: Any, plugin: Plugin, hook: str) -> Trace:
 class ThunderBackend:
     """A ``torch.compile`` backend running the lightning_thunder pipeline.
 
+    One backend serves every module and function compiled with the same plugin instances and
+    options (see :func:`get_backend`), so Dynamo reuses a graph across instances of the same class
+    (all transformer blocks share one compiled block) instead of recompiling per instance. Each
+    compiled graph is recorded in the :class:`CompileState` of the call that triggered it.
+
     Args:
         plugins: compiler plugins, applied in order.
         options: validated compile options.
-        state: where the traces and statistics of each compiled graph are recorded.
     """
 
-    def __init__(self, plugins: Sequence[Plugin], options: CompileOptions, state: CompileState) -> None:
+    def __init__(self, plugins: Sequence[Plugin], options: CompileOptions) -> None:
         self.plugins = list(plugins)
         self.options = options
-        self.state = state
+        self.orphan_state = CompileState("<no compiled call running>")
+        self.latest: dict[str, GraphRecord] = {}
         self.executors: list[Executor] = [ex for p in self.plugins for ex in p.executors()]
         self.executors.append(TorchExecutor())
         self.decompositions: dict[Any, Callable] = {}
         for ex in self.executors:
             self.decompositions.update(ex.decompositions())
 
+    def __deepcopy__(self, memo: dict) -> ThunderBackend:
+        # A backend is a shared service (Lightning deep-copies torch.compile's kwargs); never copy it.
+        return self
+
     # ------------------------------------------------------------------------------ entry point
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """Compile one Dynamo graph (the ``torch.compile`` backend protocol)."""
         t0 = time.perf_counter()
-        record = self.state.new_record()
-        record.recompile_reason = _recompile_reason()
-        if record.recompile_reason:
-            self.state.recompiles.append(record.recompile_reason)
+        state = current_state() or self.orphan_state
+        frame_id = _frame_id()
+        recompile = state.has_frame(frame_id)
+        record = state.new_record(frame_id)
+        self.latest[state.label] = record
+        if recompile:
+            record.recompile_reason = _recompile_reason()
+            state.recompiles.append(record.recompile_reason)
         trace = trace_from_fx(gm, name="torch", provenance="Dynamo capture (torch-level ops, before autograd)")
         record.torch_traces.append(trace)
         changed = False
@@ -97,9 +112,9 @@ class ThunderBackend:
             compiled = aot_module_simplified(
                 aot_input,
                 list(example_inputs),
-                fw_compiler=self._compiler(record, "forward"),
-                bw_compiler=self._compiler(record, "backward"),
-                inference_compiler=self._compiler(record, "inference"),
+                fw_compiler=self._compiler(state, record, "forward"),
+                bw_compiler=self._compiler(state, record, "backward"),
+                inference_compiler=self._compiler(state, record, "inference"),
                 partition_fn=self._partition_fn(record),
                 decompositions=self.decompositions,
                 keep_inference_input_mutations=True,
@@ -157,7 +172,7 @@ class ThunderBackend:
 
         return partition
 
-    def _compiler(self, record: GraphRecord, kind: str) -> Callable:
+    def _compiler(self, state: CompileState, record: GraphRecord, kind: str) -> Callable:
         """The fw/bw/inference compiler AOTAutograd calls with each final ATen graph."""
 
         def compile_graph(gm: fx.GraphModule, example_inputs: Any) -> Callable:
@@ -199,8 +214,8 @@ class ThunderBackend:
             fn = finals[-1].python_callable(boxed=True)
             elapsed = time.perf_counter() - t0
             record.compile_time_s += elapsed
-            if kind == "backward" and not self.state.in_call:
-                self.state.backward_compile_time_s += elapsed
+            if kind == "backward" and not state.in_call:
+                state.backward_compile_time_s += elapsed
             return fn
 
         return compile_graph
@@ -227,3 +242,20 @@ def _user_names(record: GraphRecord) -> list[str]:
 def _body(trace: Trace) -> str:
     """The printed program without its header line (for comparing programs)."""
     return trace.python().split("\n", 1)[1]
+
+
+_BACKENDS: dict[tuple, ThunderBackend] = {}
+
+
+def get_backend(plugins: Sequence[Plugin], options: CompileOptions) -> ThunderBackend:
+    """The backend for these plugin *instances* and options, created once and then reused.
+
+    Dynamo guards each compiled graph on the backend's identity; handing every compile with the same
+    plugins the same backend lets instances of one class share their compiled graphs (and keeps them
+    under Dynamo's per-function recompile limit). The backend holds the plugins, so their ids stay unique.
+    """
+    key = (options, tuple(id(p) for p in plugins))
+    backend = _BACKENDS.get(key)
+    if backend is None:
+        backend = _BACKENDS[key] = ThunderBackend(plugins, options)
+    return backend

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_thunder.capture.state import CompileState
 
-__all__ = ["ThunderModule", "ThunderFunction", "compile_states"]
+__all__ = ["ThunderModule", "ThunderFunction", "compile_states", "compiled_objects"]
 
 # The registries a ThunderModule shares with the module it wraps.
 _SHARED = (
@@ -43,7 +43,12 @@ def _graph_break_log() -> list:
 
 
 def _describe_graph_break(reason: Any) -> str:
-    text = str(getattr(reason, "reason", reason)).strip()
+    """``<what> - <explanation> (at file.py:12: code)`` from Dynamo's multi-line graph break reason."""
+    lines = [ln.strip() for ln in str(getattr(reason, "reason", reason)).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else "unknown reason"
+    explanation = next((ln for ln in lines[1:] if ln.startswith("Explanation:")), None)
+    if explanation:
+        text += " - " + explanation[len("Explanation:") :].strip()
     stack = getattr(reason, "user_stack", None) or []
     if stack:
         frame = stack[-1]
@@ -57,9 +62,11 @@ def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: 
     n_breaks, n_graphs = len(log), len(state.records)
     t0 = time.perf_counter()
     state.in_call += 1
+    token = state.activate()
     try:
         return compiled(*args, **kwargs)
     finally:
+        state.deactivate(token)
         state.in_call -= 1
         if len(state.records) != n_graphs:
             state.call_compile_time_s += time.perf_counter() - t0
@@ -157,28 +164,32 @@ class ThunderFunction:
         return f"ThunderFunction({getattr(self, '__wrapped__', None)!r})"
 
 
-def compile_states(obj: Any) -> list[CompileState]:
-    """The compile states behind ``obj``: a compiled module or function, a wrapper around one
-    (Lightning's ``_FabricModule``, DDP), or a module whose submodules were compiled (regional
+def compiled_objects(obj: Any) -> list[ThunderModule | ThunderFunction]:
+    """The compiled modules/functions behind ``obj``: ``obj`` itself, the one a wrapper holds
+    (Lightning's ``_FabricModule``, DDP), or the compiled submodules of a module (regional
     compilation). Raises ``TypeError`` when there are none."""
     if isinstance(obj, (ThunderModule, ThunderFunction)):
-        return [obj._lt_state]
+        return [obj]
     if isinstance(obj, nn.Module):
-        states, seen = [], set()
-        for sub in obj.modules():
-            if isinstance(sub, ThunderModule) and id(sub._lt_state) not in seen:
-                seen.add(id(sub._lt_state))
-                states.append(sub._lt_state)
+        found = [sub for sub in obj.modules() if isinstance(sub, ThunderModule)]
         for attr in ("_forward_module", "module", "_orig_mod"):
             inner = obj.__dict__.get(attr) or obj.__dict__.get("_modules", {}).get(attr)
-            if not states and isinstance(inner, nn.Module) and inner is not obj:
+            if not found and isinstance(inner, nn.Module) and inner is not obj:
                 try:
-                    states = compile_states(inner)
+                    found = compiled_objects(inner)
                 except TypeError:
                     continue
-        if states:
-            return states
+        if found:
+            return found
     raise TypeError(
         f"{type(obj).__name__} object was not compiled by lightning_thunder: pass the module or function "
         "that lightning_thunder.compile() returned"
     )
+
+
+def compile_states(obj: Any) -> list[CompileState]:
+    """The distinct :class:`CompileState` objects behind ``obj`` (see :func:`compiled_objects`)."""
+    states: dict[int, CompileState] = {}
+    for compiled in compiled_objects(obj):
+        states.setdefault(id(compiled._lt_state), compiled._lt_state)
+    return list(states.values())

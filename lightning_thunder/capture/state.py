@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from lightning_thunder.trace.trace import DELETE, Trace
 
-__all__ = ["GraphRecord", "CompileState", "CompileStats"]
+__all__ = ["GraphRecord", "CompileState", "CompileStats", "current_state"]
 
 _SEQUENCE = itertools.count()
+
+#: The state of the compiled callable whose call is running (compiles triggered by it are recorded there).
+_CURRENT: ContextVar[CompileState | None] = ContextVar("lightning_thunder_current_state", default=None)
+
+
+def current_state() -> CompileState | None:
+    """The :class:`CompileState` of the compiled module or function being called, if any."""
+    return _CURRENT.get()
 
 
 @dataclass
@@ -20,6 +29,7 @@ class GraphRecord:
     Attributes:
         index: position among the graphs compiled for this module/function.
         sequence: process-wide compile order (to find the most recent graph across modules).
+        frame_id: Dynamo's id of the Python frame (function) the graph was captured from.
         torch_traces: the torch-level trace and one per pre-autograd plugin.
         forward_traces: the forward after autograd, then one per post-autograd pass, ending with the
             final executable trace.
@@ -32,6 +42,7 @@ class GraphRecord:
 
     index: int
     sequence: int = 0
+    frame_id: int | None = None
     torch_traces: list[Trace] = field(default_factory=list)
     forward_traces: list[Trace] = field(default_factory=list)
     backward_traces: list[Trace] = field(default_factory=list)
@@ -72,9 +83,15 @@ class CompileStats:
 
 
 class CompileState:
-    """Mutable state shared by a compiled callable and its backend."""
+    """What one compiled module or function has compiled, and its statistics.
 
-    def __init__(self) -> None:
+    Args:
+        label: what was compiled (the module class or function name), used to find the graphs that
+            another compiled instance of the same class compiled and this one reuses.
+    """
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
         self.records: list[GraphRecord] = []
         self.graph_breaks: list[str] = []
         self.recompiles: list[str] = []
@@ -82,11 +99,24 @@ class CompileState:
         self.backward_compile_time_s = 0.0
         self.in_call = 0  # > 0 while a call of the compiled callable runs (its time already counts)
 
-    def new_record(self) -> GraphRecord:
+    def new_record(self, frame_id: int | None = None) -> GraphRecord:
         """Start the record of a newly captured graph."""
-        record = GraphRecord(index=len(self.records), sequence=next(_SEQUENCE))
+        record = GraphRecord(index=len(self.records), sequence=next(_SEQUENCE), frame_id=frame_id)
         self.records.append(record)
         return record
+
+    def has_frame(self, frame_id: int | None) -> bool:
+        """Whether a graph of this Dynamo frame was compiled here before (so a new one is a recompile)."""
+        return frame_id is not None and any(r.frame_id == frame_id for r in self.records)
+
+    def activate(self) -> object:
+        """Make this the current state (returns a token for :meth:`deactivate`)."""
+        return _CURRENT.set(self)
+
+    @staticmethod
+    def deactivate(token: object) -> None:
+        """Restore the state that was current before :meth:`activate`."""
+        _CURRENT.reset(token)  # type: ignore[arg-type]
 
     def last_record(self) -> GraphRecord | None:
         """The most recently captured graph, if any."""
