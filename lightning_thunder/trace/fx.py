@@ -133,6 +133,8 @@ def trace_from_fx(
                 and isinstance(env.get(node.args[0]), tuple)
             ):
                 env[node] = env[node.args[0]][node.args[1]]
+                if env[node] is None and node.users:  # pragma: no cover - guarded by `used` above
+                    raise AssertionError(f"unpacked output {node.name} is read but was dropped")
                 continue
             target: Any = node.target
             if node.op == "call_module":
@@ -142,7 +144,7 @@ def trace_from_fx(
             val = _node_val(node)
             meta = dict(node.meta)
             if _unpackable(node):
-                used = {u.args[1] for u in node.users}
+                used = {u.args[1] for u in node.users if u.users}  # a getitem nobody reads is dropped
                 outs = tuple(
                     Proxy(namer(value_prefix(v)), v) if i in used else None for i, v in enumerate(val)
                 )
