@@ -101,7 +101,7 @@ def _last_record(cm: Any) -> GraphRecord:
     records = [r for s in states for r in s.records]
     if not records:
         # This instance reused graphs another instance of its class compiled with the same plugins.
-        records = [b.latest[s.label] for s, b in zip(states, _backends_of(cm)) if s.label in b.latest]
+        records = [b.latest[s.label] for s, b in zip(states, _backends_of(cm)) if s.calls and s.label in b.latest]
     if not records:
         raise RuntimeError(
             "nothing has been compiled yet: traces exist once the compiled module or function has been called"

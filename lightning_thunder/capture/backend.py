@@ -94,7 +94,6 @@ class ThunderBackend:
         frame_id = _frame_id()
         recompile = state.has_frame(frame_id)
         record = state.new_record(frame_id)
-        self.latest[state.label] = record
         if recompile:
             record.recompile_reason = _recompile_reason()
             state.recompiles.append(record.recompile_reason)
@@ -119,16 +118,20 @@ class ThunderBackend:
                 decompositions=self.decompositions,
                 keep_inference_input_mutations=True,
             )
-        except CaptureError:
+        except (CaptureError, torch._dynamo.exc.TorchDynamoException):
+            # Dynamo's own signals (restart the analysis, skip the frame) must reach Dynamo untouched.
+            state.discard(record)
             raise
         except Exception as e:
+            state.discard(record)
             where = locate_failure(e, aot_input)
             at = f" at {where}" if where else ""
             raise CaptureError(
                 f"lightning_thunder could not trace graph {record.index} through autograd{at}: "
-                f"{type(e).__name__}: {e}\n{WORKAROUND}"
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n{WORKAROUND}"
             ) from e
         record.compile_time_s += time.perf_counter() - t0
+        self.latest[state.label] = record
         return compiled
 
     # ------------------------------------------------------------------------------ helpers

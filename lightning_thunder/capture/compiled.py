@@ -62,6 +62,7 @@ def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: 
     n_breaks, n_graphs = len(log), len(state.records)
     t0 = time.perf_counter()
     state.in_call += 1
+    state.calls += 1
     token = state.activate()
     try:
         return compiled(*args, **kwargs)

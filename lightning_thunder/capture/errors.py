@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 
 import torch.fx as fx
 
 from lightning_thunder.trace.printing import source_comment
+from lightning_thunder.trace.trace import op_display_name
 
 __all__ = ["CaptureError", "locate_failure"]
 
@@ -23,8 +25,20 @@ class CaptureError(RuntimeError):
     """
 
 
+def _describe_node(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else op_display_name(node.target)
+    src = source_comment(node.meta)
+    return f"op `{target}` (node {node.name})" + (f", from {src}" if src else "")
+
+
 def locate_failure(exc: BaseException, gm: fx.GraphModule) -> str | None:
-    """The generated line of ``gm`` running when ``exc`` was raised, with the user source it came from."""
+    """The op of ``gm`` running when ``exc`` was raised, with the user source line it came from."""
+    text = "\n".join([str(exc), *getattr(exc, "__notes__", [])])
+    match = re.search(r"While executing %(\w+)", text)
+    if match:
+        for node in gm.graph.nodes:
+            if node.name == match.group(1):
+                return _describe_node(node)
     code = getattr(type(gm).forward, "__code__", None)
     if code is None:
         return None
@@ -35,7 +49,6 @@ def locate_failure(exc: BaseException, gm: fx.GraphModule) -> str | None:
         lhs = line.split("=", 1)[0].strip() if "=" in line else ""
         for node in gm.graph.nodes:
             if node.name == lhs:
-                src = source_comment(node.meta)
-                return f"`{line.split(';')[0]}`" + (f" (from {src})" if src else "")
+                return _describe_node(node)
         return f"`{line}`"
     return None

@@ -98,12 +98,20 @@ class CompileState:
         self.call_compile_time_s = 0.0
         self.backward_compile_time_s = 0.0
         self.in_call = 0  # > 0 while a call of the compiled callable runs (its time already counts)
+        self.calls = 0
 
     def new_record(self, frame_id: int | None = None) -> GraphRecord:
         """Start the record of a newly captured graph."""
         record = GraphRecord(index=len(self.records), sequence=next(_SEQUENCE), frame_id=frame_id)
         self.records.append(record)
         return record
+
+    def discard(self, record: GraphRecord) -> None:
+        """Forget a record whose compilation did not complete (Dynamo will restart or fail)."""
+        if record in self.records:
+            self.records.remove(record)
+            if record.recompile_reason and record.recompile_reason in self.recompiles:
+                self.recompiles.remove(record.recompile_reason)
 
     def has_frame(self, frame_id: int | None) -> bool:
         """Whether a graph of this Dynamo frame was compiled here before (so a new one is a recompile)."""
