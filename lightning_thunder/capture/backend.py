@@ -25,7 +25,12 @@ from lightning_thunder.capture.options import CompileOptions
 from lightning_thunder.capture.state import CompileState, GraphRecord, current_state
 from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.torch_executor import TorchExecutor
-from lightning_thunder.passes import common_subexpression_elimination, dead_code_elimination, insert_deletions
+from lightning_thunder.passes import (
+    common_subexpression_elimination,
+    dead_code_elimination,
+    insert_deletions,
+    protect_mutated_saved_inputs,
+)
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace import Trace, fx_from_trace, trace_from_fx
 
@@ -81,6 +86,9 @@ class ThunderBackend:
         self.decompositions: dict[Any, Callable] = {}
         for ex in self.executors:
             self.decompositions.update(ex.decompositions())
+
+    def __repr__(self) -> str:
+        return f"ThunderBackend(plugins={self.plugins!r}, options={self.options!r})"
 
     def __deepcopy__(self, memo: dict) -> ThunderBackend:
         # A backend is a shared service (Lightning deep-copies torch.compile's kwargs); never copy it.
@@ -158,7 +166,11 @@ class ThunderBackend:
             bw = trace_from_fx(bw_gm, name="backward", provenance=provenance, fn_name="backward", pretty_inputs=False)
             record.forward_traces.append(fw)
             record.backward_traces.append(bw)
-            changed = False
+            protected = protect_mutated_saved_inputs(fw, kwargs["num_fwd_outputs"])
+            changed = protected is not fw
+            if changed:
+                fw = protected
+                record.forward_traces.append(fw)
             for plugin in self.plugins:
                 t1 = time.perf_counter()
                 new_fw, new_bw = plugin.transform_forward_backward(fw, bw)
