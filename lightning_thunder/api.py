@@ -87,7 +87,7 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
                 raise TypeError(f"{p.name}.transform_module must return an nn.Module, got {type(new).__name__}")
             module = new
         compiled = torch.compile(module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
-        state = CompileState(type(module).__qualname__)
+        state = CompileState(type(module).__qualname__, module)
         return ThunderModule(module, compiled, state, backend)  # type: ignore[return-value]
     if callable(fn_or_module):
         compiled_fn = torch.compile(fn_or_module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)

@@ -105,7 +105,13 @@ class ThunderBackend:
         if recompile:
             record.recompile_reason = _recompile_reason()
             state.recompiles.append(record.recompile_reason)
-        trace = trace_from_fx(gm, name="torch", provenance="Dynamo capture (torch-level ops, before autograd)")
+        known = state.tensor_names()
+        trace = trace_from_fx(
+            gm,
+            name="torch",
+            provenance="Dynamo capture (torch-level ops, before autograd)",
+            input_names=[known.get(id(x)) for x in example_inputs],
+        )
         record.torch_traces.append(trace)
         changed = False
         for plugin in self.plugins:

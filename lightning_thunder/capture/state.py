@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from lightning_thunder.trace.trace import DELETE, Trace
 
@@ -90,8 +92,9 @@ class CompileState:
             another compiled instance of the same class compiled and this one reuses.
     """
 
-    def __init__(self, label: str = "") -> None:
+    def __init__(self, label: str = "", module: Any = None) -> None:
         self.label = label
+        self._module_ref = weakref.ref(module) if module is not None else None
         self.records: list[GraphRecord] = []
         self.graph_breaks: list[str] = []
         self.recompiles: list[str] = []
@@ -105,6 +108,18 @@ class CompileState:
         record = GraphRecord(index=len(self.records), sequence=next(_SEQUENCE), frame_id=frame_id)
         self.records.append(record)
         return record
+
+    def tensor_names(self) -> dict[int, str]:
+        """``id(tensor) -> name`` for the compiled module's parameters and buffers (``fc1.weight`` ->
+        ``fc1_weight``), so traces call them by the names users know."""
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is None:
+            return {}
+        names: dict[int, str] = {}
+        for qualname, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            name = qualname.replace(".", "_")
+            names.setdefault(id(tensor), name if name[0].isalpha() else "_" + name)
+        return names
 
     def discard(self, record: GraphRecord) -> None:
         """Forget a record whose compilation did not complete (Dynamo will restart or fail)."""

@@ -84,7 +84,7 @@ def trace_from_fx(
     provenance: str,
     fn_name: str = "forward",
     pretty_inputs: bool = True,
-    input_names: list[str] | None = None,
+    input_names: list[str | None] | None = None,
 ) -> Trace:
     """Build a :class:`Trace` from an FX graph module.
 
@@ -95,8 +95,9 @@ def trace_from_fx(
         fn_name: name of the printed function.
         pretty_inputs: shorten Dynamo's input names (``l_self_modules_fc1_parameters_weight_`` ->
             ``fc1_weight``).
-        input_names: names for the placeholders, in order (used when their number matches), e.g. to
-            call AOTAutograd's ``primals_1...`` by the names the torch-level trace gave them.
+        input_names: names for the placeholders, in order (used when their number matches; ``None``
+            entries keep the default), e.g. to call AOTAutograd's ``primals_1...`` by the names the
+            torch-level trace gave them, or parameters by their names in the module.
     """
     namer = NameGenerator(RESERVED_NAMES)
     env: dict[fx.Node, Any] = {}
@@ -112,7 +113,7 @@ def trace_from_fx(
     given = dict(zip(placeholders, input_names)) if input_names and len(input_names) == len(placeholders) else {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            if node in given:
+            if given.get(node):
                 pname = namer.reserve(given[node])
             else:
                 pname = namer.reserve(_pretty_input_name(node.name) if pretty_inputs else node.name)
