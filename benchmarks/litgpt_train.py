@@ -1,0 +1,297 @@
+"""LitGPT training-step benchmark: eager vs torch.compile vs lightning_thunder, side by side, one run.
+
+One step = forward, cross-entropy loss, backward, fused AdamW step, zero_grad. For compiled modes the
+loss is computed inside the compiled region (the model and the loss are one module), as LitGPT's
+recipes do. Each mode runs in its own process, one after the other; the card's bf16 matmul peak is
+measured in the same run (its own process first) and MFU is reported against it.
+
+    python benchmarks/litgpt_train.py --model Llama-3.2-1B --n-layer 8 --batch 4 --seq 2048 \\
+        --dtype bf16 --modes eager,torch.compile,thunder --json results.json
+
+Modes: ``eager``, ``torch.compile`` (Inductor, default mode), ``thunder`` (lightning_thunder with its
+default plugins), ``thunder+fp8`` (needs the FP8 plugin), ``torchao-fp8`` (torchao float8 training +
+torch.compile; needs torchao). A mode that cannot run on this machine is reported with the reason.
+
+FLOPs per token (analytic, stated in the output): 6 x (parameters of every matmul weight, lm_head
+included) + 12 x n_layer x (n_head x head_size) x seq for attention scores and values (the PaLM
+convention: causal masking not discounted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import count_kernels, environment, matmul_tflops, synchronize  # noqa: E402
+
+MODES = ("eager", "torch.compile", "thunder", "thunder+fp8", "torchao-fp8")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Unavailable(RuntimeError):
+    """The mode cannot run here (missing package or hardware); the message says why."""
+
+
+def build_config(args: argparse.Namespace):
+    from litgpt import Config
+
+    overrides = {"n_layer": args.n_layer} if args.n_layer else {}
+    return Config.from_name(args.model, **overrides)
+
+
+def flops_per_token(config, seq: int) -> tuple[float, int]:
+    """Analytic training FLOPs per token and the matmul parameter count behind them."""
+    from litgpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 12 * config.n_layer * config.n_head * config.head_size * seq
+    return 6 * matmul_params + attention, matmul_params
+
+
+class WithLoss(torch.nn.Module):
+    """The model and its loss as one module, so compiled modes compile the loss too."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(idx)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device):
+    """Returns ``step(idx, targets) -> loss`` for ``mode``, with its optimizer."""
+    if mode == "torchao-fp8":
+        try:
+            from torchao.float8 import convert_to_float8_training
+        except ImportError as e:
+            raise Unavailable(f"torchao is not importable ({e})") from e
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise Unavailable("float8 needs a CUDA device with compute capability >= 8.9")
+        convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn != "lm_head")
+    if mode == "thunder+fp8":
+        import lightning_thunder.plugins as plugins
+
+        if not hasattr(plugins, "FP8"):
+            raise Unavailable("lightning_thunder.plugins.FP8 does not exist yet (fp8 issue)")
+    wrapped = WithLoss(model)
+    if mode == "eager":
+        net = wrapped
+    elif mode in ("torch.compile", "torchao-fp8"):
+        net = torch.compile(wrapped)
+    elif mode == "thunder":
+        import lightning_thunder
+
+        net = lightning_thunder.compile(wrapped)
+    elif mode == "thunder+fp8":
+        import lightning_thunder
+        from lightning_thunder.plugins import FP8
+
+        net = lightning_thunder.compile(wrapped, plugins=[*lightning_thunder.default_plugins(), FP8()])
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
+
+    def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = net(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, net
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """Worker: benchmark one mode in this process and return its measurements."""
+    from litgpt import GPT
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    config = build_config(args)
+    with device:
+        model = GPT(config).to(dtype)
+    step, net = make_step_fn(args.worker, model, device)
+    idx = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+    targets = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    loss = step(idx, targets)
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    for _ in range(max(0, args.warmup - 1)):
+        step(idx, targets)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        loss = step(idx, targets)
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    kernels = count_kernels(lambda: step(idx, targets), device)
+    result = {
+        "mode": args.worker,
+        "step_ms": sorted(times)[len(times) // 2],
+        "first_step_s": first_step_s,
+        "peak_gib": peak_gib,
+        "kernels_per_step": kernels,
+        "loss": float(loss),
+    }
+    if args.worker.startswith("thunder"):
+        import lightning_thunder
+
+        stats = lightning_thunder.compile_stats(net)
+        result["thunder_graphs"] = stats.graphs
+        result["thunder_executor_counts"] = stats.executor_counts
+        result["thunder_fusion_regions"] = stats.fusion_regions
+    return result
+
+
+def run_peak(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    return {"matmul_tflops": matmul_tflops(device, DTYPES[args.dtype]), "environment": environment(device)}
+
+
+def spawn(args: argparse.Namespace, worker: str) -> dict:
+    """Run ``worker`` in a fresh process and return its JSON result (or the reason it failed)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = f.name
+    cmd = [sys.executable, __file__, *args.argv, "--worker", worker, "--worker-out", out_path]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        with open(out_path) as f:
+            text = f.read()
+        os.unlink(out_path)
+        if text:
+            return json.loads(text)
+    except (OSError, json.JSONDecodeError):
+        pass
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    return {"mode": worker, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+
+
+def table(results: list[dict], peak: dict, tokens_per_step: int, flops_token: float) -> str:
+    eager = next((r for r in results if r.get("mode") == "eager" and "step_ms" in r), None)
+    compiled = next((r for r in results if r.get("mode") == "torch.compile" and "step_ms" in r), None)
+    rows = [
+        "| mode | step ms | tokens/s | vs eager | vs torch.compile | MFU | peak GiB | first step s | kernels/step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "step_ms" not in r:
+            rows.append(f"| {r['mode']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+            continue
+        tps = tokens_per_step / (r["step_ms"] / 1e3)
+        mfu = tps * flops_token / (peak["matmul_tflops"] * 1e12)
+        vs_eager = f"{eager['step_ms'] / r['step_ms']:.2f}x" if eager else "-"
+        vs_tc = f"{compiled['step_ms'] / r['step_ms']:.2f}x" if compiled else "-"
+        mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
+        kern = str(r["kernels_per_step"]) if r["kernels_per_step"] is not None else "n/a (CPU)"
+        rows.append(
+            f"| {r['mode']} | {r['step_ms']:.1f} | {tps:,.0f} | {vs_eager} | {vs_tc} | {mfu:.1%} | {mem} | "
+            f"{r['first_step_s']:.1f} | {kern} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Llama-3.2-1B", help="LitGPT config name (Config.from_name)")
+    p.add_argument("--n-layer", type=int, default=None, help="override the config's number of layers")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 4 on CUDA, 2 on CPU)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 2048 on CUDA, 128 on CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--modes", default="eager,torch.compile,thunder", help=f"comma-separated, from {MODES}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per mode")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    on_cuda = args.device.startswith("cuda")
+    args.batch = args.batch or (4 if on_cuda else 2)
+    args.seq = args.seq or (2048 if on_cuda else 128)
+    args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+    args.argv = [a for a in argv if a not in ("--worker", "--worker-out")]
+    for flag in ("--worker", "--worker-out"):
+        if flag in args.argv:
+            i = args.argv.index(flag)
+            del args.argv[i : i + 2]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {list(MODES)}")
+    args.mode_list = modes
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        try:
+            result = run_peak(args) if args.worker == "peak" else run_mode(args)
+        except Unavailable as e:
+            result = {"mode": args.worker, "skipped": f"skipped: {e}"}
+        except Exception as e:  # reported in the table; the other modes still run
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            result = {"mode": args.worker, "error": f"failed: {type(e).__name__}: {lines[0] if lines else ''}"[:300]}
+        with open(args.worker_out, "w") as f:
+            json.dump(result, f)
+        return
+    config = build_config(args)
+    flops_token, matmul_params = flops_per_token(config, args.seq)
+    peak = spawn(args, "peak")
+    if "matmul_tflops" not in peak:
+        raise SystemExit(f"could not measure the matmul peak: {peak.get('error')}")
+    results = []
+    for mode in args.mode_list:
+        t0 = time.perf_counter()
+        results.append(spawn(args, mode))
+        r = results[-1]
+        summary = f"{r['step_ms']:.1f} ms/step" if "step_ms" in r else r.get("skipped") or r.get("error")
+        print(f"{mode}: {summary} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    tokens_per_step = args.batch * args.seq
+    env = peak["environment"]
+    print(
+        f"\n{config.name}, n_layer={config.n_layer}, batch={args.batch}, seq={args.seq}, {args.dtype}; "
+        f"{env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}\n"
+        f"measured {args.dtype} matmul peak: {peak['matmul_tflops']:.1f} TFLOP/s; "
+        f"FLOPs/token = 6 x {matmul_params / 1e6:.1f}M matmul params + attention = {flops_token / 1e9:.2f} GFLOP; "
+        f"median of {args.steps} steps after {args.warmup} warm-up; peak memory over the timed steps\n"
+    )
+    print(table(results, peak, tokens_per_step, flops_token))
+    if args.json:
+        payload = {
+            "command": "python benchmarks/litgpt_train.py " + " ".join(argv),
+            "config": {"model": config.name, "n_layer": config.n_layer, "batch": args.batch, "seq": args.seq, "dtype": args.dtype},
+            "flops_per_token": flops_token,
+            "peak": peak,
+            "results": results,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

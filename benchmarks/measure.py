@@ -1,0 +1,86 @@
+"""Shared measurement helpers for the benchmarks: timing, device peaks, kernel counts, versions.
+
+Peaks are *measured* on the card in the same run (never taken from a spec sheet): the bf16 matmul
+rate of a large square GEMM and the bandwidth of a large device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of ``fn`` in milliseconds (synchronized before and after each call)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int | None = None) -> float:
+    """Measured dense matmul rate (TFLOP/s) of an n x n x n GEMM on ``device``."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=5, iters=20 if device.type == "cuda" else 3)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def copy_gbps(device: torch.device, nbytes: int | None = None) -> float:
+    """Measured copy bandwidth (GB/s, bytes read + written) of a large device-to-device copy."""
+    nbytes = nbytes or (2 << 30 if device.type == "cuda" else 64 << 20)
+    src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=5, iters=20 if device.type == "cuda" else 5)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def count_kernels(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Number of GPU kernels one call of ``fn`` launches (torch profiler); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Card, versions and date for the results table."""
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return info

@@ -1,0 +1,49 @@
+"""The benchmark scripts run on CPU with tiny configs (their figures come from GPU runs, not from here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_litgpt_train_benchmark_on_cpu(tmp_path):
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    out_json = tmp_path / "bench.json"
+    out = _run("benchmarks/litgpt_train.py", "--model", "pythia-14m", "--steps", "2", "--device", "cpu", "--json", str(out_json))
+    assert "| mode | step ms | tokens/s |" in out
+    payload = json.loads(out_json.read_text())
+    by_mode = {r["mode"]: r for r in payload["results"]}
+    assert set(by_mode) == {"eager", "torch.compile", "thunder"}
+    for mode in ("eager", "thunder"):
+        assert by_mode[mode]["step_ms"] > 0, by_mode[mode]
+    assert by_mode["thunder"]["thunder_graphs"] >= 1
+    assert payload["peak"]["matmul_tflops"] > 0 and payload["flops_per_token"] > 0
+
+
+def test_litgpt_train_benchmark_reports_unavailable_modes():
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    out = _run(
+        "benchmarks/litgpt_train.py", "--model", "pythia-14m", "--n-layer", "1", "--steps", "1", "--warmup", "1",
+        "--device", "cpu", "--modes", "thunder+fp8,torchao-fp8",
+    )
+    assert "| thunder+fp8 | skipped:" in out and "| torchao-fp8 | skipped:" in out
+
+
+def test_kernels_benchmark_on_cpu(tmp_path):
+    out_json = tmp_path / "kernels.json"
+    out = _run("benchmarks/kernels.py", "--device", "cpu", "--modes", "eager,thunder", "--iters", "1", "--json", str(out_json))
+    assert "| rmsnorm | thunder |" in out
+    results = json.loads(out_json.read_text())["results"]
+    assert all("error" not in r for r in results), [r for r in results if "error" in r]
