@@ -6,11 +6,19 @@ Public API::
     lightning_thunder.last_traces(cm)            # forward traces, stage by stage
     lightning_thunder.last_backward_traces(cm)   # backward traces
     lightning_thunder.compile_stats(cm)          # compile time, graphs, graph breaks, ...
+    lightning_thunder.kernel_sources(cm)         # generated Triton kernels of the fused regions
 
 Write a plugin by subclassing :class:`Plugin`.
 """
 
-from lightning_thunder.api import compile, compile_stats, default_plugins, last_backward_traces, last_traces
+from lightning_thunder.api import (
+    compile,
+    compile_stats,
+    default_plugins,
+    kernel_sources,
+    last_backward_traces,
+    last_traces,
+)
 from lightning_thunder.capture import CaptureError, CompileOptions, CompileStats, ThunderModule
 from lightning_thunder.executors import Executor, OpExecutor
 from lightning_thunder.plugins import Plugin
@@ -30,6 +38,7 @@ __all__ = [
     "compile",
     "compile_stats",
     "default_plugins",
+    "kernel_sources",
     "last_backward_traces",
     "last_traces",
 ]

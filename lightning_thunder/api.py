@@ -18,20 +18,25 @@ from lightning_thunder.capture.state import CompileState, CompileStats, GraphRec
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace.trace import Trace
 
-__all__ = ["compile", "last_traces", "last_backward_traces", "compile_stats", "default_plugins"]
+__all__ = ["compile", "last_traces", "last_backward_traces", "compile_stats", "default_plugins", "kernel_sources"]
 
 T = TypeVar("T")
 
 
-_DEFAULT_PLUGINS: tuple[Plugin, ...] = ()
+_DEFAULT_PLUGINS: list[Plugin] | None = None
 
 
 def default_plugins() -> list[Plugin]:
     """The plugins :func:`compile` uses when ``plugins=None`` (the same instances every time).
 
-    Today: none, so every op runs on the torch executor (the Triton fusion plugin joins this list
-    when CUDA is available once it exists).
+    With CUDA: ``[Fusion()]`` (generated Triton kernels for pointwise and reduction regions).
+    Without CUDA: none, so every op runs on the torch executor.
     """
+    global _DEFAULT_PLUGINS
+    if _DEFAULT_PLUGINS is None:
+        from lightning_thunder.plugins.fusion import Fusion
+
+        _DEFAULT_PLUGINS = [Fusion()] if torch.cuda.is_available() else []
     return list(_DEFAULT_PLUGINS)
 
 
@@ -158,3 +163,20 @@ def compile_stats(cm: Any) -> CompileStats:
     )
 
 
+
+
+def kernel_sources(cm: Any) -> dict[str, str]:
+    """The generated kernel sources of the most recently compiled graph of ``cm``.
+
+    Keys are ``"<stage>/<region>"`` (``"forward/fusion0"``, ``"backward/fusion2"``); values are the Triton
+    source of each fused region of the final forward and backward traces (empty without fusion).
+    """
+    record = _last_record(cm)
+    sources = {}
+    for trace in record.final_traces():
+        stage = trace.name.split("/")[0]
+        for op in trace.ops:
+            source = getattr(op.target, "source", None)
+            if op.subops and isinstance(source, str):
+                sources[f"{stage}/{op.label}"] = source
+    return sources

@@ -1,11 +1,28 @@
-"""Test setup: a clean Dynamo cache and a fixed seed for every test."""
+"""Test setup: a clean Dynamo cache and a fixed seed for every test; Triton's interpreter on CPU."""
 
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, generated Triton kernels run in Triton's interpreter (must be set before kernels are made).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """Generated kernels and autotuning results go to a fresh directory for the session."""
+    previous = os.environ.get("LIGHTNING_THUNDER_CACHE")
+    os.environ["LIGHTNING_THUNDER_CACHE"] = str(tmp_path_factory.mktemp("lightning_thunder_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LIGHTNING_THUNDER_CACHE", None)
+    else:
+        os.environ["LIGHTNING_THUNDER_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True)

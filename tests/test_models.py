@@ -156,7 +156,7 @@ class AutocastRegion(nn.Module):
     def forward(self, x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = torch.relu(self.fc1(x))
-        return self.fc2(h.float())
+        return self.fc2(h.to(x.dtype))
 
 
 def test_autocast_inside_the_module():

@@ -131,7 +131,7 @@ class TracePrinter:
         if key in self.bound:
             return self.bound[key]
         base = getattr(obj, "__name__", None)
-        stem = f"_{prefix}_{base}" if isinstance(base, str) and base.isidentifier() else f"_{prefix}"
+        stem = base if isinstance(base, str) and base.isidentifier() else f"_{prefix}"
         name, k = stem, 0
         taken = set(self.namespace) | self.trace.names()
         while name in taken:

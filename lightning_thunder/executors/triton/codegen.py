@@ -1,0 +1,459 @@
+"""Triton source for a fusion region.
+
+Three kernel shapes, chosen from the region:
+
+- ``flat``: no reduction. One program handles ``BLOCK`` consecutive elements of the R x N grid; the
+  row and column of each element come from its flat index.
+- ``persistent``: reductions over rows of at most 16384 columns. One program handles ``BLOCK_M``
+  whole rows held in registers; every value is computed once.
+- ``looped``: reductions over longer rows (a 128k vocabulary). One program handles ``BLOCK_M`` rows
+  and walks them in ``BLOCK_N`` column chunks: one pass per reduction (recomputing the pointwise work
+  it needs from the inputs), then a last pass that writes the full-size outputs.
+
+Every tensor is addressed through its strides (passed at launch) and its broadcast against the value
+it feeds, so inputs may be non-contiguous, expanded or of lower rank. Values of 16/32-bit floats are
+computed in fp32 and rounded to the output dtype when stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_thunder.executors.triton import ops as fops
+from lightning_thunder.executors.triton.region import COL, FULL, ROW, SCALAR, Region, external_kind
+from lightning_thunder.trace.printing import source_comment
+from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.trace import BoundOp
+
+__all__ = ["KernelSpec", "TensorArg", "generate", "PERSISTENT_MAX_N"]
+
+#: Rows up to this many columns are reduced in registers; longer rows are walked in chunks.
+PERSISTENT_MAX_N = 16384
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+_PRELUDE = '''\
+import triton
+import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older Triton
+    libdevice = None
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+'''
+
+
+@dataclass
+class TensorArg:
+    """A tensor the kernel reads or writes: its pointer argument and the dims that get a stride argument."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stride_dims: list[int]
+    stride: tuple[int, ...] = ()  # outputs: the strides to allocate with
+
+
+@dataclass
+class KernelSpec:
+    """A generated kernel and how to launch it."""
+
+    region: str
+    kernel_name: str
+    source: str
+    mode: str
+    R: int
+    N: int
+    inputs: list[TensorArg]
+    outputs: list[TensorArg]
+    configs: list[dict[str, int]] = field(default_factory=list)
+
+    def grid(self, config: dict[str, int]) -> tuple[int]:
+        """The launch grid for ``config``."""
+        if self.mode == "flat":
+            return (math.ceil(self.R * self.N / config["BLOCK"]),)
+        return (math.ceil(self.R / config["BLOCK_M"]),)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _configs(mode: str, R: int, N: int) -> list[dict[str, int]]:
+    if mode == "flat":
+        total = R * N
+        blocks = [b for b in (1024, 2048, 4096) if b <= max(1024, _next_pow2(total))]
+        return [{"BLOCK": b, "num_warps": 4 if b <= 1024 else 8} for b in blocks]
+    if mode == "persistent":
+        bn = _next_pow2(N)
+        out = []
+        for bm in (1, 2, 4, 8, 16, 32):
+            if bm * bn > max(8192, bn) or (bm > 1 and bm > _next_pow2(R)):
+                continue
+            size = bm * bn
+            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4 if size <= 2048 else 8 if size <= 8192 else 16})
+        return out
+    return [{"BLOCK_M": 1, "BLOCK_N": bn, "num_warps": w} for bn, w in ((1024, 4), (2048, 8), (4096, 8))]
+
+
+class _Writer:
+    def __init__(self, region: Region, mode: str) -> None:
+        self.region = region
+        self.mode = mode
+        self.R = region.R
+        self.N = region.N or 1
+        self.lines: list[str] = []
+        self.indent = 1
+        self.counter = 0
+        self.index_vars: dict[tuple, str] = {}
+        self.scope: dict[Any, str] = {}  # memo for the current scope: proxy id / load key -> variable
+        self.top: dict[Any, str] = {}  # values computed once per program (rows, scalars)
+        self.literals: set[str] = set()
+        self.inputs = {id(p): k for k, p in enumerate(region.inputs)}
+        self.producer = {id(op.outputs[0]): op for op in region.ops}
+
+    # ----------------------------------------------------------------------------- basics
+    def emit(self, line: str) -> None:
+        self.lines.append("    " * self.indent + line)
+
+    def new(self, prefix: str = "v") -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def kind(self, p: Proxy) -> str:
+        return self.region.kinds[id(p)]
+
+    def row_index(self, dims: tuple[int, ...], i: int) -> str:
+        key = (dims, i)
+        if key in self.index_vars:
+            return self.index_vars[key]
+        inner = math.prod(dims[i + 1 :])
+        if len(dims) == 1 or (i == 0 and inner == 1):
+            expr = "rows"
+        elif i == 0:
+            expr = f"(rows // {inner})"
+        elif inner == 1:
+            expr = f"(rows % {dims[i]})"
+        else:
+            expr = f"((rows // {inner}) % {dims[i]})"
+        name = f"r{len(self.index_vars)}"
+        # Row indices only depend on the program: emit them at the top level of the kernel.
+        self.lines.insert(self.header_end, f"    {name} = {expr}")
+        self.header_end += 1
+        self.index_vars[key] = name
+        return name
+
+    def address(
+        self, arg: str, shape: tuple[int, ...], target: tuple[int, ...], has_col: bool, tile: str | None = None
+    ) -> str:
+        """The element offset of tensor ``arg`` (of ``shape``) read or written as ``target``.
+
+        With ``tile`` (a kind), the offset is padded with ``rows * 0`` / ``cols * 0`` so that it has
+        that kind's tile shape even where the tensor has no extent along rows or columns.
+        """
+        offset = len(target) - len(shape)
+        row_dims = target[:-1] if has_col else target
+        terms = []
+        uses_row = uses_col = False
+        for j, size in enumerate(shape):
+            if size <= 1:
+                continue
+            i = j + offset
+            if has_col and i == len(target) - 1:
+                terms.append(f"cols * {arg}_s{j}")
+                uses_col = True
+            else:
+                terms.append(f"{self.row_index(tuple(row_dims), i)} * {arg}_s{j}")
+                uses_row = True
+        if tile in (ROW, FULL) and not uses_row:
+            terms.append("rows * 0")
+        if tile in (COL, FULL) and not uses_col and self.mode != "flat":
+            terms.append("cols * 0")
+        if tile is not None and self.mode == "flat" and not terms:
+            terms.append("i * 0")
+        return " + ".join(terms) or "0"
+
+    def mask_for(self, kind: str) -> str | None:
+        if kind == SCALAR:
+            return None
+        if self.mode == "flat":
+            return "fmask"
+        return {FULL: "fmask", ROW: "rmask", COL: "cmask"}[kind]
+
+    # ----------------------------------------------------------------------------- values
+    def load(self, p: Proxy, target: tuple[int, ...], has_col: bool) -> str:
+        shape = tuple(p.val.shape)
+        kind = external_kind(shape, target, has_col)
+        memo = self.top if kind == SCALAR or (kind == ROW and self.mode != "looped") else self.scope
+        key = ("load", id(p), target, has_col)
+        if key in memo:
+            return memo[key]
+        k = self.inputs[id(p)]
+        addr = self.address(f"in{k}", shape, target, has_col)
+        mask = self.mask_for(kind)
+        other = "0.0" if p.val.dtype.is_floating_point else "0"
+        load = f"tl.load(in{k} + {addr})" if mask is None else f"tl.load(in{k} + {addr}, mask={mask}, other={other})"
+        if p.val.dtype in _FLOATS:
+            load += ".to(tl.float32)"
+        name = self.new("x")
+        if memo is self.top and self.indent > 1:
+            self.lines.insert(self.header_end, f"    {name} = {load}")
+            self.header_end += 1
+        else:
+            self.emit(f"{name} = {load}")
+        memo[key] = name
+        return name
+
+    def operand(self, op: BoundOp, x: Any) -> str:
+        if isinstance(x, Proxy):
+            if id(x) in self.producer:
+                return self.value(x)
+            out = op.outputs[0]
+            target = tuple(x.val.shape) if op.target in fops.REDUCTIONS else tuple(out.val.shape)
+            has_col = True if op.target in fops.REDUCTIONS else self.region.has_col[id(op)]
+            return self.load(x, target, has_col)
+        if x is None:
+            return "None"
+        return fops.literal(x)
+
+    def value(self, p: Proxy) -> str:
+        """The variable holding internal value ``p`` in the current scope, emitting it if needed."""
+        for memo in (self.scope, self.top):
+            if id(p) in memo:
+                return memo[id(p)]
+        op = self.producer[id(p)]
+        if op.target in fops.VIEWS:
+            name = self.value(op.args[0])
+        elif op.target in fops.CONSTANTS:
+            value = fops.CONSTANTS[op.target](op)
+            if p.val.dtype == torch.bool:
+                name = fops.literal(bool(value))
+            elif p.val.dtype.is_floating_point:
+                name = fops.literal(float(value))
+            else:
+                name = fops.literal(int(value))
+            self.literals.add(name)
+        elif op.target in fops.REDUCTIONS:
+            raise AssertionError(f"reduction {p.name} used before it was computed")
+        else:
+            expr = fops.POINTWISE[op.target](op, lambda i: self.operand(op, op.args[i]))
+            name = self.new()
+            self.emit(f"{name} = {expr}  # {op.name}")
+        memo = self.top if self.kind(p) in (ROW, SCALAR) and self.mode == "looped" else self.scope
+        memo[id(p)] = name
+        return name
+
+    def reduce(self, op: BoundOp) -> str:
+        combine, is_mean = fops.REDUCTIONS[op.target]
+        x = self.operand(op, op.args[0])
+        fill = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[combine]
+        masked = f"tl.where(fmask, {x}, {fill})"
+        if combine == "sum":
+            total = f"tl.sum({masked}, axis=1)[:, None]"
+        else:
+            total = f"tl.reduce({masked}, 1, _{combine}_nan)[:, None]"
+        if is_mean:
+            total = f"({total} / {float(self.N)!r})"
+        name = self.new("red")
+        self.emit(f"{name} = {total}  # {op.name}")
+        return name
+
+    def reduce_looped(self, op: BoundOp) -> str:
+        combine, is_mean = fops.REDUCTIONS[op.target]
+        fill = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[combine]
+        acc = self.new("acc")
+        self.emit(f"{acc} = tl.full([BLOCK_M, BLOCK_N], {fill}, tl.float32)")
+        self.open_loop()
+        x = self.operand(op, op.args[0])
+        masked = f"tl.where(fmask, {x}, {fill})"
+        if combine == "sum":
+            self.emit(f"{acc} += {masked}")
+        else:
+            self.emit(f"{acc} = _{combine}_nan({acc}, {masked})")
+        self.close_loop()
+        total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
+        if is_mean:
+            total = f"({total} / {float(self.N)!r})"
+        name = self.new("red")
+        self.emit(f"{name} = {total}  # {op.name}")
+        return name
+
+    def open_loop(self) -> None:
+        self.emit(f"for c0 in range(0, {self.N}, BLOCK_N):")
+        self.indent += 1
+        self.emit("cols = c0 + tl.arange(0, BLOCK_N)[None, :]")
+        self.emit(f"cmask = cols < {self.N}")
+        self.emit("fmask = rmask & cmask")
+        self.scope = {}
+
+    def close_loop(self) -> None:
+        self.indent -= 1
+        self.scope = {}
+
+    # ----------------------------------------------------------------------------- stores
+    def storage_kind(self, p: Proxy) -> str:
+        value_kind = self.kind(p)
+        shape = tuple(p.val.shape)
+        numel = math.prod(shape)
+        fits = {
+            SCALAR: numel == 1,
+            ROW: numel == self.R,
+            COL: self.region.N is not None and shape[-1:] == (self.N,) and numel == self.N,
+            FULL: self.region.N is not None and shape[-1:] == (self.N,) and numel == self.R * self.N,
+        }
+        if fits[value_kind]:
+            return value_kind
+        for kind in (FULL, ROW, COL, SCALAR):
+            if fits[kind]:
+                return kind
+        raise AssertionError(f"output {p.name} of shape {shape} does not fit the region grid ({self.R}, {self.N})")
+
+    def tile(self, kind: str) -> str:
+        if self.mode == "flat":
+            return "[BLOCK]"
+        return {FULL: "[BLOCK_M, BLOCK_N]", ROW: "[BLOCK_M, 1]", COL: "[1, BLOCK_N]"}[kind]
+
+    def store(self, k: int, p: Proxy) -> None:
+        kind = self.storage_kind(p)
+        value = self.value(p)
+        dtype = p.val.dtype
+        if value in self.literals:
+            stored = f"tl.full({self.tile(kind) if kind != SCALAR else '[]'}, {value}, {fops.tl_dtype(dtype)})"
+        elif kind != self.kind(p) and kind != SCALAR:
+            stored = f"tl.broadcast_to({value}, {self.tile(kind)}).to({fops.tl_dtype(dtype)})"
+        else:
+            stored = f"{value}.to({fops.tl_dtype(dtype)})"
+        shape = tuple(p.val.shape)
+        addr = self.address(f"out{k}", shape, shape, kind in (FULL, COL), tile=kind if kind != SCALAR else None)
+        if kind == SCALAR:
+            self.emit("if pid == 0:")
+            self.emit(f"    tl.store(out{k} + 0, {stored})")
+            return
+        mask = self.mask_for(kind)
+        if self.mode == "flat" and self.region.N is not None:
+            mask = {FULL: "fmask", ROW: "fmask & (cols == 0)", COL: "fmask & (rows == 0)"}[kind]
+        elif kind == COL:  # every program computes the same values: the first one writes them
+            self.emit("if pid == 0:")
+            self.emit(f"    tl.store(out{k} + {addr}, {stored}, mask=cmask)")
+            return
+        self.emit(f"tl.store(out{k} + {addr}, {stored}, mask={mask})")
+
+    # ----------------------------------------------------------------------------- kernels
+    def header(self, params: list[str]) -> None:
+        r, n = self.R, self.N
+        wide = r * n >= 2**30
+        pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+        self.lines.append(f"def KERNEL({', '.join(params)}):")
+        for op in self.region.ops:
+            src = source_comment(op.meta)
+            outs = ", ".join(q.name for q in op.output_proxies())
+            self.emit(f"# {outs} = {op.name}" + (f"  ({src})" if src else ""))
+        self.emit(f"pid = {pid}")
+        if self.mode == "flat":
+            self.emit("i = pid * BLOCK + tl.arange(0, BLOCK)")
+            self.emit(f"fmask = i < {r * n}")
+            if self.region.N is None:
+                self.emit("rows = i")
+            else:
+                self.emit(f"rows = i // {n}")
+                self.emit(f"cols = i % {n}")
+        else:
+            self.emit("rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
+            self.emit(f"rmask = rows < {r}")
+            if self.mode == "persistent":
+                self.emit("cols = tl.arange(0, BLOCK_N)[None, :]")
+                self.emit(f"cmask = cols < {n}")
+                self.emit("fmask = rmask & cmask")
+        self.header_end = len(self.lines)
+
+    def body(self) -> None:
+        region = self.region
+        if self.mode in ("flat", "persistent"):
+            for op in region.ops:
+                out = op.outputs[0]
+                if op.target in fops.REDUCTIONS:
+                    self.scope[id(out)] = self.reduce(op)
+                else:
+                    self.value(out)
+            for k, p in enumerate(region.outputs):
+                self.store(k, p)
+            return
+        # looped: row values at the top level, one chunked pass per reduction, then the outputs
+        for op in region.ops:
+            out = op.outputs[0]
+            if op.target in fops.REDUCTIONS:
+                self.top[id(out)] = self.reduce_looped(op)
+            elif self.kind(out) in (ROW, SCALAR) and op.target not in fops.VIEWS:
+                self.scope = self.top
+                self.value(out)
+                self.scope = {}
+        wide = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in (FULL, COL)]
+        narrow = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in (ROW, SCALAR)]
+        if wide:
+            self.open_loop()
+            for k, p in wide:
+                self.store(k, p)
+            self.close_loop()
+        self.scope = self.top
+        for k, p in narrow:
+            self.store(k, p)
+
+
+def _tensor_args(prefix: str, proxies: list[Proxy]) -> list[TensorArg]:
+    args = []
+    for k, p in enumerate(proxies):
+        shape = tuple(p.val.shape)
+        stride = tuple(p.val.stride()) if prefix == "out" else ()
+        args.append(TensorArg(f"{prefix}{k}", shape, p.val.dtype, [j for j, s in enumerate(shape) if s > 1], stride))
+    return args
+
+
+def choose_mode(region: Region) -> str:
+    """``flat``, ``persistent`` or ``looped`` (see the module docstring)."""
+    if not region.has_reduction:
+        return "flat"
+    return "persistent" if _next_pow2(region.N or 1) <= PERSISTENT_MAX_N else "looped"
+
+
+def generate(region: Region) -> KernelSpec:
+    """Generate the Triton kernel of ``region``."""
+    mode = choose_mode(region)
+    writer = _Writer(region, mode)
+    inputs = _tensor_args("in", region.inputs)
+    outputs = _tensor_args("out", region.outputs)
+    params = []
+    for arg in inputs + outputs:
+        params.append(arg.name)
+        params += [f"{arg.name}_s{j}" for j in arg.stride_dims]
+    params += ["BLOCK: tl.constexpr"] if mode == "flat" else ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
+    writer.header(params)
+    writer.body()
+    body = "\n".join(writer.lines)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+    kernel_name = f"fused_{digest}"
+    source = f"{_PRELUDE}\n\n@triton.jit\n" + body.replace("def KERNEL(", f"def {kernel_name}(", 1) + "\n"
+    return KernelSpec(
+        region=region.name,
+        kernel_name=kernel_name,
+        source=source,
+        mode=mode,
+        R=region.R,
+        N=region.N or 1,
+        inputs=inputs,
+        outputs=outputs,
+        configs=_configs(mode, region.R, region.N or 1),
+    )

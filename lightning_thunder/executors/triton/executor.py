@@ -1,0 +1,84 @@
+"""The Triton fusion executor: claims fusible regions of a trace and runs each as one generated kernel."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from lightning_thunder.executors.base import Executor
+from lightning_thunder.executors.triton import ops as fops
+from lightning_thunder.executors.triton.codegen import generate
+from lightning_thunder.executors.triton.region import contract, form_regions
+from lightning_thunder.executors.triton.runtime import FusedRegion
+from lightning_thunder.trace.trace import BoundOp, Trace, timed_pass
+
+__all__ = ["FusionExecutor"]
+
+
+class FusionExecutor(Executor):
+    """Fuses pointwise ops, last-dimension reductions and row-preserving views into Triton kernels.
+
+    Args:
+        fuel: fuse at most this many regions over the executor's lifetime (``None``: no limit), to
+            bisect a numerics problem to one region.
+        autotune: time candidate block sizes on first use of each kernel (CUDA only).
+        name: the executor name shown in traces and statistics.
+    """
+
+    def __init__(self, fuel: int | None = None, *, autotune: bool = True, name: str = "triton") -> None:
+        super().__init__(name)
+        if fuel is not None and (not isinstance(fuel, int) or fuel < 0):
+            raise ValueError(f"fuel={fuel!r} must be None or a non-negative int")
+        self.fuel = fuel
+        self.autotune = autotune
+        self.fused_so_far = 0
+
+    def decompositions(self) -> dict[Any, Callable]:
+        """Composite ops decomposed into fusible pieces (gelu, silu, softmax, their backwards...)."""
+        return fops.decompositions()
+
+    def claim(self, trace: Trace) -> Trace:
+        """Replace each fusible region of ``trace`` by one op running its generated kernel."""
+        with timed_pass() as timer:
+            regions = [r for r in form_regions(trace) if r.inputs]
+            cpu = any(r.device.type == "cpu" for r in regions)
+            if self.fuel is not None:
+                regions = regions[: max(0, self.fuel - self.fused_so_far)]
+            self.fused_so_far += len(regions)
+            fused: dict[int, BoundOp] = {}
+            for region in regions:
+                run = FusedRegion(generate(region), autotune=self.autotune)
+                outs = tuple(region.outputs)
+                fused[region.index] = BoundOp(
+                    run,
+                    tuple(region.inputs),
+                    {},
+                    outs,
+                    unpack=len(outs) > 1,
+                    executor=self.name,
+                    label=region.name,
+                    subops=tuple(region.ops),
+                )
+            ops = contract(trace, fused, regions) if regions else list(trace.ops)
+            ops = _number_regions(ops, set(map(id, fused.values())))
+        note = f"executor {self.name}: {len(regions)} fused regions"
+        if not regions and not cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            has_cpu = any(p.is_tensor and p.device.type == "cpu" for op in trace.ops for p in op.output_proxies())
+            if has_cpu:
+                note += " (CPU tensors are fused only under TRITON_INTERPRET=1)"
+        return trace.derive(note, ops=ops, elapsed_ms=timer.ms)
+
+
+def _number_regions(ops: list[BoundOp], fused_ids: set[int]) -> list[BoundOp]:
+    """Name the fused ops ``fusion0, fusion1, ...`` in the order they run."""
+    out, k = [], 0
+    for op in ops:
+        if id(op) in fused_ids:
+            name = f"fusion{k}"
+            k += 1
+            op.target.__name__ = op.target.__qualname__ = name
+            op.target.spec.region = name
+            op = op.replace(label=name)
+        out.append(op)
+    return out

@@ -1,0 +1,457 @@
+"""Region formation: which ops of a post-autograd trace run together in one generated kernel.
+
+A region computes on a grid of ``R`` rows by ``N`` columns: the columns are the last dimension of its
+widest values, the rows everything before it, in row-major order. Every value in a region has a
+*kind* saying which of the two it varies along:
+
+- ``full``  varies along rows and columns (``x`` of shape [B, T, N]);
+- ``row``   varies along rows only (a reduction over the last dimension, ``[B, T, 1]``);
+- ``col``   varies along columns only (a weight of shape [N]);
+- ``scalar`` varies along neither.
+
+Ops join a region greedily in trace order: vertically (an input comes from the region) or
+horizontally (it reads a tensor the region reads), when its shapes fit the region's grid and joining
+cannot create a cycle (an input computed outside the region from the region's own outputs). Views
+that keep the last dimension only regroup rows, so inside a region they cost nothing. Matmuls,
+attention, gathers and everything else stay outside, on their library kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_thunder.executors.triton import ops as fops
+from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.trace import BoundOp, Trace
+
+__all__ = ["Region", "FULL", "ROW", "COL", "SCALAR", "form_regions", "contract"]
+
+FULL, ROW, COL, SCALAR = "full", "row", "col", "scalar"
+_RANK = {SCALAR: 0, ROW: 1, COL: 1, FULL: 2}
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOADABLE = (*_FLOAT, torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def join_kinds(a: str, b: str) -> str:
+    """The kind of a value computed from values of kinds ``a`` and ``b``."""
+    if a == b:
+        return a
+    if {a, b} == {ROW, COL} or FULL in (a, b):
+        return FULL
+    return a if _RANK[a] > _RANK[b] else b
+
+
+def _static_shape(val: Any) -> tuple[int, ...] | None:
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape = tuple(val.shape)
+    return shape if all(type(d) is int for d in shape) else None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def external_kind(shape: tuple[int, ...], target: tuple[int, ...], has_col: bool) -> str:
+    """The kind of a tensor of ``shape`` read broadcast to ``target`` (whose last dim is the column
+    dimension when ``has_col``)."""
+    aligned = (1,) * (len(target) - len(shape)) + tuple(shape)
+    row_dims = aligned[:-1] if has_col else aligned
+    varies_col = has_col and len(aligned) > 0 and aligned[-1] > 1
+    varies_row = any(d > 1 for d in row_dims)
+    if varies_col and varies_row:
+        return FULL
+    return COL if varies_col else ROW if varies_row else SCALAR
+
+
+@dataclass
+class Region:
+    """A set of ops fused into one kernel, and what the code generator needs to know about them."""
+
+    index: int
+    R: int
+    N: int | None
+    device: torch.device
+    ops: list[BoundOp] = field(default_factory=list)
+    kinds: dict[int, str] = field(default_factory=dict)  # proxy id -> kind, for values made here
+    has_col: dict[int, bool] = field(default_factory=dict)  # op id -> its output's last dim is the column
+    produced: dict[int, Proxy] = field(default_factory=dict)
+    reads: set[int] = field(default_factory=set)  # ids of external proxies read
+    inputs: list[Proxy] = field(default_factory=list)
+    outputs: list[Proxy] = field(default_factory=list)
+    trailing_views: list[BoundOp] = field(default_factory=list)  # views of outputs, re-run outside
+
+    @property
+    def name(self) -> str:
+        """``fusion<k>``."""
+        return f"fusion{self.index}"
+
+    @property
+    def compute_ops(self) -> int:
+        """Ops that do arithmetic (not views or constants)."""
+        return sum(1 for op in self.ops if op.target not in fops.VIEWS and op.target not in fops.CONSTANTS)
+
+    @property
+    def has_reduction(self) -> bool:
+        """Whether any op reduces over the columns."""
+        return any(op.target in fops.REDUCTIONS for op in self.ops)
+
+
+def _role(op: BoundOp) -> str | None:
+    t = op.target
+    if op.is_method or op.unpack or op.outputs[0] is None:
+        return None
+    try:
+        if t in fops.POINTWISE:
+            return "pointwise"
+        if t in fops.REDUCTIONS:
+            return "reduction"
+        if t in fops.VIEWS:
+            return "view"
+        if t in fops.CONSTANTS:
+            return "constant"
+    except TypeError:
+        return None
+    return None
+
+
+def _check_operands(op: BoundOp, role: str) -> bool:
+    """Static shapes, supported dtypes, one device, and an emitter that accepts these arguments."""
+    out = op.outputs[0].val
+    out_shape = _static_shape(out)
+    if out_shape is None or _numel(out_shape) == 0:
+        return False
+    if out.dtype not in (*_FLOAT, torch.bool) or (role == "reduction" and out.dtype not in _FLOAT):
+        return False
+    for p in op.input_proxies():
+        shape = _static_shape(p.val)
+        if shape is None or p.val.dtype not in _LOADABLE or p.val.device != out.device:
+            return False
+        if role == "pointwise" and torch.broadcast_shapes(shape, out_shape) != out_shape:
+            return False
+    if role == "pointwise":
+        try:
+            return fops.POINTWISE[op.target](op, lambda i: f"a{i}") is not None
+        except (IndexError, KeyError, TypeError, AttributeError):
+            return False
+    if role == "reduction":
+        x = op.args[0]
+        if not isinstance(x, Proxy) or not x.is_tensor or len(x.shape) == 0:
+            return False
+        dims = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+        if dims is None:
+            return False
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        nd = len(x.shape)
+        return [d % nd for d in dims] == [nd - 1] and set(op.kwargs) <= {"dtype", "keepdim"}
+    if role == "constant":
+        value = fops.CONSTANTS[op.target](op)
+        return isinstance(value, (int, float, bool)) and set(op.kwargs) <= {
+            "dtype", "layout", "device", "pin_memory", "memory_format"
+        }
+    return True
+
+
+class _Former:
+    def __init__(self, trace: Trace, allow_cpu: bool) -> None:
+        self.trace = trace
+        self.allow_cpu = allow_cpu
+        self.regions: list[Region] = []
+        self.region_of: dict[int, Region] = {}  # op id -> region
+        self.producer_region: dict[int, Region] = {}  # proxy id -> region producing it
+        self.depends: dict[int, frozenset[int]] = {}  # proxy id -> regions it (transitively) depends on
+        self.readers: dict[int, list[Region]] = {}  # proxy id -> regions reading it
+        self.merged_into: dict[int, int] = {}  # region index -> the region it was merged into
+        self.position: dict[int, int] = {id(op): k for k, op in enumerate(trace.ops)}
+
+    def find(self, index: int) -> int:
+        """The live region that region ``index`` now belongs to."""
+        while index in self.merged_into:
+            index = self.merged_into[index]
+        return index
+
+    def depends_on(self, p: Proxy, region: Region) -> bool:
+        """Whether ``p`` (transitively) depends on ``region``'s outputs."""
+        return any(self.find(i) == region.index for i in self.depends.get(id(p), frozenset()))
+
+    # ------------------------------------------------------------------ kinds and grid checks
+    def _kind_in(self, region: Region, p: Any, target: tuple[int, ...], has_col: bool) -> str | None:
+        if not isinstance(p, Proxy):
+            return SCALAR
+        if id(p) in region.produced:
+            return region.kinds[id(p)]
+        shape = _static_shape(p.val)
+        return external_kind(shape, target, has_col) if shape is not None else None
+
+    def _fits(self, region: Region, kind: str, shape: tuple[int, ...]) -> bool:
+        """Whether a value of ``kind`` may have logical ``shape`` in ``region`` (row, col and scalar
+        values may also be broadcast to the full grid)."""
+        n = _numel(shape)
+        full = region.N is not None and len(shape) > 0 and shape[-1] == region.N and n == region.R * region.N
+        if kind == SCALAR or full:
+            return True
+        if kind == ROW:
+            return n == region.R
+        return kind == COL and region.N is not None and shape[-1:] == (region.N,) and n == region.N
+
+    def _try_join(self, region: Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:
+        """(kind, has_col, new N) if ``op`` can join ``region``; ``None`` otherwise."""
+        out_shape = _static_shape(op.outputs[0].val)
+        if op.outputs[0].val.device != region.device:
+            return None
+        for p in op.input_proxies():  # joining must not create a cycle
+            if id(p) not in region.produced and self.depends_on(p, region):
+                return None
+        if role == "view":
+            src = op.args[0]
+            if not isinstance(src, Proxy) or id(src) not in region.produced:
+                return None
+            kind = region.kinds[id(src)]
+            if op.target is torch.ops.aten.expand.default and kind in (ROW, COL, SCALAR):
+                return kind, kind == COL, region.N
+            return (kind, kind in (FULL, COL), region.N) if self._fits(region, kind, out_shape) else None
+        if role == "constant":
+            return SCALAR, False, region.N
+        if role == "reduction":
+            x = op.args[0]
+            x_shape = _static_shape(x.val)
+            n = x_shape[-1]
+            new_n = region.N if region.N is not None else n
+            if n != new_n or n <= 1 or _numel(x_shape) != region.R * n:
+                return None
+            return (ROW, False, new_n) if _numel(out_shape) == region.R else None
+        # pointwise
+        internal = [region.kinds[id(p)] for p in op.input_proxies() if id(p) in region.produced]
+        new_n = region.N
+        has_col = any(k in (FULL, COL) for k in internal)
+        if not has_col and len(out_shape) > 0 and out_shape[-1] > 1:
+            if region.N is None:
+                if _numel(out_shape) in (region.R * out_shape[-1], out_shape[-1]):
+                    has_col, new_n = True, out_shape[-1]
+            elif out_shape[-1] == region.N and _numel(out_shape) in (region.R * region.N, region.N):
+                has_col = True
+        kind = SCALAR
+        for k in internal:
+            kind = join_kinds(kind, k)
+        probe = Region(region.index, region.R, new_n, region.device, kinds=region.kinds, produced=region.produced)
+        for p in op.input_proxies():
+            if id(p) not in region.produced:
+                kind = join_kinds(kind, external_kind(_static_shape(p.val), out_shape, has_col))
+        if not self._fits(probe, kind, out_shape):
+            return None
+        return kind, has_col, new_n
+
+    def _new_region(self, op: BoundOp, role: str) -> Region | None:
+        out = op.outputs[0].val
+        if out.device.type == "cpu" and not self.allow_cpu:
+            return None
+        shape = _static_shape(out)
+        if role == "reduction":
+            x_shape = _static_shape(op.args[0].val)
+            R, N = _numel(x_shape) // x_shape[-1], x_shape[-1]
+        elif role == "pointwise" and len(shape) > 0 and shape[-1] > 1:
+            R, N = _numel(shape) // shape[-1], shape[-1]
+        elif role == "pointwise" and _numel(shape) > 1:
+            R, N = _numel(shape), None
+        else:
+            return None
+        region = Region(len(self.regions), R, N, out.device)
+        self.regions.append(region)
+        return region
+
+    def _add(self, region: Region, op: BoundOp, kind: str, has_col: bool, new_n: int | None) -> None:
+        region.N = new_n
+        region.ops.append(op)
+        out = op.outputs[0]
+        region.kinds[id(out)] = kind
+        region.has_col[id(op)] = has_col
+        region.produced[id(out)] = out
+        for p in op.input_proxies():
+            if id(p) not in region.produced:
+                region.reads.add(id(p))
+                self.readers.setdefault(id(p), []).append(region)
+        self.region_of[id(op)] = region
+        self.producer_region[id(out)] = region
+
+    def _reads_indirectly(self, reader: Region, source: Region) -> bool:
+        """Whether ``reader`` reads a value computed outside both regions from ``source``'s outputs."""
+        for op in reader.ops:
+            for p in op.input_proxies():
+                if id(p) in reader.produced or id(p) in source.produced:
+                    continue
+                if self.depends_on(p, source):
+                    return True
+        return False
+
+    def _try_merge(self, into: Region, other: Region) -> bool:
+        """Merge ``other`` into ``into`` when their grids agree and no path leaves and re-enters them."""
+        if into is other or into.device != other.device or into.R != other.R:
+            return False
+        if into.N is not None and other.N is not None and into.N != other.N:
+            return False
+        if self._reads_indirectly(into, other) or self._reads_indirectly(other, into):
+            return False
+        into.N = into.N if into.N is not None else other.N
+        into.ops = sorted(into.ops + other.ops, key=lambda op: self.position[id(op)])
+        into.kinds.update(other.kinds)
+        into.has_col.update(other.has_col)
+        into.produced.update(other.produced)
+        into.reads = (into.reads | other.reads) - set(into.produced)
+        for op in other.ops:
+            self.region_of[id(op)] = into
+            self.producer_region[id(op.outputs[0])] = into
+        for readers in self.readers.values():
+            for k, r in enumerate(readers):
+                if r is other:
+                    readers[k] = into
+        other.ops = []
+        self.merged_into[other.index] = into.index
+        return True
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> list[Region]:
+        for op in self.trace.ops:
+            role = _role(op) if not op.executor else None
+            placed = None
+            if role is not None and _check_operands(op, role):
+                candidates: list[Region] = []
+                for p in op.input_proxies():
+                    r = self.producer_region.get(id(p))
+                    if r is not None and r not in candidates:
+                        candidates.append(r)
+                if role != "view":
+                    for p in op.input_proxies():
+                        for r in self.readers.get(id(p), []):
+                            if r not in candidates:
+                                candidates.append(r)
+                for region in candidates:
+                    fit = self._try_join(region, op, role)
+                    if fit is not None:
+                        self._add(region, op, *fit)
+                        placed = region
+                        break
+                if placed is not None and role != "view":
+                    for p in op.input_proxies():
+                        other = self.producer_region.get(id(p))
+                        if other is not None and other is not placed:
+                            self._try_merge(placed, other)
+                if placed is None and role in ("pointwise", "reduction"):
+                    region = self._new_region(op, role)
+                    if region is not None:
+                        fit = self._try_join(region, op, role)
+                        if fit is None:
+                            self.regions.pop()
+                        else:
+                            self._add(region, op, *fit)
+                            placed = region
+            deps: set[int] = set()
+            for p in op.input_proxies():
+                deps |= self.depends.get(id(p), frozenset())
+            if placed is not None:
+                deps.add(placed.index)
+            for p in op.output_proxies():
+                self.depends[id(p)] = frozenset(deps)
+        return [r for r in self.regions if r.ops]
+
+
+def _finish(region: Region, used_outside: set[int]) -> None:
+    """Compute the region's inputs and outputs; outputs made by views are re-viewed outside."""
+    producer = {id(op.outputs[0]): op for op in region.ops}
+    seen: set[int] = set()
+    for op in region.ops:
+        for p in op.input_proxies():
+            if id(p) not in region.produced and id(p) not in seen:
+                seen.add(id(p))
+                region.inputs.append(p)
+    outputs: dict[int, Proxy] = {}
+    trailing: dict[int, BoundOp] = {}
+    for op in region.ops:
+        out = op.outputs[0]
+        if id(out) not in used_outside:
+            continue
+        chain = []
+        while producer[id(out)].target in fops.VIEWS:
+            view = producer[id(out)]
+            chain.append(view)
+            out = view.args[0]
+        outputs.setdefault(id(out), out)
+        for view in reversed(chain):
+            trailing.setdefault(id(view), view)
+    region.outputs = list(outputs.values())
+    order = {id(op): i for i, op in enumerate(region.ops)}
+    region.trailing_views = sorted(trailing.values(), key=lambda v: order[id(v)])
+
+
+def form_regions(trace: Trace, *, allow_cpu: bool | None = None) -> list[Region]:
+    """The fusion regions of ``trace`` (each with at least two arithmetic ops), in trace order.
+
+    Args:
+        trace: a post-autograd trace; ops already claimed by an executor are left alone.
+        allow_cpu: fuse CPU tensors too (default: when ``TRITON_INTERPRET=1``).
+    """
+    if allow_cpu is None:
+        allow_cpu = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    regions = [r for r in _Former(trace, allow_cpu).run() if r.compute_ops >= 2]
+    in_region = {id(op): r for r in regions for op in r.ops}
+    used_outside: set[int] = {id(p) for p in trace.output_proxies()}
+    for op in trace.ops:
+        owner = in_region.get(id(op))
+        for p in op.input_proxies():
+            if owner is None or id(p) not in owner.produced:
+                used_outside.add(id(p))
+    for k, region in enumerate(regions):
+        region.index = k
+        _finish(region, used_outside)
+    return [r for r in regions if r.outputs]
+
+
+def contract(trace: Trace, fused: dict[int, BoundOp], regions: list[Region]) -> list[BoundOp]:
+    """The trace's ops with each region replaced by its fused op (``fused[region.index]``), followed by
+    the views of its outputs; ordered topologically, otherwise as close to the original order as possible."""
+    in_region = {id(op): r for r in regions for op in r.ops}
+    nodes: list[tuple[int, list[BoundOp]]] = []  # (first position, ops) per node
+    node_of_region: dict[int, int] = {}
+    for pos, op in enumerate(trace.ops):
+        r = in_region.get(id(op))
+        if r is None:
+            nodes.append((pos, [op]))
+        elif r.index not in node_of_region:
+            node_of_region[r.index] = len(nodes)
+            nodes.append((pos, [fused[r.index], *r.trailing_views]))
+    producer: dict[int, int] = {}
+    for k, (_, node_ops) in enumerate(nodes):
+        for op in node_ops:
+            for p in op.output_proxies():
+                producer[id(p)] = k
+    consumers: dict[int, set[int]] = {k: set() for k in range(len(nodes))}
+    indegree = [0] * len(nodes)
+    for k, (_, node_ops) in enumerate(nodes):
+        deps = set()
+        for op in node_ops:
+            for p in op.input_proxies():
+                src = producer.get(id(p))
+                if src is not None and src != k:
+                    deps.add(src)
+        for src in deps:
+            consumers[src].add(k)
+        indegree[k] = len(deps)
+    import heapq
+
+    ready = [(nodes[k][0], k) for k in range(len(nodes)) if indegree[k] == 0]
+    heapq.heapify(ready)
+    ordered: list[BoundOp] = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        ordered.extend(nodes[k][1])
+        for c in consumers[k]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                heapq.heappush(ready, (nodes[c][0], c))
+    if len(ordered) != sum(len(n[1]) for n in nodes):
+        raise AssertionError("fusion created a cycle between regions; this is a lightning_thunder bug")
+    return ordered

@@ -1,0 +1,155 @@
+"""Running generated kernels: an on-disk source cache, a small autotuner, and the fused-region callable.
+
+Generated sources are written to ``$LIGHTNING_THUNDER_CACHE`` (default ``~/.cache/lightning_thunder``)
+under ``kernels/<name>.py`` and imported from there, so Triton's own on-disk cache (keyed by source)
+lets a second process skip Triton compilation. The autotuner times each candidate block
+configuration once per kernel and device and remembers the winner in ``autotune.json`` beside them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from lightning_thunder.executors.triton.codegen import KernelSpec
+
+__all__ = ["FusedRegion", "cache_dir", "load_kernel_module"]
+
+_modules: dict[str, ModuleType] = {}
+_tuned: dict[str, dict[str, int]] | None = None
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where generated kernels and autotuning results are kept."""
+    root = os.environ.get("LIGHTNING_THUNDER_CACHE") or os.path.join(Path.home(), ".cache", "lightning_thunder")
+    return Path(root)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_kernel_module(name: str, source: str) -> ModuleType:
+    """Import generated ``source`` as a module (Triton's ``@jit`` needs a real file to read)."""
+    with _lock:
+        module = _modules.get(name)
+        if module is not None:
+            return module
+        path = cache_dir() / "kernels" / f"{name}.py"
+        if not path.exists() or path.read_text() != source:
+            _write_atomic(path, source)
+        module_name = f"lightning_thunder_kernels.{name}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+        _modules[name] = module
+        return module
+
+
+def _tuned_configs() -> dict[str, dict[str, int]]:
+    global _tuned
+    if _tuned is None:
+        path = cache_dir() / "autotune.json"
+        try:
+            _tuned = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _tuned = {}
+    return _tuned
+
+
+def _remember(key: str, config: dict[str, int]) -> None:
+    table = _tuned_configs()
+    table[key] = config
+    try:
+        _write_atomic(cache_dir() / "autotune.json", json.dumps(table, indent=1, sort_keys=True))
+    except OSError:  # a read-only home: keep the result for this process only
+        pass
+
+
+class FusedRegion:
+    """The callable a fused region's op runs: allocates the outputs and launches the kernel.
+
+    Args:
+        spec: the generated kernel.
+        autotune: time the candidate block configurations on first use (CUDA only).
+    """
+
+    def __init__(self, spec: KernelSpec, *, autotune: bool = True) -> None:
+        self.spec = spec
+        self.__name__ = spec.region
+        self.__qualname__ = spec.region
+        self.autotune = autotune
+        self._kernel: Callable | None = None
+        self._config: dict[str, int] | None = None
+
+    @property
+    def source(self) -> str:
+        """The generated Triton source."""
+        return self.spec.source
+
+    def _launch(self, config: dict[str, int], inputs: tuple, outputs: list[torch.Tensor]) -> None:
+        args: list[Any] = []
+        for arg, t in zip(self.spec.inputs, inputs):
+            args.append(t)
+            args += [t.stride(j) for j in arg.stride_dims]
+        for arg, t in zip(self.spec.outputs, outputs):
+            args.append(t)
+            args += [t.stride(j) for j in arg.stride_dims]
+        meta = {k: v for k, v in config.items() if k != "num_warps"}
+        self._kernel[self.spec.grid(config)](*args, num_warps=config["num_warps"], **meta)
+
+    def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
+        configs = self.spec.configs
+        device = outputs[0].device if outputs else inputs[0].device
+        if device.type != "cuda" or not self.autotune or len(configs) == 1:
+            return max(configs, key=lambda c: c.get("BLOCK", 0) + c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0))
+        key = f"{self.spec.kernel_name}:{torch.cuda.get_device_name(device)}"
+        known = _tuned_configs().get(key)
+        if known in configs:
+            return known
+        from triton.testing import do_bench
+
+        timings = []
+        for config in configs:
+            try:
+                ms = do_bench(lambda c=config: self._launch(c, inputs, outputs), warmup=2, rep=10)
+            except Exception:  # noqa: BLE001 - a config that fails to compile (registers) is skipped
+                continue
+            timings.append((ms, config))
+        if not timings:
+            raise RuntimeError(f"no block configuration of {self.spec.region} compiled; configs: {configs}")
+        best = min(timings, key=lambda t: t[0])[1]
+        _remember(key, best)
+        return best
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        if self._kernel is None:
+            module = load_kernel_module(self.spec.kernel_name, self.spec.source)
+            self._kernel = getattr(module, self.spec.kernel_name)
+        device = inputs[0].device
+        outputs = [
+            torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device) for arg in self.spec.outputs
+        ]
+        if self._config is None:
+            self._config = self._pick(inputs, outputs)
+        self._launch(self._config, inputs, outputs)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __repr__(self) -> str:
+        return f"FusedRegion({self.spec.region}, {self.spec.mode}, R={self.spec.R}, N={self.spec.N})"

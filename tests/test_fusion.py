@@ -1,0 +1,317 @@
+"""The Triton fusion executor against eager PyTorch (Triton's interpreter on CPU, real kernels on GPU).
+
+Property tests draw random op chains over random shapes (odd sizes, size-1 dims, broadcasting) and
+dtypes; every case checks the forward output and the gradient of every input, and that fusion happened.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_thunder as lt
+from lightning_thunder.plugins import Fusion
+from tests.helpers import assert_close, assert_close_to_reference, check_module_parity
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("fusion on CPU needs TRITON_INTERPRET=1", allow_module_level=True)
+
+UNARY = [
+    torch.sin,
+    torch.tanh,
+    torch.sigmoid,
+    torch.relu,
+    torch.erf,
+    F.gelu,
+    F.silu,
+    lambda x: x * x,
+    lambda x: -x,
+    lambda x: torch.exp(-x * x),
+    lambda x: torch.sqrt(x * x + 1),
+    lambda x: torch.rsqrt(x * x + 1),
+    lambda x: torch.log(x.abs() + 1),
+    lambda x: x.clamp(-1.0, 1.0),
+    lambda x: torch.where(x > 0, x, 0.1 * x),
+    lambda x: x.pow(3) / 4,
+    # Rounding to bf16 mid-program turns fp32-level differences into bf16 ulps: only in low-precision runs.
+    lambda x: x.to(torch.bfloat16).to(x.dtype),
+]
+_ROUNDING = len(UNARY) - 1
+BINARY = [
+    torch.add,
+    torch.sub,
+    torch.mul,
+    lambda a, b: a / (b * b + 1),
+    torch.maximum,
+    torch.minimum,
+    lambda a, b: torch.where(a > b, a, b * 0.5),
+    lambda a, b: a * 2.0 - b,
+]
+REDUCE = [
+    lambda x: x.sum(-1, keepdim=True),
+    lambda x: x.mean(-1, keepdim=True),
+    lambda x: x.amax(-1, keepdim=True),
+    lambda x: torch.softmax(x, -1),
+    lambda x: torch.log_softmax(x, -1),
+    lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5),
+]
+SHAPES = [(7,), (3, 5), (2, 3, 17), (1, 4, 33), (5, 1, 64), (2, 130), (4, 9, 1)]
+
+
+def random_program(seed: int, *, rounding: bool = False):
+    """A random function of four tensors (full, last-dim, row-broadcast, scalar) and its input shapes."""
+    rng = random.Random(seed)
+    n_unary = len(UNARY) if rounding else _ROUNDING
+    shape = rng.choice(SHAPES)
+    plan = []
+    n_values = 4
+    for _ in range(rng.randint(3, 8)):
+        kind = rng.choices(["unary", "binary", "reduce"], weights=[4, 4, 2])[0]
+        pick = lambda: rng.randrange(max(0, n_values - 3), n_values) if rng.random() < 0.7 else rng.randrange(n_values)  # noqa: E731
+        if kind == "unary":
+            plan.append((kind, rng.randrange(n_unary), pick()))
+        elif kind == "binary":
+            plan.append((kind, rng.randrange(len(BINARY)), pick(), rng.randrange(n_values)))
+        else:
+            plan.append((kind, rng.randrange(len(REDUCE)), pick()))
+        n_values += 1
+
+    def program(x, w, r, s):
+        vals = [x, w.expand_as(x) if rng_free_expand[0] else w, r, s]
+        for step in plan:
+            if step[0] == "unary":
+                vals.append(UNARY[step[1]](vals[step[2]]))
+            elif step[0] == "binary":
+                vals.append(BINARY[step[1]](vals[step[2]], vals[step[3]]))
+            else:
+                vals.append(REDUCE[step[1]](vals[step[2]]))
+        return vals[-1] + x * 0.5, vals[-2]
+
+    rng_free_expand = [rng.random() < 0.3]
+    shapes = [shape, shape[-1:], shape[:-1] + (1,), ()]
+    return program, shapes
+
+
+def _inputs(shapes, dtype):
+    return [torch.randn(s, device=DEVICE, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _check_function(fn, inputs, *, expect_regions: int = 1, **compile_options):
+    """Compile ``fn`` with fusion; compare outputs and every input gradient with eager."""
+    cf = lt.compile(fn, plugins=[Fusion()], **compile_options)
+    ref_inputs = [i.detach().clone().requires_grad_() for i in inputs]
+    low = inputs[0].dtype in (torch.bfloat16, torch.float16)
+    in64 = [i.detach().double().requires_grad_() for i in inputs] if low else None
+    out, ref = cf(*inputs), fn(*ref_inputs)
+    out64 = fn(*in64) if low else None
+    cots = [torch.randn_like(r) for r in ref]
+    torch.autograd.backward(list(out), cots)
+    torch.autograd.backward(list(ref), cots)
+    if low:
+        torch.autograd.backward(list(out64), [c.double() for c in cots])
+        assert_close_to_reference(list(out), list(ref), list(out64), "output")
+        for k, (i, r, r64) in enumerate(zip(inputs, ref_inputs, in64)):
+            assert_close_to_reference(i.grad, r.grad, r64.grad, f"grad of input {k}")
+    else:
+        assert_close(list(out), list(ref), "output")
+        for k, (i, r) in enumerate(zip(inputs, ref_inputs)):
+            assert_close(i.grad, r.grad, f"grad of input {k}")
+    stats = lt.compile_stats(cf)
+    assert stats.fusion_regions >= expect_regions, (stats, lt.last_traces(cf)[-1])
+    return cf
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_programs_fp32(seed):
+    program, shapes = random_program(seed)
+    _check_function(program, _inputs(shapes, torch.float32))
+
+
+@pytest.mark.parametrize("seed", range(16, 24))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_random_programs_low_precision(seed, dtype):
+    program, shapes = random_program(seed, rounding=True)
+    _check_function(program, _inputs(shapes, dtype))
+
+
+def test_non_contiguous_and_expanded_inputs():
+    def fn(a, b, c):
+        return (torch.sigmoid(a) * b + c).softmax(-1), (a * c).sum(-1)
+
+    a = torch.randn(9, 6, device=DEVICE).t().requires_grad_()  # transposed: strides (1, 6)
+    b = torch.randn(1, 9, device=DEVICE).expand(6, 9).requires_grad_()  # stride 0 on rows
+    c = torch.randn(6, 1, device=DEVICE).requires_grad_()
+    cf = _check_function(fn, [a, b, c])
+    assert not a.is_contiguous()
+
+
+def test_long_rows_use_looped_kernels():
+    def fn(x, t):
+        return torch.log_softmax(x, -1) * t, x.amax(-1)
+
+    x = torch.randn(2, 20000, device=DEVICE, requires_grad=True)
+    t = torch.randn(2, 20000, device=DEVICE, requires_grad=True)
+    cf = _check_function(fn, [x, t])
+    sources = lt.kernel_sources(cf)
+    assert any("for c0 in range(0, 20000, BLOCK_N):" in src for src in sources.values()), list(sources)
+
+
+def test_independent_reductions_over_one_input_share_a_kernel():
+    def fn(x):
+        return x.sum(-1), (x * x).sum(-1), x.amax(-1)
+
+    cf = _check_function(fn, [torch.randn(5, 37, device=DEVICE, requires_grad=True)])
+    forward = [op for op in lt.last_traces(cf)[-1].ops if op.subops]
+    assert len(forward) == 1 and len(forward[0].outputs) == 3
+
+
+def _two_regions(x, w):
+    h = torch.tanh(x) * 2 + 1
+    return torch.sigmoid(h @ w) * 3 - 1
+
+
+def test_fuel_limits_the_number_of_regions():
+    x = torch.randn(4, 8, device=DEVICE)
+    w = torch.randn(8, 8, device=DEVICE)
+    for fuel, expected in ((0, 0), (1, 1), (None, 2)):
+        torch._dynamo.reset()
+        cf = lt.compile(_two_regions, plugins=[Fusion(fuel=fuel)])
+        with torch.no_grad():
+            assert_close(cf(x, w), _two_regions(x, w), f"fuel={fuel}")
+        assert lt.compile_stats(cf).fusion_regions == expected, fuel
+    with pytest.raises(ValueError, match="fuel=-1 must be None or a non-negative int"):
+        Fusion(fuel=-1)
+
+
+def test_final_trace_shows_regions_and_sources_are_retrievable():
+    cf = lt.compile(_two_regions, plugins=[Fusion()])
+    x = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    cf(x, torch.randn(8, 8, device=DEVICE)).sum().backward()
+    final = lt.last_traces(cf)[-1].python()
+    assert re.search(r"# fusion0: \d ops: aten.tanh.default, (aten.detach.default, )?aten.mul.Tensor, aten.add.Tensor", final), final
+    assert "= fusion0(x)" in final and "[triton]" in final
+    sources = lt.kernel_sources(cf)
+    assert {"forward/fusion0", "forward/fusion1"} <= set(sources)
+    assert all("@triton.jit" in s and "tl.store" in s for s in sources.values())
+    assert any(k.startswith("backward/") for k in sources)
+    stats = lt.compile_stats(cf)
+    assert stats.executor_counts["triton"] >= 6 and stats.fusion_regions >= 3
+
+
+def test_unfusible_ops_stay_on_torch():
+    def fn(x):
+        y = torch.exp(x) * 2
+        z = torch.cumsum(y, -1)  # not a pointwise op or a supported reduction
+        return torch.sin(z) + 1
+
+    cf = _check_function(fn, [torch.randn(3, 11, device=DEVICE, requires_grad=True)], expect_regions=1)
+    final = lt.last_traces(cf)[-1].python()
+    assert "aten.cumsum.default" in final and "[torch]" in final
+
+
+def test_generated_sources_are_cached_on_disk(tmp_path):
+    script = (
+        "import torch, lightning_thunder as lt\n"
+        "from lightning_thunder.plugins import Fusion\n"
+        "f = lt.compile(lambda x: (torch.tanh(x) * 2).softmax(-1), plugins=[Fusion()])\n"
+        "print(f(torch.randn(3, 5)).shape)\n"
+    )
+    env = {**os.environ, "LIGHTNING_THUNDER_CACHE": str(tmp_path), "TRITON_INTERPRET": "1"}
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        files = sorted(Path(tmp_path, "kernels").glob("*.py"))
+        if _ == 0:
+            first = {f.name: f.stat().st_mtime_ns for f in files}
+    assert first and {f.name: f.stat().st_mtime_ns for f in files} == first  # reused, not rewritten
+
+
+def test_cpu_tensors_are_not_fused_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cf = lt.compile(lambda x: torch.tanh(x) * 2 + 1, plugins=[Fusion()])
+    cf(torch.randn(3, 4))
+    assert lt.compile_stats(cf).fusion_regions == 0
+    (claim,) = [t for t in lt.last_traces(cf) if t.name == "forward/executor:triton"]
+    assert "0 fused regions (CPU tensors are fused only under TRITON_INTERPRET=1)" in claim.python()
+
+
+def test_default_plugins_fuse_only_with_cuda():
+    names = [type(p).__name__ for p in lt.default_plugins()]
+    assert names == (["Fusion"] if torch.cuda.is_available() else [])
+    assert lt.default_plugins()[0] is lt.default_plugins()[0] if names else True
+
+
+# ------------------------------------------------------------------------------------ model corpus
+def _corpus():
+    from tests import test_models as tm
+
+    cases = {
+        "mlp": (lambda: tm.MLP(), lambda: [torch.randn(6, 16, requires_grad=True)]),
+        "mlp-bf16": (lambda: tm.MLP().to(torch.bfloat16), lambda: [torch.randn(6, 16, dtype=torch.bfloat16, requires_grad=True)]),
+        "cnn-train": (lambda: tm.CNN(), lambda: [torch.randn(4, 3, 12, 12, requires_grad=True)]),
+        "buffers": (lambda: tm.Counter(), lambda: [torch.randn(5, 4, requires_grad=True)]),
+        "attention": (lambda: tm.Attention(), lambda: [torch.randn(2, 5, 16, requires_grad=True)]),
+        "autocast": (lambda: tm.AutocastRegion(), lambda: [torch.randn(4, 16, requires_grad=True)]),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_corpus()))
+def test_model_corpus_with_fusion(name):
+    make_model, make_inputs = _corpus()[name]
+    model = make_model().to(DEVICE)
+
+    def inputs():
+        return [i.to(DEVICE).detach().requires_grad_(i.requires_grad) for i in make_inputs()]
+
+    cm = check_module_parity(model, inputs, steps=2, plugins=[Fusion()], reference=True)
+    assert lt.compile_stats(cm).fusion_regions >= 1
+
+
+@pytest.mark.parametrize("name", ["pythia-14m", "llama-3", "gemma", "phi-2", "mixtral"])
+def test_litgpt_with_fusion(name):
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    from litgpt import GPT, Config
+
+    from tests.test_litgpt import CONFIGS
+
+    config = Config.from_name("pythia-14m", n_layer=2) if name == "pythia-14m" else CONFIGS[name]()
+    model = GPT(config).to(DEVICE)
+    vocab = config.padded_vocab_size
+    cm = check_module_parity(
+        model, lambda: [torch.randint(0, vocab, (2, 12), device=DEVICE)], steps=2, plugins=[Fusion()], reference=True
+    )
+    stats = lt.compile_stats(cm)
+    assert stats.fusion_regions >= 4 and stats.executor_counts["triton"] > 20, stats
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 24)
+        self.b = nn.Linear(24, 12)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x))).softmax(-1)
+
+
+def test_fuel_bisects_a_model():
+    model = _TwoLayer().to(DEVICE)
+    x = torch.randn(3, 12, device=DEVICE)
+    full = lt.compile(model, plugins=[Fusion()])
+    full(x).sum().backward()
+    total = lt.compile_stats(full).fusion_regions
+    torch._dynamo.reset()
+    half = lt.compile(model, plugins=[Fusion(fuel=1)])
+    half(x).sum().backward()
+    assert total >= 2 and lt.compile_stats(half).fusion_regions == 1
