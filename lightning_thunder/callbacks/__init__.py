@@ -1,0 +1,1 @@
+"""Callbacks: throughput, memory and compile reports."""
