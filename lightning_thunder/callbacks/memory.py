@@ -22,7 +22,7 @@ from lightning_thunder.callbacks.context import RunContext
 from lightning_thunder.callbacks.graphs import model_activation_bytes
 from lightning_thunder.callbacks.plot import Panel, Series, write_plot
 
-__all__ = ["MemoryMonitor", "MEMORY_METRICS", "BREAKDOWN_PARTS", "cpu_rss_bytes", "tensor_bytes"]
+__all__ = ["MemoryMonitor", "MEMORY_METRICS", "BREAKDOWN_PARTS", "cpu_rss_bytes", "format_bytes", "tensor_bytes"]
 
 _GIB = float(1 << 30)
 
@@ -48,6 +48,15 @@ def cpu_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -246,7 +255,7 @@ class MemoryMonitor(MonitorCallback):
         if self.breakdown_bytes:
             for rank, parts in enumerate(self.breakdown_bytes):
                 text = ", ".join(
-                    f"{p.replace('_', ' ')} {v / _GIB:.3f} GiB" for p, v in parts.items() if v is not None
+                    f"{p.replace('_', ' ')} {format_bytes(v)}" for p, v in parts.items() if v is not None
                 )
                 lines.append(f"  rank {rank} after the first optimizer step: {text}")
         lines += [f"  {what} unavailable: {why}" for what, why in self.unavailable.items()]

@@ -152,8 +152,9 @@ class ThroughputMonitor(MonitorCallback):
         self._flops_measured = False
         self._global_flops = 0.0
         self._all_flops = False  # every rank knows its FLOPs
-        self._peak: float | None = None
-        self._peak_label = ""
+        #: The per-device peak FLOP/s MFU divides by (``None``: unknown) and where it came from.
+        self.device_peak_flops: float | None = None
+        self.peak_source = ""
         self._device: Throughput | None = None
         self._global: Throughput | None = None
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
@@ -193,7 +194,7 @@ class ThroughputMonitor(MonitorCallback):
         # are the global figures.
         ranks = context.all_gather(
             [elapsed, self._batches, self._samples, self._tokens, self._flops, float(flops is not None),
-             self._peak if self._peak is not None else math.nan]
+             self.device_peak_flops if self.device_peak_flops is not None else math.nan]
         )
         g_time = max(r[0] for r in ranks)
         g_batches, g_samples, g_tokens, g_flops = (sum(r[i] for r in ranks) for i in range(1, 5))
@@ -245,16 +246,16 @@ class ThroughputMonitor(MonitorCallback):
         """First batch: the peak for this device and precision, and the two windows."""
         precision = self.precision or precision_of(context.precision_plugin)
         if self.peak_flops is not None:
-            self._peak, self._peak_label = float(self.peak_flops), "given peak_flops"
+            self.device_peak_flops, self.peak_source = float(self.peak_flops), "given peak_flops"
         else:
-            self._peak = peak_flops(context.device, precision) if precision != "fp64" else None
-            if self._peak is None:
+            self.device_peak_flops = peak_flops(context.device, precision) if precision != "fp64" else None
+            if self.device_peak_flops is None:
                 self.unavailable["mfu"] = f"no peak FLOP/s known for {self._describe_device(context)} at {precision}"
             else:
-                self._peak_label = f"{self._describe_device(context)} {precision}"
+                self.peak_source = f"{self._describe_device(context)} {precision}"
         if self.length_fn is None:
             self.unavailable["tokens"] = "pass ThroughputMonitor(length_fn=...) to count tokens"
-        self._device = Throughput(available_flops=self._peak, world_size=1, window_size=self.window_size)
+        self._device = Throughput(available_flops=self.device_peak_flops, world_size=1, window_size=self.window_size)
         self._global = Throughput(available_flops=None, world_size=1, window_size=self.window_size)
 
     @staticmethod
@@ -349,10 +350,11 @@ class ThroughputMonitor(MonitorCallback):
         avg = self.run_averages()
         if avg:
             parts = [f"{avg[k]:,.1f} {label}" for k, label in (
-                ("tokens_per_sec", "tokens/s"), ("samples_per_sec", "samples/s"), ("batches_per_sec", "batches/s"),
-                ("tflops_per_sec", "TFLOP/s")) if k in avg]
+                ("tokens_per_sec", "tokens/s"), ("samples_per_sec", "samples/s"), ("batches_per_sec", "batches/s")) if k in avg]
+            if "tflops_per_sec" in avg:
+                parts.append(f"{avg['tflops_per_sec']:.3g} TFLOP/s")
             if "mfu" in avg:
-                parts.append(f"MFU {100 * avg['mfu']:.1f}% of {self._peak_label}")
+                parts.append(f"MFU {100 * avg['mfu']:.1f}% of {self.peak_source}")
             lines.append("  all ranks, after the first batch: " + ", ".join(parts))
         if self._flops_per_batch is not None:
             lines.append(f"  FLOPs per batch (this rank, forward + backward): {self._flops_per_batch:.4g}")
