@@ -148,7 +148,8 @@ class ThroughputMonitor(MonitorCallback):
         self._samples = 0
         self._tokens = 0
         self._flops = 0.0
-        self._flops_per_batch: float | None = None
+        #: FLOPs of one batch on this rank (forward + backward), once known.
+        self.flops_per_batch: float | None = None
         self._flops_measured = False
         self._global_flops = 0.0
         self._all_flops = False  # every rank knows its FLOPs
@@ -271,7 +272,8 @@ class ThroughputMonitor(MonitorCallback):
         model = context.user_model
         provided = getattr(model, "flops_per_batch", None)
         if provided is not None:
-            return float(provided)
+            self.flops_per_batch = float(provided)
+            return self.flops_per_batch
         if not self._flops_measured:
             self._flops_measured = True
             if not self.measure_flops:
@@ -282,7 +284,7 @@ class ThroughputMonitor(MonitorCallback):
                 step_fn = self.step_fn or (_default_trainer_step if context.is_trainer else _default_fabric_step)
                 try:
                     drop = [context.trainer, context.fabric]
-                    self._flops_per_batch = float(measure_step_flops(model, batch, step_fn, drop))
+                    self.flops_per_batch = float(measure_step_flops(model, batch, step_fn, drop))
                 except Exception as e:  # noqa: BLE001 - any failure of user code on meta tensors
                     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     self.unavailable["flops"] = (
@@ -290,7 +292,7 @@ class ThroughputMonitor(MonitorCallback):
                         "ThroughputMonitor(step_fn=...)"
                     )
                     warnings.warn(f"ThroughputMonitor: FLOPs unavailable: {self.unavailable['flops']}", stacklevel=2)
-        return self._flops_per_batch
+        return self.flops_per_batch
 
     def _compute(self) -> dict[str, float]:
         assert self._device is not None and self._global is not None and self._last is not None
@@ -356,8 +358,8 @@ class ThroughputMonitor(MonitorCallback):
             if "mfu" in avg:
                 parts.append(f"MFU {100 * avg['mfu']:.1f}% of {self.peak_source}")
             lines.append("  all ranks, after the first batch: " + ", ".join(parts))
-        if self._flops_per_batch is not None:
-            lines.append(f"  FLOPs per batch (this rank, forward + backward): {self._flops_per_batch:.4g}")
+        if self.flops_per_batch is not None:
+            lines.append(f"  FLOPs per batch (this rank, forward + backward): {self.flops_per_batch:.4g}")
         lines += [f"  {what} unavailable: {why}" for what, why in self.unavailable.items()]
         return "\n".join(lines)
 
