@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -195,7 +195,3 @@ class RunContext:
         if requested is not None:
             return requested
         return int(self.trainer.log_every_n_steps) if self.trainer is not None else 50
-
-    def extra_state(self) -> dict[str, Any]:
-        """Nothing yet; kept so monitors never reach into the Trainer or Fabric directly."""
-        return {}

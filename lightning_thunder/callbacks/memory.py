@@ -153,7 +153,7 @@ class MemoryMonitor(MonitorCallback):
             self._last_logged_step = step
             self._log_step(context, step)
         if self.progress_bar:
-            context.show_in_progress_bar(self.progress_bar_metrics(context))
+            context.show_in_progress_bar(self.progress_bar_metrics)
 
     def _on_train_end(self, context: RunContext) -> None:
         log_dir = self.log_dir or context.log_dir()  # on every rank: the Trainer broadcasts it
@@ -236,9 +236,10 @@ class MemoryMonitor(MonitorCallback):
         context.log_metrics(metrics, context.step(self._batches))
 
     # ------------------------------------------------------------------------------------ reports
-    def progress_bar_metrics(self, context: RunContext | None = None) -> dict[str, float]:
+    @property
+    def progress_bar_metrics(self) -> dict[str, float]:
         """``{"mem_gib": ...}``: this rank's peak allocated since the last log on CUDA, else its RSS."""
-        device = context.device if context is not None else torch.device("cpu")
+        device = self._context.device if self._context is not None else torch.device("cpu")
         if device.type == "cuda":
             return {"mem_gib": round(torch.cuda.max_memory_allocated(device) / _GIB, 2)}
         rss = cpu_rss_bytes()

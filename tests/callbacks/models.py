@@ -42,6 +42,11 @@ def tokens(batch) -> int:
     return batch[0].numel()
 
 
+def forward_on_inputs(model: nn.Module, batch) -> torch.Tensor:
+    """`step_fn` for ThroughputMonitor under Fabric: the model takes the batch's inputs."""
+    return model(batch[0])
+
+
 class FakeClock:
     """Replaces ThroughputMonitor's clock: each reading advances one second; `advance` adds more."""
 
@@ -96,3 +101,37 @@ def check_png(path: Path) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", path
     assert data[12:16] == b"IHDR"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def fabric_train(fabric, steps: int, batch_size: int, compiled: bool, callbacks_out: bool = False):
+    """A Fabric training loop calling the documented monitor hooks. Batch size may differ per rank.
+
+    Returns the monitors' latest metrics and breakdown (rank 0's are what `fabric.launch` hands back).
+    """
+    torch.manual_seed(0)
+    model = lightning_thunder.compile(mlp()) if compiled else mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = fabric.setup(model, optimizer)  # -> on_after_setup
+    fabric.call("on_train_start")
+    g = torch.Generator().manual_seed(fabric.global_rank)
+    for _ in range(steps):
+        x, y = torch.randn(batch_size, FEATURES, generator=g), torch.randn(batch_size, FEATURES, generator=g)
+        loss = nn.functional.mse_loss(model(x), y)
+        fabric.backward(loss)
+        optimizer.step()  # -> on_after_optimizer_step
+        optimizer.zero_grad()
+        fabric.call("on_train_batch_end", batch=(x, y))
+    fabric.call("on_train_end")
+    monitors = {type(cb).__name__: cb for cb in fabric._callbacks}
+    return {
+        "throughput": monitors["ThroughputMonitor"].metrics,
+        "memory": monitors["MemoryMonitor"].metrics,
+        "breakdown": monitors["MemoryMonitor"].breakdown_bytes,
+        "flops_per_batch": monitors["ThroughputMonitor"].flops_per_batch,
+        "rank": fabric.global_rank,
+    }
+
+
+def fabric_train_two_ranks(fabric, steps: int):
+    """Rank r trains on batches of 2 + r samples (so summing and multiplying by the world size differ)."""
+    return fabric_train(fabric, steps, batch_size=2 + fabric.global_rank, compiled=False)
