@@ -193,7 +193,9 @@ class CompileReport(MonitorCallback):
         if self.stats is None:
             return "CompileReport: nothing compiled yet"
         s = self.stats
-        kernels = f"{self.kernels_per_step} kernels/step" if self.kernels_per_step is not None else "kernels/step after step 2"
+        kernels = (
+            f"{self.kernels_per_step} kernels/step" if self.kernels_per_step is not None else "kernels/step from step 2"
+        )
         lines = [
             f"CompileReport: {s.graphs} graphs, compile {s.compile_time_s:.2f} s, {len(s.graph_breaks)} graph breaks, "
             f"{len(s.recompiles)} recompiles, {s.fusion_regions} fusion regions, {kernels}, "

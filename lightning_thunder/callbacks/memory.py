@@ -251,7 +251,11 @@ class MemoryMonitor(MonitorCallback):
         m = self.metrics
         names = {"peak_allocated_gib": "peak allocated", "peak_reserved_gib": "peak reserved",
                  "allocated_gib": "allocated", "cpu_rss_gib": "CPU RSS"}
-        figures = [f"{label} {m[f'memory/max/{key}']:.2f} GiB" for key, label in names.items() if f"memory/max/{key}" in m]
+        figures = [
+            f"{label} {m[f'memory/max/{key}']:.2f} GiB"
+            for key, label in names.items()
+            if f"memory/max/{key}" in m
+        ]
         lines.append("  last logged step, max over ranks: " + (", ".join(figures) if figures else "nothing logged yet"))
         if self.breakdown_bytes:
             for rank, parts in enumerate(self.breakdown_bytes):

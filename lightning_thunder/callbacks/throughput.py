@@ -193,9 +193,9 @@ class ThroughputMonitor(MonitorCallback):
 
         # One gather per batch gives every rank's counters: the sums (and the slowest rank's time)
         # are the global figures.
+        peak = self.device_peak_flops if self.device_peak_flops is not None else math.nan
         ranks = context.all_gather(
-            [elapsed, self._batches, self._samples, self._tokens, self._flops, float(flops is not None),
-             self.device_peak_flops if self.device_peak_flops is not None else math.nan]
+            [elapsed, self._batches, self._samples, self._tokens, self._flops, float(flops is not None), peak]
         )
         g_time = max(r[0] for r in ranks)
         g_batches, g_samples, g_tokens, g_flops = (sum(r[i] for r in ranks) for i in range(1, 5))
@@ -205,12 +205,18 @@ class ThroughputMonitor(MonitorCallback):
 
         lengths = self.length_fn is not None
         self._device.update(
-            time=elapsed, batches=self._batches, samples=self._samples,
-            lengths=self._tokens if lengths else None, flops=flops,
+            time=elapsed,
+            batches=self._batches,
+            samples=self._samples,
+            lengths=self._tokens if lengths else None,
+            flops=flops,
         )
         self._global.update(
-            time=g_time, batches=int(g_batches), samples=int(g_samples),
-            lengths=int(g_tokens) if lengths else None, flops=(g_flops - self._global_flops) if all_flops else None,
+            time=g_time,
+            batches=int(g_batches),
+            samples=int(g_samples),
+            lengths=int(g_tokens) if lengths else None,
+            flops=(g_flops - self._global_flops) if all_flops else None,
         )
         self._global_flops = g_flops
         self._last = [g_time, g_batches, g_samples, g_tokens, g_flops]
@@ -351,8 +357,8 @@ class ThroughputMonitor(MonitorCallback):
         lines = [head]
         avg = self.run_averages()
         if avg:
-            parts = [f"{avg[k]:,.1f} {label}" for k, label in (
-                ("tokens_per_sec", "tokens/s"), ("samples_per_sec", "samples/s"), ("batches_per_sec", "batches/s")) if k in avg]
+            labels = {"tokens_per_sec": "tokens/s", "samples_per_sec": "samples/s", "batches_per_sec": "batches/s"}
+            parts = [f"{avg[k]:,.1f} {label}" for k, label in labels.items() if k in avg]
             if "tflops_per_sec" in avg:
                 parts.append(f"{avg['tflops_per_sec']:.3g} TFLOP/s")
             if "mfu" in avg:
@@ -363,20 +369,22 @@ class ThroughputMonitor(MonitorCallback):
         lines += [f"  {what} unavailable: {why}" for what, why in self.unavailable.items()]
         return "\n".join(lines)
 
+    def _points(self, name: str) -> list[tuple[float, float]]:
+        return [(step, metrics[name]) for step, metrics in self.history if name in metrics]
+
     def write_plot(self, path: str | Path) -> Path:
         """Write the logged history as a PNG: global throughput, and TFLOP/s per device when known."""
-        key = "tokens_per_sec" if self.length_fn is not None else "samples_per_sec"
-        unit = "tokens/s" if self.length_fn is not None else "samples/s"
+        key, unit = ("tokens_per_sec", "tokens/s") if self.length_fn is not None else ("samples_per_sec", "samples/s")
         panels = [
             Panel(
                 f"throughput: {unit}",
                 [
-                    Series("all ranks", [(s, m[f"throughput/global/{key}"]) for s, m in self.history if f"throughput/global/{key}" in m]),
-                    Series("this device", [(s, m[f"throughput/device/{key}"]) for s, m in self.history if f"throughput/device/{key}" in m]),
+                    Series("all ranks", self._points(f"throughput/global/{key}")),
+                    Series("this device", self._points(f"throughput/device/{key}")),
                 ],
             )
         ]
-        tflops = [(s, m["throughput/device/tflops_per_sec"]) for s, m in self.history if "throughput/device/tflops_per_sec" in m]
+        tflops = self._points("throughput/device/tflops_per_sec")
         if tflops:
             panels.append(Panel("tflop/s per device", [Series("this device", tflops)]))
         return write_plot(path, panels)

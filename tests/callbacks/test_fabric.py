@@ -88,5 +88,6 @@ def test_two_gloo_ranks_aggregate_real_counters(tmp_path):
 
     memory = out["memory"]
     assert len(column(rows, "memory/rank1/cpu_rss_gib")) == steps
-    assert memory["memory/max/cpu_rss_gib"] == max(memory["memory/rank0/cpu_rss_gib"], memory["memory/rank1/cpu_rss_gib"])
+    per_rank = [memory["memory/rank0/cpu_rss_gib"], memory["memory/rank1/cpu_rss_gib"]]
+    assert memory["memory/max/cpu_rss_gib"] == max(per_rank)
     assert len(out["breakdown"]) == 2 and all(b["parameters"] == PARAM_BYTES for b in out["breakdown"])
