@@ -62,12 +62,18 @@ class FakeClock:
 
 
 class Regressor(L.LightningModule):
-    """An MLP, compiled by lightning_thunder unless `compiled=False`; validation may advance a clock."""
+    """An MLP, compiled by lightning_thunder (in `configure_model`, so in each spawned process: a compiled
+    module cannot be pickled) unless `compiled=False`; validation may advance a clock."""
 
     def __init__(self, compiled: bool = True, clock: FakeClock | None = None) -> None:
         super().__init__()
-        self.net = lightning_thunder.compile(mlp()) if compiled else mlp()
+        self.net = mlp()
+        self.compiled = compiled
         self.clock = clock
+
+    def configure_model(self) -> None:
+        if self.compiled and not isinstance(self.net, lightning_thunder.ThunderModule):
+            self.net = lightning_thunder.compile(self.net)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

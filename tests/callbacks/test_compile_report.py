@@ -76,7 +76,7 @@ def test_a_recompile_is_printed_when_it_happens(tmp_path, capsys):
             return nn.functional.mse_loss(self.net(x), y)
 
     model = Growing(compiled=False)
-    model.net = lightning_thunder.compile(model.net, dynamic=False)
+    model.net = lightning_thunder.compile(model.net, dynamic=False)  # compiled here, not in configure_model
     _fit(tmp_path, model, CompileReport(), steps=4)
     printed = capsys.readouterr().out
     assert "CompileReport: recompiled: " in printed

@@ -122,3 +122,25 @@ def test_flops_per_batch_from_the_module_and_a_given_peak_give_mfu(tmp_path, mon
         assert throughput.metrics[f"throughput/{scope}/mfu"] == pytest.approx(0.5)
     assert "throughput/tokens" not in throughput.metrics and "tokens" in throughput.unavailable
     assert not (tmp_path / "lightning_logs" / "version_0" / "throughput.png").exists()
+
+
+@pytest.mark.slow
+def test_trainer_two_gloo_ranks(tmp_path):
+    """The Trainer side of the collectives (gather per batch, log_dir broadcast at the end) on 2 ranks."""
+    monitors = [ThroughputMonitor(length_fn=tokens, window_size=2), MemoryMonitor(), CompileReport()]
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, logger=CSVLogger(tmp_path),
+        log_every_n_steps=1, callbacks=monitors, enable_checkpointing=False, enable_model_summary=False,
+        limit_val_batches=0, enable_progress_bar=False,
+    )
+    trainer.fit(Regressor(), loader())
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    rows = read_metrics(log_dir / "metrics.csv")
+    # Each rank runs batches of BATCH samples (the sampler splits the data): totals are over both ranks.
+    assert column(rows, "throughput/samples") == [2 * BATCH * k for k in range(1, 5)]
+    assert column(rows, "throughput/batches") == [2 * k for k in range(1, 5)]
+    assert len(column(rows, "memory/rank1/cpu_rss_gib")) == 4
+    assert column(rows, "memory/breakdown/rank1/activations_saved_gib") == [pytest.approx(SAVED_BYTES / 2**30)]
+    assert column(rows, "compile/kernels_per_step")[-1] == 9
+    check_png(log_dir / "throughput.png")
+    check_png(log_dir / "memory.png")
