@@ -157,6 +157,10 @@ class MemoryMonitor(MonitorCallback):
 
     def _on_train_end(self, context: RunContext) -> None:
         log_dir = self.log_dir or context.log_dir()  # on every rank: the Trainer broadcasts it
+        if self.breakdown and self.breakdown_bytes is None:
+            self.unavailable["breakdown"] = (
+                "no optimizer step was seen (under Fabric, step the optimizer that fabric.setup returned)"
+            )
         if not context.is_global_zero:
             return
         context.print(self.summary())
