@@ -19,7 +19,10 @@ Fabric hook protocol (what a Fabric training loop calls)::
     fabric.call("on_train_end")                          # required: summary, plots, loggers flushed
 
 With ``fabric.setup_module`` instead of ``fabric.setup``, call
-``fabric.call("on_after_setup", fabric=fabric, module=model)`` yourself.
+``fabric.call("on_after_setup", fabric=fabric, module=model)`` yourself. When the model is a
+LightningModule, Fabric also calls its hooks of the same names, whose ``on_train_batch_end`` takes
+``(outputs, batch, batch_idx)``: pass all three, ``fabric.call("on_train_batch_end", outputs=loss,
+batch=batch, batch_idx=i)``.
 """
 
 from __future__ import annotations
