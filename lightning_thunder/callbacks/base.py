@@ -1,0 +1,138 @@
+"""The hook plumbing the three monitors share: one class is a Trainer ``Callback`` and a Fabric callback.
+
+The Trainer calls the hooks positionally with itself first. Fabric calls them by name with keyword
+arguments only (``fabric.call("on_train_batch_end", batch=batch)``), after ``fabric.setup(...)`` has
+called ``on_after_setup(fabric=..., module=...)``, which binds the monitor to that Fabric and model.
+Both routes end in the same ``_on_*`` methods, which receive a :class:`RunContext`.
+
+Fabric hook protocol (what a Fabric training loop calls)::
+
+    fabric = Fabric(callbacks=[ThroughputMonitor(...), MemoryMonitor(), CompileReport()], loggers=...)
+    model, optimizer = fabric.setup(model, optimizer)   # calls on_after_setup(fabric, module) for you
+    fabric.call("on_train_start")                        # optional: starts the clock, resets peaks
+    for batch in loader:
+        ...                                              # forward, fabric.backward(loss)
+        optimizer.step()                                 # calls on_after_optimizer_step for you
+        fabric.call("on_train_batch_end", batch=batch)   # required, every batch, on every rank
+        # around a validation loop (its time is left out of throughput):
+        # fabric.call("on_validation_start"); ...; fabric.call("on_validation_end")
+    fabric.call("on_train_end")                          # required: summary, plots, loggers flushed
+
+With ``fabric.setup_module`` instead of ``fabric.setup``, call
+``fabric.call("on_after_setup", fabric=fabric, module=model)`` yourself. When the model is a
+LightningModule, Fabric also calls its hooks of the same names, whose ``on_train_batch_end`` takes
+``(outputs, batch, batch_idx)``: pass all three, ``fabric.call("on_train_batch_end", outputs=loss,
+batch=batch, batch_idx=i)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_thunder.callbacks.context import RunContext
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+    from lightning.pytorch import LightningModule, Trainer
+
+__all__ = ["MonitorCallback"]
+
+
+class MonitorCallback(Callback):
+    """Base class of the monitors: maps Trainer and Fabric hooks onto ``_on_*`` methods taking a
+    :class:`RunContext`. Subclasses override the ``_on_*`` methods they need."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._context: RunContext | None = None
+
+    # ------------------------------------------------------------------ binding to a loop
+    def on_after_setup(self, fabric: Fabric, module: nn.Module) -> None:
+        """Fabric hook, called by ``fabric.setup(model, ...)``: bind to this Fabric and model."""
+        self._context = RunContext.for_fabric(fabric, module)
+
+    def _resolve(self, trainer: Trainer | None, pl_module: LightningModule | None, hook: str) -> RunContext:
+        if trainer is not None:
+            if self._context is None or self._context.trainer is not trainer:
+                self._context = RunContext.for_trainer(trainer, pl_module)  # type: ignore[arg-type]
+            return self._context
+        if self._context is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{hook} was called without a Trainer and before Fabric's setup. Pass the "
+                "monitor in `Fabric(callbacks=[...])` and call `fabric.setup(model, optimizer)` first (it calls "
+                "`on_after_setup`), or call `fabric.call('on_after_setup', fabric=fabric, module=model)`."
+            )
+        return self._context
+
+    # ------------------------------------------------------------------ hooks (Trainer and Fabric)
+    @override
+    def on_train_start(self, trainer: Trainer | None = None, pl_module: LightningModule | None = None) -> None:
+        """Training starts (Trainer; optional under Fabric: ``fabric.call("on_train_start")``)."""
+        self._on_train_start(self._resolve(trainer, pl_module, "on_train_start"))
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer | None = None,
+        pl_module: LightningModule | None = None,
+        outputs: Any = None,
+        batch: Any = None,
+        batch_idx: int = 0,
+    ) -> None:
+        """A training batch ended (under Fabric: ``fabric.call("on_train_batch_end", batch=batch)``)."""
+        if trainer is None and batch is None:
+            raise TypeError(
+                f"{type(self).__name__}.on_train_batch_end needs the batch: call "
+                "`fabric.call('on_train_batch_end', batch=batch)`"
+            )
+        self._on_train_batch_end(self._resolve(trainer, pl_module, "on_train_batch_end"), batch)
+
+    @override
+    def on_validation_start(self, trainer: Trainer | None = None, pl_module: LightningModule | None = None) -> None:
+        """Validation starts (its time is excluded; sanity checks are ignored)."""
+        if trainer is not None and trainer.sanity_checking:
+            return
+        self._on_validation_start(self._resolve(trainer, pl_module, "on_validation_start"))
+
+    @override
+    def on_validation_end(self, trainer: Trainer | None = None, pl_module: LightningModule | None = None) -> None:
+        """Validation ended."""
+        if trainer is not None and trainer.sanity_checking:
+            return
+        self._on_validation_end(self._resolve(trainer, pl_module, "on_validation_end"))
+
+    @override
+    def on_train_end(self, trainer: Trainer | None = None, pl_module: LightningModule | None = None) -> None:
+        """Training ended: print the summary and write the plot (under Fabric: ``fabric.call("on_train_end")``)."""
+        context = self._resolve(trainer, pl_module, "on_train_end")
+        self._on_train_end(context)
+        context.flush_loggers()
+
+    def on_after_optimizer_step(self, strategy: Any = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Fabric hook, called by ``optimizer.step()`` of an optimizer set up by Fabric."""
+        if self._context is not None and self._context.fabric is not None and optimizer is not None:
+            self._on_after_optimizer_step(self._context, optimizer)
+
+    # ------------------------------------------------------------------ what subclasses implement
+    def _on_train_start(self, context: RunContext) -> None:
+        """Training starts."""
+
+    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
+        """A training batch ended (every rank)."""
+
+    def _on_validation_start(self, context: RunContext) -> None:
+        """Validation starts."""
+
+    def _on_validation_end(self, context: RunContext) -> None:
+        """Validation ended."""
+
+    def _on_train_end(self, context: RunContext) -> None:
+        """Training ended."""
+
+    def _on_after_optimizer_step(self, context: RunContext, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer stepped (Fabric only; the Trainer's optimizers are in ``context.optimizers``)."""
