@@ -101,12 +101,15 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
     raise TypeError(f"lightning_thunder.compile expects an nn.Module or a callable, got {type(fn_or_module).__name__}")
 
 
-def _last_record(cm: Any) -> GraphRecord:
+def _last_record(cm: Any, *, with_backward: bool = False) -> GraphRecord:
     states = compile_states(cm)
-    records = [r for s in states for r in s.records]
+    records = [r for s in states for r in s.records if r.backward_traces or not with_backward]
     if not records:
         # This instance reused graphs another instance of its class compiled with the same plugins.
-        records = [b.latest[s.label] for s, b in zip(states, _backends_of(cm)) if s.calls and s.label in b.latest]
+        latest = [(s, b.latest_training if with_backward else b.latest) for s, b in zip(states, _backends_of(cm))]
+        records = [table[s.label] for s, table in latest if s.calls and not s.records and s.label in table]
+    if not records and with_backward:
+        raise LookupError("no graph with a backward has been compiled yet (only inference graphs)")
     if not records:
         raise RuntimeError(
             "nothing has been compiled yet: traces exist once the compiled module or function has been called"
@@ -133,12 +136,17 @@ def last_traces(cm: Any) -> list[Trace]:
 
 
 def last_backward_traces(cm: Any) -> list[Trace]:
-    """The backward traces of the most recently compiled graph of ``cm``, stage by stage.
+    """The backward traces of the most recently compiled graph of ``cm`` that has a backward.
 
-    Empty for inference graphs. AOTAutograd compiles the backward at the first ``backward()``, so the
+    Inference graphs (``torch.no_grad()``, validation) are skipped; the result is empty when only
+    inference graphs exist. AOTAutograd compiles the backward at the first ``backward()``, so the
     stages after partitioning appear once a backward has run.
     """
-    return list(_last_record(cm).backward_traces)
+    try:
+        return list(_last_record(cm, with_backward=True).backward_traces)
+    except LookupError:
+        _last_record(cm)  # raises the usual error when nothing at all was compiled
+        return []
 
 
 def compile_stats(cm: Any) -> CompileStats:

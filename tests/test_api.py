@@ -179,7 +179,9 @@ def test_plugins_compose_in_order_and_each_gets_a_trace():
     with torch.no_grad():
         cm(torch.randn(3, 8))
     assert log[-2:] == [("A", "fw_bw", True), ("B", "fw_bw", True)]
-    assert lt.last_backward_traces(cm) == []
+    assert lt.last_traces(cm)[-1].name == "forward/final" and lt.compile_stats(cm).graphs == 2
+    # The inference graph has no backward: the training graph's backward is still reported.
+    assert lt.last_backward_traces(cm)[-1].name == "backward/final"
 
 
 class ReluToClamp(lt.Plugin):
@@ -298,3 +300,32 @@ def test_instances_of_one_class_share_compiled_graphs():
     assert sum(lt.compile_stats(cm).graphs for cm in compiled[1:]) == 0
     # The later instances report the graph they run.
     assert lt.last_traces(compiled[-1])[-1].name == "forward/final"
+
+
+def test_pickle_and_deepcopy_recompile_the_original_module():
+    import copy
+    import pickle
+
+    model = MLP()
+    cm = lt.compile(model, partitioner="default")
+    x = torch.randn(2, 8)
+    expected = cm(x)
+    for clone in (pickle.loads(pickle.dumps(cm)), copy.deepcopy(cm)):
+        assert isinstance(clone, lt.ThunderModule) and clone.original_module is not model
+        assert clone._lt_backend.options.partitioner == "default"
+        assert_close(clone(x), expected, "copy output")
+        assert lt.compile_stats(clone).graphs >= 0
+        assert list(clone.state_dict()) == list(cm.state_dict())
+
+
+def test_backward_traces_survive_a_later_inference_graph():
+    cm = lt.compile(MLP())
+    cm(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    with torch.no_grad():
+        cm(torch.randn(2, 8))
+    assert lt.last_backward_traces(cm)[-1].name == "backward/final"
+    assert lt.last_traces(cm)[-1].name == "forward/final"
+    cm2 = lt.compile(nn.Sequential(nn.Linear(8, 4)))  # a class never trained: only an inference graph
+    with torch.no_grad():
+        cm2(torch.randn(2, 8))
+    assert lt.last_backward_traces(cm2) == []

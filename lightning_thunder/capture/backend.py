@@ -80,7 +80,8 @@ class ThunderBackend:
         self.plugins = list(plugins)
         self.options = options
         self.orphan_state = CompileState("<no compiled call running>")
-        self.latest: dict[str, GraphRecord] = {}
+        self.latest: dict[str, GraphRecord] = {}  # per compiled class: its most recent graph
+        self.latest_training: dict[str, GraphRecord] = {}  # ... and its most recent graph with a backward
         self.executors: list[Executor] = [ex for p in self.plugins for ex in p.executors()]
         self.executors.append(TorchExecutor())
         self.decompositions: dict[Any, Callable] = {}
@@ -146,6 +147,8 @@ class ThunderBackend:
             ) from e
         record.compile_time_s += time.perf_counter() - t0
         self.latest[state.label] = record
+        if not record.inference:
+            self.latest_training[state.label] = record
         return compiled
 
     # ------------------------------------------------------------------------------ helpers

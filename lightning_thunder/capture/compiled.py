@@ -145,6 +145,17 @@ class ThunderModule(nn.Module):
     def extra_repr(self) -> str:
         return ""
 
+    def __reduce__(self) -> tuple:
+        # Pickling (``ddp_spawn``, ``copy.deepcopy``) carries the original module and the plugins; the
+        # copy is compiled again on arrival. The compiled graphs themselves are never serialized.
+        import dataclasses
+
+        from lightning_thunder.api import compile as lt_compile
+
+        backend = self._lt_backend
+        options = dataclasses.asdict(backend.options)
+        return (functools.partial(lt_compile, **options), (self._lt_module, list(backend.plugins)))
+
     def __repr__(self) -> str:
         return f"ThunderModule({self._lt_module!r})"
 
