@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import count_kernels, environment, matmul_tflops, synchronize  # noqa: E402
+from measure import count_kernels, environment, matmul_tflops, synchronize, top_kernels  # noqa: E402
 
 MODES = ("eager", "torch.compile", "thunder", "thunder+fp8", "torchao-fp8")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -148,6 +148,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         times.append((time.perf_counter() - t0) * 1e3)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     kernels = count_kernels(lambda: step(idx, targets), device)
+    profile = top_kernels(lambda: step(idx, targets), device, args.profile) if args.profile else []
     result = {
         "mode": args.worker,
         "step_ms": sorted(times)[len(times) // 2],
@@ -155,6 +156,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "peak_gib": peak_gib,
         "kernels_per_step": kernels,
         "loss": float(loss),
+        "top_kernels": profile,
     }
     if args.worker.startswith("thunder"):
         import lightning_thunder
@@ -226,6 +228,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per mode")
+    p.add_argument("--profile", type=int, default=0, help="also list this many top GPU kernels per mode")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.steps} steps after {args.warmup} warm-up; peak memory over the timed steps\n"
     )
     print(table(results, peak, tokens_per_step, flops_token))
+    for r in results:
+        if r.get("top_kernels"):
+            print(f"\ntop GPU kernels, {r['mode']} (one step):")
+            for k in r["top_kernels"]:
+                print(f"  {k['us'] / 1e3:8.2f} ms  {k['calls']:4d} x  {k['kernel']}")
     if args.json:
         payload = {
             "command": "python benchmarks/litgpt_train.py " + " ".join(argv),

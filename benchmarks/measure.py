@@ -84,3 +84,23 @@ def environment(device: torch.device) -> dict[str, str]:
     else:
         info["device"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return info
+
+
+def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 15) -> list[dict[str, object]]:
+    """The ``n`` GPU kernels that take the most time in one call of ``fn``: name, calls, total µs."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:n]
+    return [{"kernel": name[:90], "calls": int(c), "us": round(t, 1)} for name, (c, t) in rows]

@@ -59,13 +59,25 @@ def _min_nan(a, b):
 
 @dataclass
 class TensorArg:
-    """A tensor the kernel reads or writes: its pointer argument and the dims that get a stride argument."""
+    """A tensor the kernel reads or writes.
+
+    Contiguous tensors (the common case) get their strides baked into the kernel as constants, which
+    lets Triton see contiguous, vectorizable accesses; the launcher makes a contiguous copy in the rare
+    case that a tensor arrives otherwise. Other tensors pass one stride argument per dimension of size > 1.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    stride_dims: list[int]
+    stride_dims: list[int]  # dims with a stride argument (empty when contiguous)
     stride: tuple[int, ...] = ()  # outputs: the strides to allocate with
+    contiguous: bool = False
+
+    def stride_expr(self, j: int) -> str:
+        """The source for the stride of dimension ``j``."""
+        if self.contiguous:
+            return str(math.prod(self.shape[j + 1 :]))
+        return f"{self.name}_s{j}"
 
 
 @dataclass
@@ -94,20 +106,22 @@ def _next_pow2(n: int) -> int:
 
 
 def _configs(mode: str, R: int, N: int) -> list[dict[str, int]]:
+    """Candidate launch configurations, the heuristic choice first (at most two: autotuning compiles each)."""
     if mode == "flat":
         total = R * N
-        blocks = [b for b in (1024, 2048, 4096) if b <= max(1024, _next_pow2(total))]
-        return [{"BLOCK": b, "num_warps": 4 if b <= 1024 else 8} for b in blocks]
+        if total <= 1 << 16:
+            return [{"BLOCK": 1024, "num_warps": 4}]
+        return [{"BLOCK": 2048, "num_warps": 8}, {"BLOCK": 1024, "num_warps": 4}]
     if mode == "persistent":
         bn = _next_pow2(N)
-        out = []
-        for bm in (1, 2, 4, 8, 16, 32):
-            if bm * bn > max(8192, bn) or (bm > 1 and bm > _next_pow2(R)):
-                continue
-            size = bm * bn
-            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4 if size <= 2048 else 8 if size <= 8192 else 16})
-        return out
-    return [{"BLOCK_M": 1, "BLOCK_N": bn, "num_warps": w} for bn, w in ((1024, 4), (2048, 8), (4096, 8))]
+        # About 2048-4096 elements per program; never more rows than exist.
+        bm = max(1, min(_next_pow2(R), 4096 // bn))
+        warps = 4 if bm * bn <= 2048 else 8 if bm * bn <= 8192 else 16
+        first = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps}
+        if bm > 1:
+            return [first, {"BLOCK_M": bm // 2, "BLOCK_N": bn, "num_warps": max(4, warps // 2)}]
+        return [first]
+    return [{"BLOCK_M": 1, "BLOCK_N": 2048, "num_warps": 8}, {"BLOCK_M": 1, "BLOCK_N": 4096, "num_warps": 8}]
 
 
 class _Writer:
@@ -124,6 +138,7 @@ class _Writer:
         self.top: dict[Any, str] = {}  # values computed once per program (rows, scalars)
         self.literals: set[str] = set()
         self.inputs = {id(p): k for k, p in enumerate(region.inputs)}
+        self.args: dict[str, TensorArg] = {}  # filled by generate()
         self.producer = {id(op.outputs[0]): op for op in region.ops}
 
     # ----------------------------------------------------------------------------- basics
@@ -167,17 +182,28 @@ class _Writer:
         """
         offset = len(target) - len(shape)
         row_dims = target[:-1] if has_col else target
+        spec = self.args[arg]
+        if spec.contiguous and tuple(shape) == tuple(target) and math.prod(shape) > 1:
+            # Same shape, contiguous: the row-major position itself.
+            if self.mode == "flat" and has_col and self.region.N is not None and math.prod(shape) == self.R * self.N:
+                return "i"
+            if has_col and shape[-1] > 1 and math.prod(shape[:-1]) > 1:
+                return f"rows * {shape[-1]} + cols"
+            if not has_col and tile in (None, ROW):
+                return "rows"
         terms = []
         uses_row = uses_col = False
         for j, size in enumerate(shape):
             if size <= 1:
                 continue
             i = j + offset
+            stride = spec.stride_expr(j)
             if has_col and i == len(target) - 1:
-                terms.append(f"cols * {arg}_s{j}")
+                terms.append("cols" if stride == "1" else f"cols * {stride}")
                 uses_col = True
             else:
-                terms.append(f"{self.row_index(tuple(row_dims), i)} * {arg}_s{j}")
+                index = self.row_index(tuple(row_dims), i)
+                terms.append(index if stride == "1" else f"{index} * {stride}")
                 uses_row = True
         if tile in (ROW, FULL) and not uses_row:
             terms.append("rows * 0")
@@ -418,7 +444,9 @@ def _tensor_args(prefix: str, proxies: list[Proxy]) -> list[TensorArg]:
     for k, p in enumerate(proxies):
         shape = tuple(p.val.shape)
         stride = tuple(p.val.stride()) if prefix == "out" else ()
-        args.append(TensorArg(f"{prefix}{k}", shape, p.val.dtype, [j for j, s in enumerate(shape) if s > 1], stride))
+        contiguous = bool(p.val.is_contiguous())
+        dims = [] if contiguous else [j for j, s in enumerate(shape) if s > 1]
+        args.append(TensorArg(f"{prefix}{k}", shape, p.val.dtype, dims, stride, contiguous))
     return args
 
 
@@ -435,6 +463,7 @@ def generate(region: Region) -> KernelSpec:
     writer = _Writer(region, mode)
     inputs = _tensor_args("in", region.inputs)
     outputs = _tensor_args("out", region.outputs)
+    writer.args = {a.name: a for a in inputs + outputs}
     params = []
     for arg in inputs + outputs:
         params.append(arg.name)

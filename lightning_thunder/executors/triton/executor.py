@@ -10,7 +10,7 @@ from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.executors.triton.codegen import generate
 from lightning_thunder.executors.triton.region import contract, form_regions
-from lightning_thunder.executors.triton.runtime import FusedRegion
+from lightning_thunder.executors.triton.runtime import FusedRegion, precompile_all
 from lightning_thunder.trace.trace import BoundOp, Trace, timed_pass
 
 __all__ = ["FusionExecutor"]
@@ -62,6 +62,8 @@ class FusionExecutor(Executor):
                 )
             ops = contract(trace, fused, regions) if regions else list(trace.ops)
             ops = _number_regions(ops, set(map(id, fused.values())))
+            if any(r.device.type == "cuda" for r in regions):
+                precompile_all([op.target for op in fused.values()])
         note = f"executor {self.name}: {len(regions)} fused regions"
         if not regions and not cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
             has_cpu = any(p.is_tensor and p.device.type == "cpu" for op in trace.ops for p in op.output_proxies())

@@ -23,7 +23,7 @@ import torch
 
 from lightning_thunder.executors.triton.codegen import KernelSpec
 
-__all__ = ["FusedRegion", "cache_dir", "load_kernel_module"]
+__all__ = ["FusedRegion", "cache_dir", "load_kernel_module", "precompile_all"]
 
 _modules: dict[str, ModuleType] = {}
 _tuned: dict[str, dict[str, int]] | None = None
@@ -103,6 +103,24 @@ class FusedRegion:
         """The generated Triton source."""
         return self.spec.source
 
+    def kernel(self) -> Callable:
+        """The Triton kernel (imported from the on-disk cache on first use)."""
+        if self._kernel is None:
+            module = load_kernel_module(self.spec.kernel_name, self.spec.source)
+            self._kernel = getattr(module, self.spec.kernel_name)
+        return self._kernel
+
+    def precompile(self) -> None:
+        """Compile the kernel for each candidate configuration without running it (CUDA only)."""
+        kernel = self.kernel()
+        dtypes: list[Any] = []
+        for arg in self.spec.inputs + self.spec.outputs:
+            dtypes.append(arg.dtype)
+            dtypes += [16] * len(arg.stride_dims)  # a stride: specialized like any multiple of 16
+        for config in self.spec.configs:
+            meta = {k: v for k, v in config.items() if k != "num_warps"}
+            kernel.warmup(*dtypes, grid=(1,), num_warps=config["num_warps"], **meta)
+
     def _launch(self, config: dict[str, int], inputs: tuple, outputs: list[torch.Tensor]) -> None:
         args: list[Any] = []
         for arg, t in zip(self.spec.inputs, inputs):
@@ -139,9 +157,10 @@ class FusedRegion:
         return best
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
-        if self._kernel is None:
-            module = load_kernel_module(self.spec.kernel_name, self.spec.source)
-            self._kernel = getattr(module, self.spec.kernel_name)
+        self.kernel()
+        if not all(t.is_contiguous() for arg, t in zip(self.spec.inputs, inputs) if arg.contiguous):
+            # The kernel was specialized for contiguous tensors (what the trace said they would be).
+            inputs = tuple(t.contiguous() if arg.contiguous else t for arg, t in zip(self.spec.inputs, inputs))
         device = inputs[0].device
         outputs = [
             torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device) for arg in self.spec.outputs
@@ -153,3 +172,17 @@ class FusedRegion:
 
     def __repr__(self) -> str:
         return f"FusedRegion({self.spec.region}, {self.spec.mode}, R={self.spec.R}, N={self.spec.N})"
+
+
+def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> None:
+    """Compile the kernels of ``regions`` in parallel threads (Triton's compiler and ``ptxas`` run
+    outside the GIL), so the first step does not compile them one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = list({r.spec.kernel_name: r for r in regions}.values())
+    if not unique:
+        return
+    workers = workers or min(len(unique), max(1, (os.cpu_count() or 2) - 1), 16)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in [pool.submit(r.precompile) for r in unique]:
+            future.result()
