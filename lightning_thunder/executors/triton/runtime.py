@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -184,5 +185,12 @@ def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> No
         return
     workers = workers or min(len(unique), max(1, (os.cpu_count() or 2) - 1), 16)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(r.precompile) for r in unique]:
-            future.result()
+        futures = [(r, pool.submit(r.precompile)) for r in unique]
+    for region, future in futures:
+        error = future.exception()
+        if error is not None:  # the kernel still compiles at its first launch; only this speed-up is lost
+            warnings.warn(
+                f"precompiling {region.spec.region} ({region.spec.kernel_name}) failed, it will compile at first "
+                f"use: {type(error).__name__}: {error}",
+                stacklevel=2,
+            )
