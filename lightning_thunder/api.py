@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import builtins
+import functools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -55,6 +56,33 @@ def _check_plugins(plugins: Sequence[Plugin] | None) -> list[Plugin]:
     return checked
 
 
+_CALLERS: dict[type, Callable] = {}
+
+
+def module_caller(cls: type) -> Callable:
+    """A function ``call(module, *args, **kwargs) -> module(*args, **kwargs)`` with its own code object
+    for ``cls``: what Dynamo compiles for modules of that class.
+
+    Why not ``torch.compile(module)``: its ``OptimizedModule`` forwards attribute writes to the module,
+    so Lightning's wrapper of ``torch.compile`` stores its kwargs (our backend) on the user's module,
+    where they break pickling. Why not ``module.__call__``: Dynamo skips frames in ``torch.nn`` files,
+    so ``nn.Sequential`` would silently run eagerly. Why one code object per class: Dynamo keeps its
+    compiled graphs and its recompile budget per code object; instances of a class share graphs
+    (every transformer block runs one), other classes neither collide with them nor use up their budget.
+    """
+    caller = _CALLERS.get(cls)
+    if caller is None:
+
+        def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return module(*args, **kwargs)
+
+        name = "call_" + "".join(ch if ch.isalnum() else "_" for ch in cls.__qualname__)
+        call.__code__ = call.__code__.replace(co_name=name)
+        call.__name__ = call.__qualname__ = name
+        caller = _CALLERS[cls] = call
+    return caller
+
+
 def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options: Any) -> T:  # noqa: A001
     """Compile a module or function with lightning_thunder.
 
@@ -91,7 +119,8 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
             if not isinstance(new, nn.Module):
                 raise TypeError(f"{p.name}.transform_module must return an nn.Module, got {type(new).__name__}")
             module = new
-        compiled = torch.compile(module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        caller = torch.compile(module_caller(type(module)), backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        compiled = functools.partial(caller, module)
         state = CompileState(type(module).__qualname__, module)
         return ThunderModule(module, compiled, state, backend)  # type: ignore[return-value]
     if callable(fn_or_module):

@@ -329,3 +329,12 @@ def test_backward_traces_survive_a_later_inference_graph():
     with torch.no_grad():
         cm2(torch.randn(2, 8))
     assert lt.last_backward_traces(cm2) == []
+
+
+def test_modules_defined_in_torch_nn_are_compiled_too():
+    for module in (nn.Sequential(nn.Linear(8, 4), nn.ReLU()), nn.Linear(8, 4), nn.LayerNorm(8)):
+        check_module_parity(module, lambda: [torch.randn(3, 8, requires_grad=True)])
+        cm = lt.compile(module)
+        cm(torch.randn(3, 8))
+        assert lt.compile_stats(cm).graphs == 1, type(module).__name__
+        assert len(lt.last_traces(cm)[0].ops) >= 1

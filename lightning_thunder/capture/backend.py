@@ -85,8 +85,10 @@ class ThunderBackend:
         self.executors: list[Executor] = [ex for p in self.plugins for ex in p.executors()]
         self.executors.append(TorchExecutor())
         self.decompositions: dict[Any, Callable] = {}
+        self.partition_options: dict[str, Any] = {}
         for ex in self.executors:
             self.decompositions.update(ex.decompositions())
+            self.partition_options.update(ex.partition_options())
 
     def __repr__(self) -> str:
         return f"ThunderBackend(plugins={self.plugins!r}, options={self.options!r})"
@@ -112,6 +114,7 @@ class ThunderBackend:
             name="torch",
             provenance="Dynamo capture (torch-level ops, before autograd)",
             input_names=[known.get(id(x)) for x in example_inputs],
+            renames=state.argument_names(),
         )
         record.torch_traces.append(trace)
         changed = False
@@ -167,8 +170,13 @@ class ThunderBackend:
         )
         provenance = _AOT_PROVENANCE.format(self.options.partitioner)
 
+        import torch._functorch.config as functorch_config
+
+        known = {k: v for k, v in self.partition_options.items() if hasattr(functorch_config, k)}
+
         def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
-            fw_gm, bw_gm = partitioner(joint, joint_inputs, **kwargs)
+            with functorch_config.patch(**known):
+                fw_gm, bw_gm = partitioner(joint, joint_inputs, **kwargs)
             fw = trace_from_fx(
                 fw_gm, name="forward", provenance=provenance, pretty_inputs=False, input_names=_user_names(record)
             )

@@ -121,6 +121,27 @@ class CompileState:
             names.setdefault(id(tensor), name if name[0].isalpha() else "_" + name)
         return names
 
+    def argument_names(self) -> dict[str, str]:
+        """Dynamo's names for the call's arguments (``args_0``, ``kwargs_mask``) -> the names of the
+        module's ``forward`` parameters (``x``, ``mask``)."""
+        import inspect
+
+        module = self._module_ref() if self._module_ref is not None else None
+        if module is None:
+            return {}
+        try:
+            params = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError):
+            return {}
+        names = {}
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for i, name in enumerate(positional):
+            names[f"args_{i}"] = name
+        for p in params:
+            if p.kind is not p.VAR_POSITIONAL and p.kind is not p.VAR_KEYWORD:
+                names[f"kwargs_{p.name}"] = p.name
+        return names
+
     def discard(self, record: GraphRecord) -> None:
         """Forget a record whose compilation did not complete (Dynamo will restart or fail)."""
         if record in self.records:

@@ -37,6 +37,12 @@ class Executor:
         """ATen decompositions this executor wants AOTAutograd to apply (op -> decomposition)."""
         return {}
 
+    def partition_options(self) -> dict[str, Any]:
+        """``torch._functorch.config`` settings to apply while the forward/backward are partitioned
+        (e.g. which recomputation heuristics suit this executor's kernels). Applied only for the
+        partition call, then restored; names this torch version lacks are ignored."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

@@ -55,6 +55,12 @@ def _pretty_input_name(name: str) -> str:
     return n
 
 
+def _safe_name(name: str) -> str:
+    if keyword.iskeyword(name) or name in RESERVED_NAMES:
+        return name + "_"
+    return name
+
+
 def _node_val(node: fx.Node) -> Any:
     if "val" in node.meta:
         return node.meta["val"]
@@ -85,6 +91,7 @@ def trace_from_fx(
     fn_name: str = "forward",
     pretty_inputs: bool = True,
     input_names: list[str | None] | None = None,
+    renames: dict[str, str] | None = None,
 ) -> Trace:
     """Build a :class:`Trace` from an FX graph module.
 
@@ -98,6 +105,7 @@ def trace_from_fx(
         input_names: names for the placeholders, in order (used when their number matches; ``None``
             entries keep the default), e.g. to call AOTAutograd's ``primals_1...`` by the names the
             torch-level trace gave them, or parameters by their names in the module.
+        renames: pretty input name -> preferred name (``args_0`` -> ``x``), applied to the rest.
     """
     namer = NameGenerator(RESERVED_NAMES)
     env: dict[fx.Node, Any] = {}
@@ -115,8 +123,11 @@ def trace_from_fx(
         if node.op == "placeholder":
             if given.get(node):
                 pname = namer.reserve(given[node])
+            elif pretty_inputs:
+                pretty = _pretty_input_name(node.name)
+                pname = namer.reserve(_safe_name((renames or {}).get(pretty, pretty)))
             else:
-                pname = namer.reserve(_pretty_input_name(node.name) if pretty_inputs else node.name)
+                pname = namer.reserve(node.name)
             proxy = Proxy(pname, _node_val(node))
             env[node] = proxy
             inputs.append(proxy)

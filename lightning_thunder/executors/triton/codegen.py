@@ -298,25 +298,61 @@ class _Writer:
         self.emit(f"{name} = {total}  # {op.name}")
         return name
 
-    def reduce_looped(self, op: BoundOp) -> str:
-        combine, is_mean = fops.REDUCTIONS[op.target]
-        fill = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[combine]
-        acc = self.new("acc")
-        self.emit(f"{acc} = tl.full([BLOCK_M, BLOCK_N], {fill}, tl.float32)")
+    def reduction_levels(self) -> dict[int, int]:
+        """op id -> pass number for each reduction: 1 + the highest pass of the reductions it reads."""
+        depth: dict[int, int] = {}  # proxy id -> reductions that must finish before it is known
+        levels: dict[int, int] = {}
+        for op in self.region.ops:
+            inputs = [depth.get(id(p), 0) for p in op.input_proxies()]
+            d = max(inputs, default=0)
+            if op.target in fops.REDUCTIONS:
+                d += 1
+                levels[id(op)] = d
+            depth[id(op.outputs[0])] = d
+        self.depth = depth
+        return levels
+
+    def emit_row_values(self, levels: dict[int, int], below: int | None, emitted: set[int]) -> None:
+        """Emit at the top level the row and scalar values whose reductions are done."""
+        self.scope = self.top
+        for op in self.region.ops:
+            out = op.outputs[0]
+            if id(op) in emitted or op.target in fops.VIEWS or op.target in fops.REDUCTIONS:
+                continue
+            if self.kind(out) not in (ROW, SCALAR):
+                continue
+            if below is not None and self.depth[id(out)] >= below:
+                continue
+            emitted.add(id(op))
+            self.value(out)
+        self.scope = {}
+
+    def reduce_pass(self, reductions: list[BoundOp]) -> None:
+        """One chunked pass over the columns accumulating every reduction in ``reductions``."""
+        accs = []
+        for op in reductions:
+            combine, _ = fops.REDUCTIONS[op.target]
+            fill = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[combine]
+            acc = self.new("acc")
+            self.emit(f"{acc} = tl.full([BLOCK_M, BLOCK_N], {fill}, tl.float32)")
+            accs.append((op, acc, combine, fill))
         self.open_loop()
-        x = self.operand(op, op.args[0])
-        masked = f"tl.where(fmask, {x}, {fill})"
-        if combine == "sum":
-            self.emit(f"{acc} += {masked}")
-        else:
-            self.emit(f"{acc} = _{combine}_nan({acc}, {masked})")
+        for op, acc, combine, fill in accs:
+            x = self.operand(op, op.args[0])
+            masked = f"tl.where(fmask, {x}, {fill})"
+            if combine == "sum":
+                self.emit(f"{acc} += {masked}")
+            else:
+                self.emit(f"{acc} = _{combine}_nan({acc}, {masked})")
         self.close_loop()
-        total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
-        if is_mean:
-            total = f"({total} / {float(self.N)!r})"
-        name = self.new("red")
-        self.emit(f"{name} = {total}  # {op.name}")
-        return name
+        for op, acc, combine, _ in accs:
+            _, is_mean = fops.REDUCTIONS[op.target]
+            total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
+            if is_mean:
+                total = f"({total} / {float(self.N)!r})"
+            name = self.new("red")
+            self.emit(f"{name} = {total}  # {op.name}")
+            self.top[id(op.outputs[0])] = name
 
     def open_loop(self) -> None:
         self.emit(f"for c0 in range(0, {self.N}, BLOCK_N):")
@@ -418,15 +454,14 @@ class _Writer:
             for k, p in enumerate(region.outputs):
                 self.store(k, p)
             return
-        # looped: row values at the top level, one chunked pass per reduction, then the outputs
-        for op in region.ops:
-            out = op.outputs[0]
-            if op.target in fops.REDUCTIONS:
-                self.top[id(out)] = self.reduce_looped(op)
-            elif self.kind(out) in (ROW, SCALAR) and op.target not in fops.VIEWS:
-                self.scope = self.top
-                self.value(out)
-                self.scope = {}
+        # looped: reductions grouped by dependency level share one chunked pass each; row values are
+        # computed at the top level between passes; a last pass writes the full-size outputs.
+        levels = self.reduction_levels()
+        emitted: set[int] = set()
+        for level in sorted(set(levels.values())):
+            self.emit_row_values(levels, below=level, emitted=emitted)
+            self.reduce_pass([op for op in region.ops if levels.get(id(op)) == level])
+        self.emit_row_values(levels, below=None, emitted=emitted)
         wide = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in (FULL, COL)]
         narrow = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in (ROW, SCALAR)]
         if wide:

@@ -38,6 +38,12 @@ class FusionExecutor(Executor):
         """Composite ops decomposed into fusible pieces (gelu, silu, softmax, their backwards...)."""
         return fops.decompositions()
 
+    def partition_options(self) -> dict[str, Any]:
+        """Let the min-cut partitioner recompute values it assumes the backward would materialize: with
+        fusion they stay in registers (e.g. the fp32 log-softmax of a loss is recomputed from the bf16
+        logits instead of being saved)."""
+        return {"ban_recompute_materialized_backward": False}
+
     def claim(self, trace: Trace) -> Trace:
         """Replace each fusible region of ``trace`` by one op running its generated kernel."""
         with timed_pass() as timer:

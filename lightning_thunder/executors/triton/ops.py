@@ -315,4 +315,9 @@ def decompositions() -> dict[Any, Callable]:
     """The decomposition table the fusion executor asks AOTAutograd to apply."""
     from torch._decomp import get_decompositions
 
-    return get_decompositions(_DECOMPOSE)
+    from lightning_thunder.executors.triton import decompositions as ours
+
+    table = get_decompositions(_DECOMPOSE)
+    table[aten.nll_loss_forward.default] = ours.nll_loss_forward
+    table[aten.nll_loss_backward.default] = ours.nll_loss_backward
+    return table
