@@ -7,14 +7,18 @@ Public API::
     lightning_thunder.last_backward_traces(cm)   # backward traces
     lightning_thunder.compile_stats(cm)          # compile time, graphs, graph breaks, ...
 
-Write a plugin by subclassing :class:`Plugin`.
+Write a plugin by subclassing :class:`Plugin`. Importing this package registers the Lightning strategies
+``thunder``, ``thunder_ddp`` and ``thunder_fsdp`` (see :mod:`lightning_thunder.strategies`).
 """
 
 from lightning_thunder.api import compile, compile_stats, default_plugins, last_backward_traces, last_traces
 from lightning_thunder.capture import CaptureError, CompileOptions, CompileStats, ThunderModule
 from lightning_thunder.executors import Executor, OpExecutor
 from lightning_thunder.plugins import Plugin
+from lightning_thunder.strategies import register_strategies
 from lightning_thunder.trace import Trace
+
+register_strategies()  # Fabric(strategy="thunder_fsdp") / Trainer(strategy="thunder_fsdp")
 
 __version__ = "0.1.0"
 
@@ -32,4 +36,5 @@ __all__ = [
     "default_plugins",
     "last_backward_traces",
     "last_traces",
+    "register_strategies",
 ]

@@ -1,0 +1,139 @@
+"""Fabric strategies on 2 CPU processes (Gloo), checked against Lightning's own strategies.
+
+Lightning's ``fsdp`` strategy (FSDP1) refuses CPU accelerators, so the FSDP reference here is Lightning's
+``ModelParallelStrategy`` with eager FSDP2 (``fully_shard`` per block and root), plus ``ddp``: in fp32 all of
+them compute the same training run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.strategies.helpers import lm_loss, spawn, tiny_gpt, token_batches
+
+pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+
+STEPS = 10
+LR = 1e-2
+# fp32; the compiled and eager programs differ by reassociation only (~1e-6 per step).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _eager_fsdp2(module: torch.nn.Module, device_mesh) -> torch.nn.Module:
+    """Lightning's ModelParallelStrategy with plain eager FSDP2: the reference for thunder_fsdp."""
+    from litgpt.model import Block
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"]
+    for m in module.modules():
+        if isinstance(m, Block):
+            fully_shard(m, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _strategy(name: str):
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    if name == "lightning_fsdp2":
+        return ModelParallelStrategy(parallelize_fn=_eager_fsdp2, data_parallel_size=2, tensor_parallel_size=1)
+    return name
+
+
+def _to_float(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def _train(rank: int, strategy: str, *, clip: float | None = None, accumulate: int = 1) -> dict:
+    """10 optimizer steps with AdamW on the tiny LitGPT model; returns the mean loss of each step and the
+    gradient norms that clipping saw."""
+    import lightning_thunder as lt
+    from lightning.fabric import Fabric
+
+    torch._dynamo.reset()
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=_strategy(strategy), precision="32-true")
+    fabric.launch()
+    model = tiny_gpt(seed=0)
+    if strategy == "lightning_fsdp2":  # Lightning's own FSDP2 needs the optimizer after sharding
+        model = fabric.setup_module(model)
+        opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=LR))
+    else:  # ours (and DDP) take the optimizer built first, as Fabric users write it
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        model, opt = fabric.setup(model, opt)
+    losses, norms, synced_while_accumulating = [], [], []
+    for x, y in token_batches(STEPS, batch=2 * accumulate):
+        x, y = x[rank::2], y[rank::2]
+        total = torch.zeros(())
+        for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
+            with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
+                loss = lm_loss(model(xm), ym) / accumulate
+                fabric.backward(loss)
+            if i < accumulate - 1:  # FSDP only writes the (reduced) sharded .grad when it synchronizes
+                synced_while_accumulating.append(any(p.grad is not None for p in model.parameters()))
+            total += loss.detach()
+        if clip is not None:
+            norms.append(_to_float(fabric.clip_gradients(model, opt, max_norm=clip)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(fabric.all_reduce(total, reduce_op="mean")))
+    out = {"losses": losses, "norms": norms, "synced_while_accumulating": synced_while_accumulating}
+    if strategy.startswith("thunder"):
+        stats = lt.compile_stats(model)
+        out["graphs"], out["graph_breaks"] = stats.graphs, stats.graph_breaks
+    if strategy == "thunder_fsdp":
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        blocks = list(model.transformer.h)
+        out["blocks_compiled_and_sharded"] = all(isinstance(b, (lt.ThunderModule, FSDPModule)) for b in blocks)
+        out["root_sharded"] = isinstance(model._forward_module, FSDPModule)
+        out["optimizer_on_model_params"] = {id(p) for g in opt.param_groups for p in g["params"]} == {
+            id(p) for p in model.parameters()
+        }
+        out["all_dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
+    return out
+
+
+def _train_all(rank: int, runs: list[tuple[str, dict]]) -> dict:
+    return {f"{name}{sorted(kw.items())}": _train(rank, name, **kw) for name, kw in runs}
+
+
+def _assert_losses_match(actual: list[float], expected: list[float], what: str) -> None:
+    assert len(actual) == len(expected) == STEPS
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=RTOL, atol=ATOL, msg=what)
+
+
+@pytest.mark.slow
+def test_fabric_thunder_fsdp_and_ddp_match_lightning_strategies():
+    plain = {}
+    runs = [("thunder_fsdp", plain), ("lightning_fsdp2", plain), ("thunder_ddp", plain), ("ddp", plain)]
+    res = spawn(_train_all, runs)[0]
+    ref = res["ddp[]"]["losses"]
+    assert ref[-1] < ref[0] - 0.5, f"the reference run does not learn: {ref}"
+    _assert_losses_match(res["lightning_fsdp2[]"]["losses"], ref, "Lightning FSDP2 vs Lightning DDP")
+    _assert_losses_match(res["thunder_fsdp[]"]["losses"], res["lightning_fsdp2[]"]["losses"], "thunder_fsdp vs FSDP2")
+    _assert_losses_match(res["thunder_ddp[]"]["losses"], ref, "thunder_ddp vs ddp")
+    fsdp = res["thunder_fsdp[]"]
+    assert fsdp["blocks_compiled_and_sharded"] and fsdp["root_sharded"] and fsdp["all_dtensor"]
+    assert fsdp["optimizer_on_model_params"], "the optimizer built before setup must step the sharded parameters"
+    # Regional compilation: both blocks run one shared graph, without graph breaks.
+    assert fsdp["graphs"] == 1 and fsdp["graph_breaks"] == [], fsdp
+    assert res["thunder_ddp[]"]["graphs"] == 1 and res["thunder_ddp[]"]["graph_breaks"] == []
+
+
+@pytest.mark.slow
+def test_fabric_clipping_and_accumulation_match_ddp():
+    kw = {"clip": 0.3, "accumulate": 2}
+    runs = [("thunder_fsdp", kw), ("thunder_ddp", kw), ("ddp", kw)]
+    res = spawn(_train_all, runs)
+    key = lambda name: f"{name}{sorted(kw.items())}"  # noqa: E731
+    ref = res[0][key("ddp")]
+    assert all(n > 0.3 for n in ref["norms"]), f"clipping must be active in this test: {ref['norms']}"
+    for name in ("thunder_fsdp", "thunder_ddp"):
+        got = res[0][key(name)]
+        _assert_losses_match(got["losses"], ref["losses"], f"{name} losses with clipping + accumulation")
+        _assert_losses_match(got["norms"], ref["norms"], f"{name} gradient norms before clipping")
+    assert not any(res[0][key("thunder_fsdp")]["synced_while_accumulating"]), "no_backward_sync did not block FSDP"
+    # Every rank clips by the same (global) norm.
+    assert res[0][key("thunder_fsdp")]["norms"] == res[1][key("thunder_fsdp")]["norms"]
