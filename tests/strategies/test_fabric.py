@@ -137,3 +137,82 @@ def test_fabric_clipping_and_accumulation_match_ddp():
     assert not any(res[0][key("thunder_fsdp")]["synced_while_accumulating"]), "no_backward_sync did not block FSDP"
     # Every rank clips by the same (global) norm.
     assert res[0][key("thunder_fsdp")]["norms"] == res[1][key("thunder_fsdp")]["norms"]
+
+
+CHECKPOINT_RUNS = {
+    # name: (strategy, file or directory on disk)
+    "fsdp_sharded": ("thunder_fsdp", "dir"),
+    "fsdp_full": ("thunder_fsdp_full", "file"),
+    "ddp_full": ("thunder_ddp", "file"),
+}
+
+
+def _checkpoint_strategy(name: str):
+    from lightning_thunder.strategies import ThunderFSDPStrategy
+
+    return ThunderFSDPStrategy(save_distributed_checkpoint=False) if name == "thunder_fsdp_full" else name
+
+
+def _setup(rank: int, strategy: str, seed: int):
+    from lightning.fabric import Fabric
+
+    torch._dynamo.reset()
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=_checkpoint_strategy(strategy))
+    fabric.launch()
+    model = tiny_gpt(seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    model, opt = fabric.setup(model, opt)
+    return fabric, model, opt
+
+
+def _step(fabric, model, opt, batch, rank: int) -> float:
+    x, y = batch[0][rank::2], batch[1][rank::2]
+    loss = lm_loss(model(x), y)
+    fabric.backward(loss)
+    opt.step()
+    opt.zero_grad()
+    return float(fabric.all_reduce(loss.detach(), reduce_op="mean"))
+
+
+def _train_and_save(rank: int, root: str) -> dict:
+    from pathlib import Path
+
+    batches = token_batches(5)
+    out = {}
+    for name, (strategy, _) in CHECKPOINT_RUNS.items():
+        fabric, model, opt = _setup(rank, strategy, seed=0)
+        for i in range(3):
+            _step(fabric, model, opt, batches[i], rank)
+            if i >= 1:  # the second save replaces the first one
+                fabric.save(Path(root) / name, {"model": model, "optimizer": opt, "step": i + 1})
+        # Step 4's loss checks the weights; step 5's also the optimizer state step 4 used.
+        out[name] = [_step(fabric, model, opt, b, rank) for b in batches[3:]]
+    return out
+
+
+def _load_and_step(rank: int, root: str) -> dict:
+    from pathlib import Path
+
+    batches = token_batches(5)
+    out = {}
+    for name, (strategy, _) in CHECKPOINT_RUNS.items():
+        fabric, model, opt = _setup(rank, strategy, seed=123)  # different weights: the checkpoint must restore them
+        state = {"model": model, "optimizer": opt, "step": 0}
+        fabric.load(Path(root) / name, state)
+        out[name] = (state["step"], [_step(fabric, model, opt, b, rank) for b in batches[3:]])
+    return out
+
+
+@pytest.mark.slow
+def test_fabric_save_then_load_in_fresh_processes_gives_the_same_next_steps(tmp_path):
+    expected = spawn(_train_and_save, str(tmp_path))[0]
+    for name, (_, kind) in CHECKPOINT_RUNS.items():
+        path = tmp_path / name
+        assert path.is_dir() if kind == "dir" else path.is_file(), f"{name}: expected a {kind} at {path}"
+        assert not (tmp_path / f".{name}.partial").exists() and not (tmp_path / f".{name}.old").exists()
+    assert (tmp_path / "fsdp_sharded" / "meta.pt").is_file()
+    got = spawn(_load_and_step, str(tmp_path))[0]
+    for name in CHECKPOINT_RUNS:
+        step, losses = got[name]
+        assert step == 3, f"{name}: metadata not restored ({step})"
+        assert losses == expected[name], f"{name}: losses of the 2 steps after loading {losses} != {expected[name]}"
