@@ -98,3 +98,47 @@ def test_fabric_fsdp_empty_init_and_optimizer_order():
     for case in ("stepped_optimizer", "foreign_parameter", "stale_optimizer"):
         assert out[case] == "ok", f"{case}: {out[case]}"
     assert out["fresh_optimizer"]
+
+
+def _bf16_mixed(rank: int) -> dict:
+    import lightning_thunder as lt
+    from lightning.fabric import Fabric
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for precision in ("32-true", "bf16-mixed"):
+        torch._dynamo.reset()
+        fabric = Fabric(accelerator="cpu", devices=2, strategy="thunder_fsdp", precision=precision)
+        fabric.launch()
+        model = tiny_gpt()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, opt = fabric.setup(model, opt)
+        losses = []
+        for x, y in token_batches(3):
+            loss = lm_loss(model(x[rank::2]), y[rank::2])
+            fabric.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(fabric.all_reduce(loss.detach().float(), reduce_op="mean")))
+        policy = fully_shard.state(model.transformer.h[0])._mp_policy
+        block_trace = lt.last_traces(model.transformer.h[0])[0]
+        out[precision] = {
+            "losses": losses,
+            "param_dtype": str(policy.param_dtype),
+            "reduce_dtype": str(policy.reduce_dtype),
+            "weight_dtypes": sorted({str(p.dtype) for p in block_trace.inputs if "weight" in p.name}),
+            "master_dtype": str(model.transformer.h[0].attn.qkv.weight.dtype),
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_fabric_fsdp_precision_sets_the_fsdp_mixed_precision_policy():
+    out = spawn(_bf16_mixed)[0]
+    fp32, bf16 = out["32-true"], out["bf16-mixed"]
+    assert fp32["param_dtype"] == "None" and fp32["weight_dtypes"] == ["torch.float32"], fp32
+    # bf16-mixed: the gathered weights the compiled block computes with are bf16, gradients reduce in fp32, and the
+    # sharded master weights stay fp32.
+    assert bf16["param_dtype"] == "torch.bfloat16" and bf16["reduce_dtype"] == "torch.float32", bf16
+    assert bf16["weight_dtypes"] == ["torch.bfloat16"] and bf16["master_dtype"] == "torch.float32", bf16
+    torch.testing.assert_close(torch.tensor(bf16["losses"]), torch.tensor(fp32["losses"]), rtol=2e-2, atol=2e-2)
