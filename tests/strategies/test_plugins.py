@@ -84,7 +84,8 @@ def test_find_block_class_and_blocks():
     model = tiny_gpt()
     assert find_block_class(model) is Block
     blocks = find_blocks(model, Block)
-    assert [name for _, name, _ in blocks] == ["0", "1"] and all(parent is model.transformer.h for parent, _, _ in blocks)
+    assert [name for _, name, _ in blocks] == ["0", "1"]
+    assert all(parent is model.transformer.h for parent, _, _ in blocks)
     compiled = compile_blocks(model)
     assert all(isinstance(b, lt.ThunderModule) for b in model.transformer.h) and compiled == list(model.transformer.h)
     assert find_block_class(model) is Block, "compiled blocks are still found by the class they compiled"

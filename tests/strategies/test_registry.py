@@ -44,7 +44,8 @@ def test_registration_never_replaces_a_name_taken_by_someone_else():
     saved = STRATEGY_REGISTRY.pop("thunder_ddp")
     try:
         STRATEGY_REGISTRY.register("thunder_ddp", DDPStrategy, description="another project's strategy")
-        with pytest.warns(UserWarning, match=r"did not register the fabric strategy name 'thunder_ddp'.*ThunderDDPStrategy"):
+        match = r"did not register the fabric strategy name 'thunder_ddp'.*ThunderDDPStrategy"
+        with pytest.warns(UserWarning, match=match):
             added = lightning_thunder.register_strategies()
         assert STRATEGY_REGISTRY["thunder_ddp"]["strategy"] is DDPStrategy and added == []
     finally:
