@@ -27,6 +27,7 @@ __all__ = [
     "compile_submodules",
     "gradient_sync_disabled",
     "check_single_device",
+    "check_unsharded",
 ]
 
 _PARALLEL_PLUGINS = (FSDP, DDP)
@@ -136,4 +137,24 @@ def check_single_device(strategy: str, devices: Sequence[Any] | None, num_nodes:
         raise ValueError(
             f"strategy={strategy!r} runs on one device, but num_nodes={num_nodes}; use strategy='thunder_ddp' or "
             "'thunder_fsdp' across nodes, or set num_nodes=1"
+        )
+
+
+def check_unsharded(module: nn.Module, strategy: str) -> None:
+    """Raise if ``module`` is already sharded, wrapped in DDP, or compiled as a whole: the strategy does that."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, m in module.named_modules():
+        where = f"`{name}`" if name else "the model"
+        if isinstance(m, (FSDPModule, FullyShardedDataParallel, DistributedDataParallel)):
+            raise ValueError(
+                f"{where} ({type(m).__name__}) is already wrapped or sharded, but strategy={strategy!r} shards the "
+                "model itself; pass the plain model (remove fully_shard/FSDP/DDP, e.g. from configure_model), or "
+                "use Lightning's ModelParallelStrategy to parallelize it yourself"
+            )
+    if isinstance(module, ThunderModule):
+        raise ValueError(
+            f"the model is already compiled with lightning_thunder.compile, but strategy={strategy!r} compiles it per "
+            "transformer block itself; pass the model before compiling (`cm.original_module`)"
         )

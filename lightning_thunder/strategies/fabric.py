@@ -34,6 +34,7 @@ from lightning_thunder.strategies.common import (
     check_compile_options,
     check_plugins,
     check_single_device,
+    check_unsharded,
     fsdp_mixed_precision,
 )
 from lightning_thunder.strategies.optimizers import (
@@ -207,6 +208,7 @@ class ThunderFSDPStrategy(ModelParallelStrategy):
         # compile_blocks gives every block the same plugin instances -> one backend, one graph for all blocks;
         # the FSDP plugin then wraps the original modules' forward in checkpointing (before the first call, so the
         # compiled graph contains it) and shards each block, then the root.
+        check_unsharded(module, "thunder_fsdp")
         fsdp = self.fsdp
         fsdp.mesh = device_mesh["data_parallel"]
         fsdp.mp_policy = fsdp_mixed_precision(self.precision.precision)

@@ -38,6 +38,7 @@ from lightning_thunder.strategies.common import (
     check_compile_options,
     check_plugins,
     check_single_device,
+    check_unsharded,
     compile_submodules,
     fsdp_mixed_precision,
     gradient_sync_disabled,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["ThunderTrainerStrategy", "ThunderDDPTrainerStrategy", "ThunderFSDPTrainerStrategy"]
 
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+_PARALLELIZED = "_lt_thunder_fsdp_applied"  # set on a LightningModule this strategy has sharded
 
 
 class ThunderTrainerStrategy(SingleDeviceStrategy):
@@ -206,17 +208,17 @@ class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         # Lightning's ModelParallelStrategy.setup, minus its requirement that `configure_model` parallelizes the
-        # model itself (here the strategy does it), plus the parallelization.
-        from torch.distributed.fsdp import FSDPModule
-
+        # model itself (here the strategy does it), plus the parallelization (once: `validate` after `fit` reuses it).
         assert self.model is not None
         assert self.accelerator is not None
         assert self.lightning_module is not None
         self.accelerator.setup(trainer)
-        if not any(isinstance(m, FSDPModule) for m in self.lightning_module.modules()):
+        if not getattr(self.lightning_module, _PARALLELIZED, False):
+            check_unsharded(self.lightning_module, "thunder_fsdp")
             # Lower-precision ("*-true") weights are converted before sharding, so the shards are in that dtype.
             self.model = self.precision_plugin.convert_module(self.model)
             self._parallelize(self.lightning_module)
+            setattr(self.lightning_module, _PARALLELIZED, True)
         _materialize_distributed_module(self.model, self.root_device)
         self.model_to_device()
         self.barrier()

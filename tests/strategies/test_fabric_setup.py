@@ -85,6 +85,17 @@ def _empty_init_and_optimizer_order(rank: int) -> dict:
     out["stale_optimizer"] = _raises(lambda: fabric.setup_optimizers(stale), ValueError, "is not sharded")
     good = torch.optim.AdamW(model.parameters())
     out["fresh_optimizer"] = fabric.setup_optimizers(good).optimizer is good
+
+    # 5. The strategy shards and compiles: a model that is already sharded or compiled is refused.
+    from torch.distributed.fsdp import fully_shard
+
+    import lightning_thunder as lt
+
+    fabric = _fabric()
+    model = tiny_gpt()
+    fully_shard(model.transformer.h[0])
+    out["pre_sharded"] = _raises(lambda: fabric.setup(model), ValueError, "`transformer.h.0` (FSDPBlock) is already")
+    out["pre_compiled"] = _raises(lambda: fabric.setup(lt.compile(tiny_gpt())), ValueError, "`cm.original_module`")
     return out
 
 
@@ -95,7 +106,7 @@ def test_fabric_fsdp_empty_init_and_optimizer_order():
     assert out["optimizer_on_model_params"], "the optimizer built on meta parameters must step the materialized ones"
     assert out["rope_cache_recomputed"] and out["norms_reset_to_one"] and out["linear_initialized"], out
     assert out["losses"][-1] < out["losses"][0], out["losses"]
-    for case in ("stepped_optimizer", "foreign_parameter", "stale_optimizer"):
+    for case in ("stepped_optimizer", "foreign_parameter", "stale_optimizer", "pre_sharded", "pre_compiled"):
         assert out[case] == "ok", f"{case}: {out[case]}"
     assert out["fresh_optimizer"]
 

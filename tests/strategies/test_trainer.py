@@ -47,6 +47,10 @@ def _lightning_module(eager_fsdp2: bool = False):
             x, y = batch
             return lm_loss(self.model(x), y)
 
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", lm_loss(self.model(x), y), sync_dist=True)
+
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=LR)
 
@@ -164,11 +168,20 @@ def _fit_and_checkpoint(rank: int, root: str) -> dict:
     for fmt, kwargs in RESUME_RUNS.items():
         recorder = _loss_recorder()
         trainer = _trainer(_strategy("thunder_fsdp", **kwargs), [recorder], max_epochs=2)
-        trainer.fit(_lightning_module(), _loader(STEPS_PER_EPOCH))
+        module = _lightning_module()
+        trainer.fit(module, _loader(STEPS_PER_EPOCH), _loader(1))
+        fit_val_loss = float(trainer.callback_metrics["val_loss"])
+        # validate() after fit sets the strategy up again: the model is already sharded and compiled.
+        validated = trainer.validate(module, _loader(1), verbose=False)[0]["val_loss"]
         checkpoint = ModelCheckpoint(dirpath=Path(root) / fmt, filename="epoch{epoch}", save_top_k=-1)
         trainer = _trainer(_strategy("thunder_fsdp", **kwargs), [checkpoint], max_epochs=1, enable_checkpointing=True)
         trainer.fit(_lightning_module(), _loader(STEPS_PER_EPOCH))
-        out[fmt] = {"losses": recorder.losses, "checkpoint": checkpoint.best_model_path}
+        out[fmt] = {
+            "losses": recorder.losses,
+            "checkpoint": checkpoint.best_model_path,
+            "fit_val_loss": fit_val_loss,
+            "validated": validated,
+        }
     return out
 
 
@@ -197,3 +210,4 @@ def test_trainer_fsdp_checkpoint_callback_and_resume_in_fresh_processes(tmp_path
         assert len(uninterrupted) == 2 * STEPS_PER_EPOCH
         assert resumed[fmt]["global_step"] == 2 * STEPS_PER_EPOCH
         assert resumed[fmt]["losses"] == uninterrupted[STEPS_PER_EPOCH:], f"{fmt}: resumed run diverges"
+        assert first[fmt]["validated"] == pytest.approx(first[fmt]["fit_val_loss"], rel=1e-6), first[fmt]
