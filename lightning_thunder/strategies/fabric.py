@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.fabric.utilities.types import _DEVICE, _PATH
@@ -66,9 +68,9 @@ class ThunderStrategy(SingleDeviceStrategy):
         plugins: Sequence[Plugin] | None = None,
         compile_options: Mapping[str, Any] | None = None,
         device: _DEVICE | None = None,
-        accelerator: Any | None = None,
-        checkpoint_io: Any | None = None,
-        precision: Any | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
     ) -> None:
         super().__init__(
             device="cpu" if device is None else device,
@@ -101,6 +103,7 @@ class ThunderStrategy(SingleDeviceStrategy):
 
     @override
     def setup_environment(self) -> None:
+        """Check that one device on one node was requested."""
         check_single_device("thunder", self._parallel_devices, self._num_nodes)
         super().setup_environment()
 
@@ -193,6 +196,7 @@ class ThunderFSDPStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        """Check the options against the devices, then initialize the process group and a (world size x 1) mesh."""
         if self.fsdp.cpu_offload and self.root_device.type == "cpu":
             raise ValueError(
                 "ThunderFSDPStrategy(cpu_offload=True) needs CUDA devices: on accelerator='cpu' the parameters "

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _DEVICE, _PATH
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -68,9 +71,9 @@ class ThunderTrainerStrategy(SingleDeviceStrategy):
         plugins: Sequence[Plugin] | None = None,
         compile_options: Mapping[str, Any] | None = None,
         device: _DEVICE | None = None,
-        accelerator: Any | None = None,
-        checkpoint_io: Any | None = None,
-        precision_plugin: Any | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
     ) -> None:
         super().__init__(
             device="cpu" if device is None else device,
@@ -108,6 +111,7 @@ class ThunderTrainerStrategy(SingleDeviceStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        """Compile the LightningModule's submodules that hold parameters, then set up as ``SingleDeviceStrategy``."""
         assert self.lightning_module is not None
         compile_submodules(self.lightning_module, self.plugins, self.compile_options, "thunder")
         super().setup(trainer)
@@ -134,6 +138,8 @@ class ThunderDDPTrainerStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        """Compile the LightningModule's submodules that hold parameters, then set up as ``DDPStrategy`` (which wraps
+        the LightningModule in DDP when fitting)."""
         assert self.lightning_module is not None
         compile_submodules(self.lightning_module, self.plugins, self.compile_options, "thunder_ddp")
         super().setup(trainer)
@@ -177,6 +183,7 @@ class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        """Check the options against the devices, then initialize the process group and a (world size x 1) mesh."""
         if self.fsdp.cpu_offload and self.root_device.type == "cpu":
             raise ValueError(
                 "ThunderFSDPTrainerStrategy(cpu_offload=True) needs CUDA devices: on accelerator='cpu' the "
@@ -207,6 +214,8 @@ class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
+        """Compile and shard the LightningModule (first setup only), materialize meta-device parameters, set up
+        the optimizers."""
         # Lightning's ModelParallelStrategy.setup, minus its requirement that `configure_model` parallelizes the
         # model itself (here the strategy does it), plus the parallelization (once: `validate` after `fit` reuses it).
         assert self.model is not None

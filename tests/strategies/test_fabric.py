@@ -34,10 +34,14 @@ def _eager_fsdp2(module: torch.nn.Module, device_mesh) -> torch.nn.Module:
 
 
 def _strategy(name: str):
-    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
 
     if name == "lightning_fsdp2":
         return ModelParallelStrategy(parallelize_fn=_eager_fsdp2, data_parallel_size=2, tensor_parallel_size=1)
+    if name == "fsdp":  # Lightning's FSDP1 strategy, one unit per block (GPU only)
+        from litgpt.model import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block})
     return name
 
 
@@ -45,14 +49,16 @@ def _to_float(t: torch.Tensor) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
-def _train(rank: int, strategy: str, *, clip: float | None = None, accumulate: int = 1) -> dict:
+def _train(
+    rank: int, strategy: str, *, clip: float | None = None, accumulate: int = 1, accelerator: str = "cpu"
+) -> dict:
     """10 optimizer steps with AdamW on the tiny LitGPT model; returns the mean loss of each step and the
     gradient norms that clipping saw."""
     import lightning_thunder as lt
     from lightning.fabric import Fabric
 
     torch._dynamo.reset()
-    fabric = Fabric(accelerator="cpu", devices=2, strategy=_strategy(strategy), precision="32-true")
+    fabric = Fabric(accelerator=accelerator, devices=2, strategy=_strategy(strategy), precision="32-true")
     fabric.launch()
     model = tiny_gpt(seed=0)
     if strategy == "lightning_fsdp2":  # Lightning's own FSDP2 needs the optimizer after sharding
@@ -63,8 +69,8 @@ def _train(rank: int, strategy: str, *, clip: float | None = None, accumulate: i
         model, opt = fabric.setup(model, opt)
     losses, norms, synced_while_accumulating = [], [], []
     for x, y in token_batches(STEPS, batch=2 * accumulate):
-        x, y = x[rank::2], y[rank::2]
-        total = torch.zeros(())
+        x, y = x[rank::2].to(fabric.device), y[rank::2].to(fabric.device)
+        total = torch.zeros((), device=fabric.device)
         for i, (xm, ym) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate))):
             with fabric.no_backward_sync(model, enabled=i < accumulate - 1):
                 loss = lm_loss(model(xm), ym) / accumulate
