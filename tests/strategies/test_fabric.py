@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_thunder.plugins import Plugin
 from tests.strategies.helpers import lm_loss, spawn, tiny_gpt, token_batches
 
 pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
@@ -33,8 +34,24 @@ def _eager_fsdp2(module: torch.nn.Module, device_mesh) -> torch.nn.Module:
     return module
 
 
+class CountTraces(Plugin):
+    """A compiler plugin that counts the torch-level traces it sees (to check the strategy passes it on)."""
+
+    def __init__(self) -> None:
+        self.traces = 0
+
+    def transform_torch_trace(self, trace):
+        self.traces += 1
+        return trace
+
+
 def _strategy(name: str):
     from lightning.fabric.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_thunder.strategies import ThunderFSDPStrategy
+
+    if name == "thunder_fsdp_options":
+        return ThunderFSDPStrategy(plugins=[CountTraces()], activation_checkpointing=True, reshard_after_forward=False)
 
     if name == "lightning_fsdp2":
         return ModelParallelStrategy(parallelize_fn=_eager_fsdp2, data_parallel_size=2, tensor_parallel_size=1)
@@ -58,7 +75,8 @@ def _train(
     from lightning.fabric import Fabric
 
     torch._dynamo.reset()
-    fabric = Fabric(accelerator=accelerator, devices=2, strategy=_strategy(strategy), precision="32-true")
+    strategy_obj = _strategy(strategy)
+    fabric = Fabric(accelerator=accelerator, devices=2, strategy=strategy_obj, precision="32-true")
     fabric.launch()
     model = tiny_gpt(seed=0)
     if strategy == "lightning_fsdp2":  # Lightning's own FSDP2 needs the optimizer after sharding
@@ -87,6 +105,11 @@ def _train(
     if strategy.startswith("thunder"):
         stats = lt.compile_stats(model)
         out["graphs"], out["graph_breaks"] = stats.graphs, stats.graph_breaks
+    if strategy == "thunder_fsdp_options":
+        block_ops = [op.name for op in lt.last_traces(model.transformer.h[0])[0].ops]
+        out["checkpoint_in_block_graph"] = any("checkpoint" in op for op in block_ops)
+        out["plugin_traces"] = strategy_obj.plugins[0].traces
+        out["reshard_after_forward"] = strategy_obj.fsdp.reshard_after_forward
     if strategy == "thunder_fsdp":
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
@@ -113,13 +136,22 @@ def _assert_losses_match(actual: list[float], expected: list[float], what: str) 
 @pytest.mark.slow
 def test_fabric_thunder_fsdp_and_ddp_match_lightning_strategies():
     plain = {}
-    runs = [("thunder_fsdp", plain), ("lightning_fsdp2", plain), ("thunder_ddp", plain), ("ddp", plain)]
+    runs = [
+        ("thunder_fsdp", plain), ("lightning_fsdp2", plain), ("thunder_ddp", plain), ("ddp", plain),
+        ("thunder_fsdp_options", plain),
+    ]
     res = spawn(_train_all, runs)[0]
     ref = res["ddp[]"]["losses"]
     assert ref[-1] < ref[0] - 0.5, f"the reference run does not learn: {ref}"
     _assert_losses_match(res["lightning_fsdp2[]"]["losses"], ref, "Lightning FSDP2 vs Lightning DDP")
     _assert_losses_match(res["thunder_fsdp[]"]["losses"], res["lightning_fsdp2[]"]["losses"], "thunder_fsdp vs FSDP2")
     _assert_losses_match(res["thunder_ddp[]"]["losses"], ref, "thunder_ddp vs ddp")
+    # Options reach the compiler (plugins), FSDP2 (reshard_after_forward) and the blocks (checkpointing inside the
+    # compiled graph), and change nothing numerically.
+    options = res["thunder_fsdp_options[]"]
+    _assert_losses_match(options["losses"], ref, "thunder_fsdp with plugins, checkpointing, no resharding vs ddp")
+    assert options["plugin_traces"] == 1 and options["checkpoint_in_block_graph"], options
+    assert options["reshard_after_forward"] is False
     fsdp = res["thunder_fsdp[]"]
     assert fsdp["blocks_compiled_and_sharded"] and fsdp["root_sharded"] and fsdp["all_dtensor"]
     assert fsdp["optimizer_on_model_params"], "the optimizer built before setup must step the sharded parameters"
