@@ -186,7 +186,7 @@ class ThunderFSDPStrategy(ModelParallelStrategy):
         )
         self.plugins = check_plugins(plugins, "thunder_fsdp")
         self.compile_options = check_compile_options(compile_options)
-        # Validates the FSDP options now; the mesh and precision policy are filled in at setup.
+        # The FSDP options, validated now; the mesh and precision policy are known at setup.
         self.fsdp = FSDP(
             block_cls=block_cls,
             reshard_after_forward=reshard_after_forward,
@@ -213,11 +213,16 @@ class ThunderFSDPStrategy(ModelParallelStrategy):
         # the FSDP plugin then wraps the original modules' forward in checkpointing (before the first call, so the
         # compiled graph contains it) and shards each block, then the root.
         check_unsharded(module, "thunder_fsdp")
-        fsdp = self.fsdp
-        fsdp.mesh = device_mesh["data_parallel"]
-        fsdp.mp_policy = fsdp_mixed_precision(self.precision.precision)
-        block_cls = fsdp.block_cls if fsdp.block_cls is not None else find_block_class(module)
-        fsdp.block_cls = block_cls
+        options = self.fsdp  # the validated options; this model gets its own plugin instance
+        block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
+        fsdp = FSDP(
+            mesh=device_mesh["data_parallel"],
+            block_cls=block_cls,
+            mp_policy=fsdp_mixed_precision(self.precision.precision),
+            reshard_after_forward=options.reshard_after_forward,
+            cpu_offload=options.cpu_offload,
+            activation_checkpointing=options.activation_checkpointing,
+        )
         compile_blocks(module, self.plugins, block_cls=block_cls, **self.compile_options)
         return fsdp.transform_module(module)
 

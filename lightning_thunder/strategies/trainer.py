@@ -197,11 +197,16 @@ class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
     def _parallelize(self, module: pl.LightningModule) -> None:
         # Same order as the Fabric strategy: compile every block (one shared graph), then the FSDP plugin puts
         # activation checkpointing inside the compiled blocks and shards them and the root.
-        fsdp = self.fsdp
-        fsdp.mesh = self.device_mesh["data_parallel"]
-        fsdp.mp_policy = fsdp_mixed_precision(self.precision_plugin.precision)
-        block_cls = fsdp.block_cls if fsdp.block_cls is not None else find_block_class(module)
-        fsdp.block_cls = block_cls
+        options = self.fsdp  # the validated options; this model gets its own plugin instance
+        block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
+        fsdp = FSDP(
+            mesh=self.device_mesh["data_parallel"],
+            block_cls=block_cls,
+            mp_policy=fsdp_mixed_precision(self.precision_plugin.precision),
+            reshard_after_forward=options.reshard_after_forward,
+            cpu_offload=options.cpu_offload,
+            activation_checkpointing=options.activation_checkpointing,
+        )
         compile_blocks(module, self.plugins, block_cls=block_cls, **self.compile_options)
         fsdp.transform_module(module)
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
