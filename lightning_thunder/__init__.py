@@ -8,7 +8,8 @@ Public API::
     lightning_thunder.compile_stats(cm)          # compile time, graphs, graph breaks, ...
     lightning_thunder.kernel_sources(cm)         # generated Triton kernels of the fused regions
 
-Write a plugin by subclassing :class:`Plugin`.
+Write a plugin by subclassing :class:`Plugin`. Importing this package registers the Lightning strategies
+``thunder``, ``thunder_ddp`` and ``thunder_fsdp`` (see :mod:`lightning_thunder.strategies`).
 """
 
 from lightning_thunder.api import (
@@ -22,7 +23,10 @@ from lightning_thunder.api import (
 from lightning_thunder.capture import CaptureError, CompileOptions, CompileStats, ThunderModule
 from lightning_thunder.executors import Executor, OpExecutor
 from lightning_thunder.plugins import Plugin
+from lightning_thunder.strategies import register_strategies
 from lightning_thunder.trace import Trace
+
+register_strategies()  # Fabric(strategy="thunder_fsdp") / Trainer(strategy="thunder_fsdp")
 
 __version__ = "0.1.0"
 
@@ -41,4 +45,5 @@ __all__ = [
     "kernel_sources",
     "last_backward_traces",
     "last_traces",
+    "register_strategies",
 ]

@@ -35,6 +35,10 @@ _SHARED = (
 _OWN = ("_lt_module", "_lt_compiled", "_lt_state", "_lt_backend", "forward")
 
 
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
 def _graph_break_log() -> list:
     try:
         return torch._dynamo.utils.graph_break_reasons
@@ -119,7 +123,8 @@ class ThunderModule(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         own = self.__dict__
-        if "_lt_module" not in own or name in _OWN or name in _SHARED:
+        if "_lt_module" not in own or name in _OWN or name in _SHARED or _is_dunder(name):
+            # Dunders (``__class__``, which FSDP2's fully_shard reassigns) belong to this object.
             super().__setattr__(name, value)
         elif name == "training":
             own["training"] = value

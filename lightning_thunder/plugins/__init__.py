@@ -1,6 +1,18 @@
-"""Compiler plugins."""
+"""Compiler plugins: fusion, parallelism (FSDP, DDP) and helpers for block-wise (regional) compilation."""
 
 from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.plugins.blocks import checkpoint_block, compile_blocks, find_block_class, find_blocks
+from lightning_thunder.plugins.ddp import DDP
+from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.plugins.fusion import Fusion
 
-__all__ = ["Fusion", "Plugin"]
+__all__ = [
+    "DDP",
+    "FSDP",
+    "Fusion",
+    "Plugin",
+    "checkpoint_block",
+    "compile_blocks",
+    "find_block_class",
+    "find_blocks",
+]

@@ -1,0 +1,154 @@
+"""FSDP: fully sharded data parallelism on PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Each transformer block is one FSDP unit (its parameters are all-gathered just before it runs and
+freed after), and the root module is the unit for what is left (embeddings, final norm, head).
+Parameters become sharded ``DTensor``s; gradients are reduce-scattered in the backward.
+
+Composition with the compiler (the torchtitan order, "compile per block after AC wrapping and
+before FSDP"): activation checkpointing goes *inside* each block's compiled graph, and FSDP's hooks
+run *around* it, eagerly (PyTorch keeps Dynamo out of FSDP2's hooks). Two ways to get there:
+
+- ``compile_blocks(model, plugins)`` then ``FSDP(...).transform_module(model)``: each block is a
+  compiled module, sharded; the root's own code stays eager. This is what the ``thunder_fsdp``
+  strategies do.
+- ``lightning_thunder.compile(model, plugins=[FSDP(), ...])``: ``compile`` shards here, then compiles
+  the root. Since Dynamo cannot enter FSDP's hooks, the root's graph stops at each block and each
+  block's forward is compiled as its own graph (one graph shared by all blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+from torch import nn
+
+from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.plugins.blocks import BlockClass, checkpoint_block, find_block_class, find_blocks
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+__all__ = ["FSDP", "require_process_group"]
+
+log = logging.getLogger(__name__)
+
+
+def require_process_group(what: str) -> None:
+    """Raise a ``RuntimeError`` naming the fix when no default process group is initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs an initialized process group: call torch.distributed.init_process_group(...) first "
+            "(or let Lightning do it: Fabric(strategy='thunder_fsdp') / Trainer(strategy='thunder_fsdp'))"
+        )
+
+
+def _default_mesh() -> DeviceMesh:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def _check_reshard(value: object) -> bool | int:
+    if isinstance(value, bool) or (isinstance(value, int) and value >= 2):
+        return value
+    raise ValueError(
+        f"reshard_after_forward={value!r} must be True (free parameters after each block's forward), False "
+        "(keep them until the backward) or an int >= 2 (reshard to that many ranks, dividing the world size)"
+    )
+
+
+class FSDP(Plugin):
+    """Shard a model with FSDP2: ``fully_shard`` on every transformer block, then on the root.
+
+    Needs an initialized process group (or a ``mesh``). Parameters may still be on the meta device:
+    materialize them afterwards with ``model.to_empty(device=...)`` and ``reset_parameters()``.
+
+    Args:
+        mesh: a 1-D device mesh to shard over (default: all ranks of the default process group, on CUDA
+            with NCCL and on CPU otherwise).
+        block_cls: the block class (or a tuple of classes); ``None`` detects the repeated block.
+        mp_policy: FSDP2's ``MixedPrecisionPolicy`` (e.g. bf16 parameters for compute with fp32 gradient
+            reduction); ``None`` computes in the parameters' dtype.
+        reshard_after_forward: free each block's gathered parameters after its forward (``True``, least
+            memory), keep them for the backward (``False``, no second all-gather), or reshard to a
+            smaller group (an int). The root always keeps them: the backward starts with it.
+        cpu_offload: keep sharded parameters, gradients and optimizer state in (pinned) CPU memory;
+            needs a CUDA mesh.
+        activation_checkpointing: recompute each block's activations in the backward instead of saving
+            them (see :func:`~lightning_thunder.plugins.blocks.checkpoint_block`).
+
+    Example::
+
+        torch.distributed.init_process_group("nccl")
+        cm = lightning_thunder.compile(model, plugins=[FSDP(activation_checkpointing=True)])
+    """
+
+    def __init__(
+        self,
+        *,
+        mesh: DeviceMesh | None = None,
+        block_cls: BlockClass | None = None,
+        mp_policy: MixedPrecisionPolicy | None = None,
+        reshard_after_forward: bool | int = True,
+        cpu_offload: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        if mesh is not None and mesh.ndim != 1:
+            raise ValueError(
+                f"FSDP shards over a 1-D mesh, got a {mesh.ndim}-D mesh with dims {mesh.mesh_dim_names}; "
+                "pass the data-parallel sub-mesh, e.g. mesh['data_parallel']"
+            )
+        self.mesh = mesh
+        self.block_cls = block_cls
+        self.mp_policy = mp_policy
+        self.reshard_after_forward = _check_reshard(reshard_after_forward)
+        self.cpu_offload = bool(cpu_offload)
+        self.activation_checkpointing = bool(activation_checkpointing)
+
+    def transform_module(self, module: nn.Module) -> nn.Module:
+        """Apply activation checkpointing (if enabled) and ``fully_shard`` to each block, then to the root."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        mesh = self.mesh
+        if mesh is None:
+            require_process_group("The FSDP plugin")
+            mesh = _default_mesh()
+        if self.cpu_offload and mesh.device_type == "cpu":
+            raise ValueError(
+                "cpu_offload=True needs a CUDA device mesh (FSDP2 keeps offloaded shards in pinned host memory "
+                "and computes on the GPU); on a CPU mesh the parameters already live in CPU memory: set "
+                "cpu_offload=False"
+            )
+        block_cls = self.block_cls if self.block_cls is not None else find_block_class(module)
+        blocks = find_blocks(module, block_cls)
+        kwargs = {
+            "mesh": mesh,
+            "mp_policy": self.mp_policy or MixedPrecisionPolicy(),
+            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+        }
+        for _, _, block in blocks:
+            if self.activation_checkpointing:
+                checkpoint_block(block)
+            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        # The root's parameters are needed again as soon as the backward starts: keep them gathered.
+        fully_shard(module, reshard_after_forward=False, **kwargs)
+        log.info(
+            "FSDP: sharded %d %s blocks and the root %s over %d ranks (activation checkpointing %s)",
+            len(blocks),
+            "/".join(c.__name__ for c in (block_cls if isinstance(block_cls, tuple) else (block_cls,))),
+            type(module).__name__,
+            mesh.size(),
+            "on" if self.activation_checkpointing else "off",
+        )
+        return module
+
+    def __repr__(self) -> str:
+        return (
+            f"FSDP(block_cls={self.block_cls!r}, reshard_after_forward={self.reshard_after_forward!r}, "
+            f"cpu_offload={self.cpu_offload}, activation_checkpointing={self.activation_checkpointing})"
+        )
+

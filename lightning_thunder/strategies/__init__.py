@@ -1,0 +1,34 @@
+"""Lightning strategies that compile the model with lightning_thunder.
+
+``import lightning_thunder`` registers the names, so ``Fabric(strategy="thunder_fsdp")`` and
+``Trainer(strategy="thunder_fsdp")`` work as is. Instantiate a class to pass options::
+
+    Fabric(strategy=ThunderFSDPStrategy(plugins=[...], block_cls=Block, activation_checkpointing=True))
+    Trainer(strategy=ThunderFSDPTrainerStrategy(reshard_after_forward=False))
+
+========================  ===============================  ==========================================
+name                      Fabric                           Trainer
+========================  ===============================  ==========================================
+``"thunder"``             :class:`ThunderStrategy`         :class:`ThunderTrainerStrategy`
+``"thunder_ddp"``         :class:`ThunderDDPStrategy`      :class:`ThunderDDPTrainerStrategy`
+``"thunder_fsdp"``        :class:`ThunderFSDPStrategy`     :class:`ThunderFSDPTrainerStrategy`
+========================  ===============================  ==========================================
+"""
+
+from lightning_thunder.strategies.fabric import ThunderDDPStrategy, ThunderFSDPStrategy, ThunderStrategy
+from lightning_thunder.strategies.registry import register_strategies
+from lightning_thunder.strategies.trainer import (
+    ThunderDDPTrainerStrategy,
+    ThunderFSDPTrainerStrategy,
+    ThunderTrainerStrategy,
+)
+
+__all__ = [
+    "ThunderDDPStrategy",
+    "ThunderDDPTrainerStrategy",
+    "ThunderFSDPStrategy",
+    "ThunderFSDPTrainerStrategy",
+    "ThunderStrategy",
+    "ThunderTrainerStrategy",
+    "register_strategies",
+]

@@ -1,0 +1,160 @@
+"""What the Fabric and Trainer strategies share: option checks, the mixed-precision policy, compiling
+a LightningModule's submodules, and switching FSDP's gradient synchronization."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lightning_thunder.capture.compiled import ThunderModule
+from lightning_thunder.capture.options import CompileOptions
+from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.plugins.ddp import DDP
+from lightning_thunder.plugins.fsdp import FSDP
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+__all__ = [
+    "check_plugins",
+    "check_compile_options",
+    "fsdp_mixed_precision",
+    "compile_submodules",
+    "gradient_sync_disabled",
+    "check_single_device",
+    "check_unsharded",
+]
+
+_PARALLEL_PLUGINS = (FSDP, DDP)
+
+
+def check_plugins(plugins: Sequence[Plugin] | None, strategy: str) -> list[Plugin] | None:
+    """Validate the compiler plugins given to a strategy (``None`` keeps the compiler's defaults).
+
+    Parallelism plugins are rejected: the strategy applies its own engine.
+    """
+    if plugins is None:
+        return None
+    if isinstance(plugins, Plugin):
+        raise TypeError(f"plugins must be a list of Plugin instances; wrap the single plugin: plugins=[{plugins!r}]")
+    checked = list(plugins)
+    for p in checked:
+        if isinstance(p, type):
+            raise TypeError(f"plugins must hold Plugin instances, got the class {p.__name__}; use {p.__name__}()")
+        if not isinstance(p, Plugin):
+            raise TypeError(f"plugins must hold lightning_thunder.Plugin instances, got {type(p).__name__}: {p!r}")
+        if isinstance(p, _PARALLEL_PLUGINS):
+            raise ValueError(
+                f"plugins=[..., {p!r}] conflicts with strategy={strategy!r}, which applies its own parallelism; "
+                f"remove {type(p).__name__} from plugins and pick the strategy instead ('thunder_fsdp' shards with "
+                "FSDP2, 'thunder_ddp' replicates with DDP)"
+            )
+    return checked
+
+
+def check_compile_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate ``compile_options`` now (unknown names raise ``TypeError``) rather than at the first step."""
+    options = dict(options or {})
+    CompileOptions.from_kwargs(options)
+    return options
+
+
+def fsdp_mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
+    """FSDP2's mixed-precision policy for a Lightning ``precision`` setting.
+
+    ``"bf16-mixed"``/``"16-mixed"``: the gathered parameters are cast to bf16/fp16 for compute and
+    gradients are reduced in fp32 (the sharded master weights stay fp32). ``"*-true"``: the module is
+    already in that dtype (Lightning converts it), no policy. Lightning's autocast still applies.
+    """
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    return None
+
+
+def compile_submodules(
+    module: nn.Module, plugins: Sequence[Plugin] | None, options: Mapping[str, Any], strategy: str
+) -> list[str]:
+    """Compile each direct child of ``module`` that holds parameters, in place; returns their names.
+
+    Used for a LightningModule, whose own methods (``training_step``, logging) stay eager while the
+    networks it holds are compiled. ``state_dict`` keys do not change. Children compiled before are kept.
+    """
+    from lightning_thunder.api import compile as thunder_compile
+
+    compiled = []
+    for name, child in list(module.named_children()):
+        if isinstance(child, ThunderModule):
+            compiled.append(name)
+        elif next(child.parameters(), None) is not None:
+            module.register_module(name, thunder_compile(child, plugins=plugins, **options))
+            compiled.append(name)
+    if not compiled:
+        raise ValueError(
+            f"strategy={strategy!r} compiles the submodules of {type(module).__name__} that hold parameters, and it "
+            "has none; hold the network in a submodule (e.g. `self.model = GPT(config)` in `__init__` or "
+            "`configure_model`)"
+        )
+    return compiled
+
+
+@contextmanager
+def gradient_sync_disabled(module: nn.Module) -> Iterator[None]:
+    """Skip FSDP2's gradient reduce-scatter in the backward (gradient accumulation); re-enable on exit.
+
+    Gradients accumulate unsharded until the next backward outside this context reduces them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def check_single_device(strategy: str, devices: Sequence[Any] | None, num_nodes: int) -> None:
+    """Raise when a single-device strategy is asked for several devices or nodes."""
+    if devices is not None and len(devices) > 1:
+        raise ValueError(
+            f"strategy={strategy!r} runs on one device, but {len(devices)} devices were requested "
+            f"({', '.join(str(d) for d in devices)}); use strategy='thunder_ddp' or 'thunder_fsdp' for several "
+            "devices, or set devices=1"
+        )
+    if num_nodes > 1:
+        raise ValueError(
+            f"strategy={strategy!r} runs on one device, but num_nodes={num_nodes}; use strategy='thunder_ddp' or "
+            "'thunder_fsdp' across nodes, or set num_nodes=1"
+        )
+
+
+def check_unsharded(module: nn.Module, strategy: str) -> None:
+    """Raise if ``module`` is already sharded, wrapped in DDP, or compiled as a whole: the strategy does that."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, m in module.named_modules():
+        where = f"`{name}`" if name else "the model"
+        if isinstance(m, (FSDPModule, FullyShardedDataParallel, DistributedDataParallel)):
+            raise ValueError(
+                f"{where} ({type(m).__name__}) is already wrapped or sharded, but strategy={strategy!r} shards the "
+                "model itself; pass the plain model (remove fully_shard/FSDP/DDP, e.g. from configure_model), or "
+                "use Lightning's ModelParallelStrategy to parallelize it yourself"
+            )
+    if isinstance(module, ThunderModule):
+        raise ValueError(
+            f"the model is already compiled with lightning_thunder.compile, but strategy={strategy!r} compiles it per "
+            "transformer block itself; pass the model before compiling (`cm.original_module`)"
+        )

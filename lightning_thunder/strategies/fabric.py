@@ -1,0 +1,278 @@
+"""Fabric strategies: ``Fabric(strategy="thunder" | "thunder_ddp" | "thunder_fsdp")``.
+
+Each is Lightning's own strategy with the model compiled by lightning_thunder at ``fabric.setup``:
+
+- ``thunder`` (:class:`ThunderStrategy`): ``SingleDeviceStrategy``; the module is compiled.
+- ``thunder_ddp`` (:class:`ThunderDDPStrategy`): ``DDPStrategy``; DDP wraps the compiled module.
+- ``thunder_fsdp`` (:class:`ThunderFSDPStrategy`): ``ModelParallelStrategy`` (FSDP2) whose parallelize
+  function compiles each transformer block and applies the :class:`~lightning_thunder.plugins.FSDP`
+  plugin; Lightning's machinery does launching, distributed checkpoints, clipping and ``no_backward_sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.fabric.utilities.types import _DEVICE, _PATH
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_thunder.api import compile as thunder_compile
+from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_block_class
+from lightning_thunder.plugins.fsdp import FSDP
+from lightning_thunder.strategies.checkpoint import atomic_checkpoint_path
+from lightning_thunder.strategies.common import (
+    check_compile_options,
+    check_plugins,
+    check_single_device,
+    check_unsharded,
+    fsdp_mixed_precision,
+)
+from lightning_thunder.strategies.optimizers import (
+    check_repointable,
+    check_sharded_optimizer,
+    parameter_names,
+    repoint_optimizers,
+)
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = ["ThunderStrategy", "ThunderDDPStrategy", "ThunderFSDPStrategy"]
+
+
+class ThunderStrategy(SingleDeviceStrategy):
+    """``Fabric(strategy="thunder")``: one device; ``fabric.setup`` compiles the module with lightning_thunder.
+
+    Args:
+        plugins: compiler plugins (``None``: the compiler's defaults).
+        compile_options: options for :func:`lightning_thunder.compile` (``dynamic``, ``partitioner``, ...).
+        device: the device; by default the one Fabric's ``accelerator``/``devices`` select.
+        accelerator, checkpoint_io, precision: as for Lightning's ``SingleDeviceStrategy``.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin] | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+        device: _DEVICE | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            device="cpu" if device is None else device,
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+        )
+        self.plugins = check_plugins(plugins, "thunder")
+        self.compile_options = check_compile_options(compile_options)
+        self._device_given = device is not None
+        self._parallel_devices: list[torch.device] | None = None
+        self._num_nodes = 1
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        """The devices Fabric selected (set by Fabric; at most one)."""
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        check_single_device("thunder", devices, 1)
+        self._parallel_devices = devices
+        if devices and not self._device_given:
+            self._root_device = devices[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes (must be 1)."""
+        return self._num_nodes
+
+    @override
+    def setup_environment(self) -> None:
+        """Check that one device on one node was requested."""
+        check_single_device("thunder", self._parallel_devices, self._num_nodes)
+        super().setup_environment()
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Compile ``module`` (parameters and ``state_dict`` keys stay those of ``module``)."""
+        return thunder_compile(module, plugins=self.plugins, **self.compile_options)
+
+
+class ThunderDDPStrategy(DDPStrategy):
+    """``Fabric(strategy="thunder_ddp")``: DistributedDataParallel around the module compiled by lightning_thunder.
+
+    NCCL on GPU, Gloo on CPU. Gradient synchronization, ``no_backward_sync``, checkpoints and launching are
+    Lightning's ``DDPStrategy``.
+
+    Args:
+        plugins: compiler plugins (``None``: the compiler's defaults).
+        compile_options: options for :func:`lightning_thunder.compile`.
+        **kwargs: Lightning's ``DDPStrategy`` arguments (``process_group_backend``, ``timeout``,
+            ``start_method``, ...) and ``DistributedDataParallel`` options (``bucket_cap_mb``, ...).
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin] | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.plugins = check_plugins(plugins, "thunder_ddp")
+        self.compile_options = check_compile_options(compile_options)
+
+    @override
+    def setup_module(self, module: nn.Module) -> DistributedDataParallel:
+        """Compile ``module``, then wrap it in DDP (rank 0's weights are broadcast to every rank)."""
+        compiled = thunder_compile(module, plugins=self.plugins, **self.compile_options)
+        return super().setup_module(compiled)
+
+
+class ThunderFSDPStrategy(ModelParallelStrategy):
+    """``Fabric(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder.
+
+    At ``fabric.setup`` every block is compiled (one graph shared by all blocks) and, with activation
+    checkpointing inside its graph, sharded with ``fully_shard``; then the root is sharded. The mixed-precision
+    policy follows Fabric's ``precision`` (``"bf16-mixed"``: bf16 compute, fp32 gradient reduction). Meta-device
+    models (``fabric.init_module(empty_init=True)``) are materialized after sharding with ``reset_parameters()``.
+
+    An optimizer created before ``fabric.setup(model, optimizer)`` is re-pointed to the sharded parameters.
+
+    Args:
+        plugins: compiler plugins for the blocks (``None``: the compiler's defaults).
+        compile_options: options for :func:`lightning_thunder.compile`.
+        block_cls: the transformer block class (or a tuple); ``None`` detects the repeated block.
+        reshard_after_forward: free each block's gathered parameters after its forward (``True``), keep them
+            for the backward (``False``), or an int (see :class:`~lightning_thunder.plugins.FSDP`).
+        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory (CUDA only).
+        activation_checkpointing: recompute each block's activations in the backward.
+        save_distributed_checkpoint: ``True``: ``fabric.save`` writes a directory with one shard file per rank;
+            ``False``: a single file with the full state, assembled on rank 0.
+        process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin] | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+        block_cls: BlockClass | None = None,
+        reshard_after_forward: bool | int = True,
+        cpu_offload: bool = False,
+        activation_checkpointing: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            parallelize_fn=self._parallelize,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.plugins = check_plugins(plugins, "thunder_fsdp")
+        self.compile_options = check_compile_options(compile_options)
+        # The FSDP options, validated now; the mesh and precision policy are known at setup.
+        self.fsdp = FSDP(
+            block_cls=block_cls,
+            reshard_after_forward=reshard_after_forward,
+            cpu_offload=cpu_offload,
+            activation_checkpointing=activation_checkpointing,
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        """Check the options against the devices, then initialize the process group and a (world size x 1) mesh."""
+        if self.fsdp.cpu_offload and self.root_device.type == "cpu":
+            raise ValueError(
+                "ThunderFSDPStrategy(cpu_offload=True) needs CUDA devices: on accelerator='cpu' the parameters "
+                "already live in CPU memory; set cpu_offload=False or use accelerator='cuda'"
+            )
+        # Shard over every rank: a (world size x 1) mesh of Lightning's ("data_parallel", "tensor_parallel").
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def _parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        # torchtitan's order: activation checkpointing inside each block's compiled graph, FSDP around it.
+        # compile_blocks gives every block the same plugin instances -> one backend, one graph for all blocks;
+        # the FSDP plugin then wraps the original modules' forward in checkpointing (before the first call, so the
+        # compiled graph contains it) and shards each block, then the root.
+        check_unsharded(module, "thunder_fsdp")
+        options = self.fsdp  # the validated options; this model gets its own plugin instance
+        block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
+        fsdp = FSDP(
+            mesh=device_mesh["data_parallel"],
+            block_cls=block_cls,
+            mp_policy=fsdp_mixed_precision(self.precision.precision),
+            reshard_after_forward=options.reshard_after_forward,
+            cpu_offload=options.cpu_offload,
+            activation_checkpointing=options.activation_checkpointing,
+        )
+        compile_blocks(module, self.plugins, block_cls=block_cls, **self.compile_options)
+        return fsdp.transform_module(module)
+
+    @override
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: list[Optimizer], scheduler: LRScheduler | None = None
+    ) -> tuple[nn.Module, list[Optimizer], LRScheduler | None]:
+        """Shard the module and point the optimizers (built before sharding, still stateless) at the sharded
+        parameters."""
+        names = parameter_names(module)
+        check_repointable(optimizers, names, "thunder_fsdp")  # fail before the model is changed
+        module = self.setup_module(module)
+        repoint_optimizers(optimizers, names, module, "thunder_fsdp")
+        return module, optimizers, scheduler
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """Check that ``optimizer`` was built from the sharded model's parameters."""
+        check_sharded_optimizer(optimizer, "thunder_fsdp")
+        return optimizer
+
+    @override
+    def clip_gradients_norm(
+        self,
+        module: nn.Module,
+        optimizer: Optimizer,
+        max_norm: float | int,
+        norm_type: float | int = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> torch.Tensor:
+        """Clip by the norm of the *whole* gradient: ``clip_grad_norm_`` on the sharded gradients reduces the
+        per-shard norms across ranks (DTensor), so every rank scales by the same global norm (returned as a
+        plain tensor)."""
+        from torch.distributed.tensor import DTensor
+
+        total = super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+        return total.full_tensor() if isinstance(total, DTensor) else total
+
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, nn.Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,  # noqa: A002 - Lightning's signature
+    ) -> None:
+        """Save like ``ModelParallelStrategy`` (a sharded directory or a full file), atomically: written to a
+        temporary sibling path first and moved into place once every rank has finished."""
+        target = Path(self.broadcast(path))
+        with atomic_checkpoint_path(
+            target, sharded=self._save_distributed_checkpoint, is_global_zero=self.is_global_zero, barrier=self.barrier
+        ) as partial:
+            super().save_checkpoint(partial, state, storage_options=storage_options, filter=filter)

@@ -1,0 +1,263 @@
+"""Trainer strategies: ``Trainer(strategy="thunder" | "thunder_ddp" | "thunder_fsdp")``.
+
+The LightningModule's own methods (``training_step``, logging) stay eager; the networks it holds are
+compiled with lightning_thunder:
+
+- ``thunder`` (:class:`ThunderTrainerStrategy`) and ``thunder_ddp`` (:class:`ThunderDDPTrainerStrategy`):
+  each direct submodule of the LightningModule that holds parameters is compiled (``self.model`` in the
+  usual layout); ``thunder_ddp`` then wraps the LightningModule in DDP as Lightning's ``DDPStrategy`` does.
+- ``thunder_fsdp`` (:class:`ThunderFSDPTrainerStrategy`): Lightning's ``ModelParallelStrategy`` (FSDP2) with
+  the parallelization done for you after ``configure_model``: each transformer block is compiled and sharded,
+  and the LightningModule is the FSDP root (its ``*_step`` methods are registered as FSDP forward methods, so
+  the root's parameters are gathered around them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _DEVICE, _PATH
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_block_class
+from lightning_thunder.plugins.fsdp import FSDP
+from lightning_thunder.strategies.checkpoint import atomic_checkpoint_path
+from lightning_thunder.strategies.common import (
+    check_compile_options,
+    check_plugins,
+    check_single_device,
+    check_unsharded,
+    compile_submodules,
+    fsdp_mixed_precision,
+    gradient_sync_disabled,
+)
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["ThunderTrainerStrategy", "ThunderDDPTrainerStrategy", "ThunderFSDPTrainerStrategy"]
+
+_STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+_PARALLELIZED = "_lt_thunder_fsdp_applied"  # set on a LightningModule this strategy has sharded
+
+
+class ThunderTrainerStrategy(SingleDeviceStrategy):
+    """``Trainer(strategy="thunder")``: one device; the LightningModule's submodules are compiled at setup.
+
+    Args:
+        plugins: compiler plugins (``None``: the compiler's defaults).
+        compile_options: options for :func:`lightning_thunder.compile`.
+        device: the device; by default the one the Trainer's ``accelerator``/``devices`` select.
+        accelerator, checkpoint_io, precision_plugin: as for Lightning's ``SingleDeviceStrategy``.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin] | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+        device: _DEVICE | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            device="cpu" if device is None else device,
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.plugins = check_plugins(plugins, "thunder")
+        self.compile_options = check_compile_options(compile_options)
+        self._device_given = device is not None
+        self._parallel_devices: list[torch.device] | None = None
+        self._num_nodes = 1
+
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        """The devices the Trainer selected (set by the Trainer; at most one)."""
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        check_single_device("thunder", devices, 1)
+        self._parallel_devices = devices
+        if devices and not self._device_given:
+            self._root_device = devices[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes (must be 1)."""
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        check_single_device("thunder", None, num_nodes)
+        self._num_nodes = num_nodes
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Compile the LightningModule's submodules that hold parameters, then set up as ``SingleDeviceStrategy``."""
+        assert self.lightning_module is not None
+        compile_submodules(self.lightning_module, self.plugins, self.compile_options, "thunder")
+        super().setup(trainer)
+
+
+class ThunderDDPTrainerStrategy(DDPStrategy):
+    """``Trainer(strategy="thunder_ddp")``: the LightningModule's submodules compiled, then DDP around it.
+
+    Args:
+        plugins: compiler plugins (``None``: the compiler's defaults).
+        compile_options: options for :func:`lightning_thunder.compile`.
+        **kwargs: Lightning's ``DDPStrategy`` arguments and ``DistributedDataParallel`` options.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin] | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.plugins = check_plugins(plugins, "thunder_ddp")
+        self.compile_options = check_compile_options(compile_options)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Compile the LightningModule's submodules that hold parameters, then set up as ``DDPStrategy`` (which wraps
+        the LightningModule in DDP when fitting)."""
+        assert self.lightning_module is not None
+        compile_submodules(self.lightning_module, self.plugins, self.compile_options, "thunder_ddp")
+        super().setup(trainer)
+
+
+class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
+    """``Trainer(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder.
+
+    No ``configure_model`` parallelization is needed (``configure_model`` may still build the model, e.g. under
+    ``trainer.init_module(empty_init=True)``): at setup every block is compiled and sharded, then the
+    LightningModule is sharded as the root. Checkpoints (sharded or full), resuming, gradient clipping by norm
+    and gradient accumulation (without gradient reduction on accumulating steps) work as with Lightning's
+    ``ModelParallelStrategy``. Arguments as for :class:`~lightning_thunder.strategies.ThunderFSDPStrategy`.
+    """
+
+    def __init__(
+        self,
+        plugins: Sequence[Plugin] | None = None,
+        compile_options: Mapping[str, Any] | None = None,
+        block_cls: BlockClass | None = None,
+        reshard_after_forward: bool | int = True,
+        cpu_offload: bool = False,
+        activation_checkpointing: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.plugins = check_plugins(plugins, "thunder_fsdp")
+        self.compile_options = check_compile_options(compile_options)
+        self.fsdp = FSDP(
+            block_cls=block_cls,
+            reshard_after_forward=reshard_after_forward,
+            cpu_offload=cpu_offload,
+            activation_checkpointing=activation_checkpointing,
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        """Check the options against the devices, then initialize the process group and a (world size x 1) mesh."""
+        if self.fsdp.cpu_offload and self.root_device.type == "cpu":
+            raise ValueError(
+                "ThunderFSDPTrainerStrategy(cpu_offload=True) needs CUDA devices: on accelerator='cpu' the "
+                "parameters already live in CPU memory; set cpu_offload=False or use accelerator='cuda'"
+            )
+        # Shard over every rank: a (world size x 1) mesh of Lightning's ("data_parallel", "tensor_parallel").
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def _parallelize(self, module: pl.LightningModule) -> None:
+        # Same order as the Fabric strategy: compile every block (one shared graph), then the FSDP plugin puts
+        # activation checkpointing inside the compiled blocks and shards them and the root.
+        options = self.fsdp  # the validated options; this model gets its own plugin instance
+        block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
+        fsdp = FSDP(
+            mesh=self.device_mesh["data_parallel"],
+            block_cls=block_cls,
+            mp_policy=fsdp_mixed_precision(self.precision_plugin.precision),
+            reshard_after_forward=options.reshard_after_forward,
+            cpu_offload=options.cpu_offload,
+            activation_checkpointing=options.activation_checkpointing,
+        )
+        compile_blocks(module, self.plugins, block_cls=block_cls, **self.compile_options)
+        fsdp.transform_module(module)
+        # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
+        # (embeddings, head) around them too.
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        for name in _STEP_METHODS:
+            if is_overridden(name, module):
+                register_fsdp_forward_method(module, name)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Compile and shard the LightningModule (first setup only), materialize meta-device parameters, set up
+        the optimizers."""
+        # Lightning's ModelParallelStrategy.setup, minus its requirement that `configure_model` parallelizes the
+        # model itself (here the strategy does it), plus the parallelization (once: `validate` after `fit` reuses it).
+        assert self.model is not None
+        assert self.accelerator is not None
+        assert self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        if not getattr(self.lightning_module, _PARALLELIZED, False):
+            check_unsharded(self.lightning_module, "thunder_fsdp")
+            # Lower-precision ("*-true") weights are converted before sharding, so the shards are in that dtype.
+            self.model = self.precision_plugin.convert_module(self.model)
+            self._parallelize(self.lightning_module)
+            setattr(self.lightning_module, _PARALLELIZED, True)
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model_to_device()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """On gradient-accumulation steps, skip FSDP's reduce-scatter; the step that syncs reduces the sum."""
+        assert self.model is not None
+        with gradient_sync_disabled(self.model):
+            yield
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        """Save like ``ModelParallelStrategy`` (a sharded directory or a full file), atomically: written to a
+        temporary sibling path first and moved into place once every rank has finished."""
+        target = Path(self.broadcast(filepath))
+        with atomic_checkpoint_path(
+            target, sharded=self._save_distributed_checkpoint, is_global_zero=self.is_global_zero, barrier=self.barrier
+        ) as partial:
+            super().save_checkpoint(checkpoint, partial, storage_options=storage_options)
