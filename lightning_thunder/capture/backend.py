@@ -12,6 +12,7 @@ Pipeline for each graph Dynamo hands us (see DESIGN.md, "The pipeline")::
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -276,7 +277,9 @@ def _body(trace: Trace) -> str:
     return trace.python().split("\n", 1)[1]
 
 
-_BACKENDS: dict[tuple, ThunderBackend] = {}
+# Weak values: a backend lives as long as something compiled with it (which holds it); it holds its
+# plugins, so their ids cannot be reused while the entry exists.
+_BACKENDS: weakref.WeakValueDictionary[tuple, ThunderBackend] = weakref.WeakValueDictionary()
 
 
 def get_backend(plugins: Sequence[Plugin], options: CompileOptions) -> ThunderBackend:

@@ -60,8 +60,13 @@ def _describe_graph_break(reason: Any) -> str:
     return text
 
 
+@torch.compiler.disable
 def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: dict) -> Any:
-    """Run the Dynamo-compiled callable, recording graph breaks and the time of compiling calls."""
+    """Run the Dynamo-compiled callable, recording graph breaks and the time of compiling calls.
+
+    Opaque to an enclosing compile: a compiled block inside a module that is compiled again runs its
+    own graphs (the outer graph breaks around it) instead of being traced a second time.
+    """
     log = _graph_break_log()
     n_breaks, n_graphs = len(log), len(state.records)
     t0 = time.perf_counter()
