@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU runs behind benchmarks/RESULTS.md, in one go, each part under its own time limit.
+# Usage (from the repository root, on a machine with 2 GPUs; OUT defaults to ./gpu_out):
+#   benchmarks/run_gpu.sh [tests] [fsdp] [single]
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+parts=${*:-tests fsdp single}
+for part in $parts; do
+  case $part in
+    tests)
+      timeout 220 python3 -m pytest -q tests/gpu -p no:cacheprovider -p no:warnings -rA 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt" ;;
+    fsdp)
+      timeout 330 python3 benchmarks/fsdp_train.py --devices 2 --strategies thunder_fsdp,model_parallel_compile,fsdp \
+        --model Llama-3.2-1B --n-layer 8 --batch 4 --seq 2048 --steps 6 --warmup 2 --timeout 150 \
+        --json "$OUT/fsdp.json" 2>&1 | tail -20 | tee "$OUT/fsdp.md" ;;
+    single)
+      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/litgpt_train.py --model Llama-3.2-1B --n-layer 8 \
+        --batch 4 --seq 2048 --dtype bf16 --modes eager,torch.compile,thunder --steps 8 --warmup 3 --timeout 120 \
+        --profile 12 --json "$OUT/litgpt.json" 2>&1 | tail -50 | tee "$OUT/litgpt.md" ;;
+  esac
+done
