@@ -104,3 +104,28 @@ def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 15) -> 
             entry[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:n]
     return [{"kernel": name[:90], "calls": int(c), "us": round(t, 1)} for name, (c, t) in rows]
+
+
+def kernel_time_ms(fn: Callable[[], object], device: torch.device, *, iters: int = 10) -> float | None:
+    """GPU time of the kernels one call of ``fn`` launches (median over ``iters`` profiled calls), in ms.
+
+    Unlike :func:`time_ms` this excludes the host-side cost of the call (guards, wrappers, launches),
+    so bytes / kernel time measures the kernels themselves. ``None`` off CUDA.
+    """
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    samples = []
+    for _ in range(iters):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            synchronize(device)
+        total = 0.0
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        samples.append(total / 1e3)
+    return statistics.median(samples)
