@@ -7,12 +7,17 @@ Three kernel shapes, chosen from the region:
 - ``persistent``: reductions over rows of at most 16384 columns. One program handles ``BLOCK_M``
   whole rows held in registers; every value is computed once.
 - ``looped``: reductions over longer rows (a 128k vocabulary). One program handles ``BLOCK_M`` rows
-  and walks them in ``BLOCK_N`` column chunks: one pass per reduction (recomputing the pointwise work
-  it needs from the inputs), then a last pass that writes the full-size outputs.
+  and walks them in ``BLOCK_N`` column chunks: one pass per level of dependent reductions (reductions
+  that do not depend on each other share a pass), then a last pass that writes the full-size outputs.
 
-Every tensor is addressed through its strides (passed at launch) and its broadcast against the value
-it feeds, so inputs may be non-contiguous, expanded or of lower rank. Values of 16/32-bit floats are
-computed in fp32 and rounded to the output dtype when stored.
+A value that varies along columns is computed for the tile's columns ``cols``; ``cat``, ``slice`` and
+``slice_backward`` along the last dimension ask for their operands at shifted columns (``cols + s``),
+so a value may be emitted once per shift it is needed at. Values narrower than the grid are masked
+to their width wherever they are loaded, reduced or stored.
+
+Every tensor is addressed through its strides (contiguous ones baked in as constants) and its
+broadcast against the value it feeds, so inputs may be non-contiguous, expanded or of lower rank.
+Values of 16/32-bit floats are computed in fp32 and rounded to the output dtype when stored.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from typing import Any
 import torch
 
 from lightning_thunder.executors.triton import ops as fops
-from lightning_thunder.executors.triton.region import COL, FULL, ROW, SCALAR, Region, external_kind
+from lightning_thunder.executors.triton.region import COL, FULL, ROW, SCALAR, Region, column_move, external_kind
 from lightning_thunder.trace.printing import source_comment
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp
 
-__all__ = ["KernelSpec", "TensorArg", "generate", "PERSISTENT_MAX_N"]
+__all__ = ["KernelSpec", "TensorArg", "generate", "choose_mode", "PERSISTENT_MAX_N"]
 
 #: Rows up to this many columns are reduced in registers; longer rows are walked in chunks.
 PERSISTENT_MAX_N = 16384
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_WIDE = (FULL, COL)
 
 _PRELUDE = '''\
 import triton
@@ -124,6 +130,11 @@ def _configs(mode: str, R: int, N: int) -> list[dict[str, int]]:
     return [{"BLOCK_M": 1, "BLOCK_N": 2048, "num_warps": 8}, {"BLOCK_M": 1, "BLOCK_N": 4096, "num_warps": 8}]
 
 
+def _col(shift: int) -> str:
+    """The column index expression at ``shift``."""
+    return "cols" if shift == 0 else f"(cols + {shift})" if shift > 0 else f"(cols - {-shift})"
+
+
 class _Writer:
     def __init__(self, region: Region, mode: str) -> None:
         self.region = region
@@ -133,17 +144,24 @@ class _Writer:
         self.lines: list[str] = []
         self.indent = 1
         self.counter = 0
+        self.header_end = 0
         self.index_vars: dict[tuple, str] = {}
-        self.scope: dict[Any, str] = {}  # memo for the current scope: proxy id / load key -> variable
+        self.scope: dict[Any, str] = {}  # memo for the current scope (a pass of a looped kernel)
         self.top: dict[Any, str] = {}  # values computed once per program (rows, scalars)
         self.literals: set[str] = set()
         self.inputs = {id(p): k for k, p in enumerate(region.inputs)}
         self.args: dict[str, TensorArg] = {}  # filled by generate()
         self.producer = {id(op.outputs[0]): op for op in region.ops}
+        self.depth: dict[int, int] = {}
 
     # ----------------------------------------------------------------------------- basics
     def emit(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
+
+    def emit_top(self, line: str) -> None:
+        """Emit a line that only depends on the program id, at the top of the kernel."""
+        self.lines.insert(self.header_end, "    " + line)
+        self.header_end += 1
 
     def new(self, prefix: str = "v") -> str:
         self.counter += 1
@@ -166,16 +184,21 @@ class _Writer:
         else:
             expr = f"((rows // {inner}) % {dims[i]})"
         name = f"r{len(self.index_vars)}"
-        # Row indices only depend on the program: emit them at the top level of the kernel.
-        self.lines.insert(self.header_end, f"    {name} = {expr}")
-        self.header_end += 1
+        self.emit_top(f"{name} = {expr}")
         self.index_vars[key] = name
         return name
 
     def address(
-        self, arg: str, shape: tuple[int, ...], target: tuple[int, ...], has_col: bool, tile: str | None = None
+        self,
+        arg: str,
+        shape: tuple[int, ...],
+        target: tuple[int, ...],
+        has_col: bool,
+        tile: str | None = None,
+        shift: int = 0,
     ) -> str:
-        """The element offset of tensor ``arg`` (of ``shape``) read or written as ``target``.
+        """The element offset of tensor ``arg`` (of ``shape``) read or written as ``target``, at column
+        ``cols + shift``.
 
         With ``tile`` (a kind), the offset is padded with ``rows * 0`` / ``cols * 0`` so that it has
         that kind's tile shape even where the tensor has no extent along rows or columns.
@@ -183,12 +206,19 @@ class _Writer:
         offset = len(target) - len(shape)
         row_dims = target[:-1] if has_col else target
         spec = self.args[arg]
+        col = _col(shift)
         if spec.contiguous and tuple(shape) == tuple(target) and math.prod(shape) > 1:
             # Same shape, contiguous: the row-major position itself.
-            if self.mode == "flat" and has_col and self.region.N is not None and math.prod(shape) == self.R * self.N:
+            if (
+                self.mode == "flat"
+                and has_col
+                and shift == 0
+                and self.region.N is not None
+                and math.prod(shape) == self.R * self.N
+            ):
                 return "i"
             if has_col and shape[-1] > 1 and math.prod(shape[:-1]) > 1:
-                return f"rows * {shape[-1]} + cols"
+                return f"rows * {shape[-1]} + {col}"
             if not has_col and tile in (None, ROW):
                 return "rows"
         terms = []
@@ -199,7 +229,7 @@ class _Writer:
             i = j + offset
             stride = spec.stride_expr(j)
             if has_col and i == len(target) - 1:
-                terms.append("cols" if stride == "1" else f"cols * {stride}")
+                terms.append(col if stride == "1" else f"{col} * {stride}")
                 uses_col = True
             else:
                 index = self.row_index(tuple(row_dims), i)
@@ -213,58 +243,78 @@ class _Writer:
             terms.append("i * 0")
         return " + ".join(terms) or "0"
 
-    def mask_for(self, kind: str) -> str | None:
+    def mask(self, kind: str, width: int | None = None, shift: int = 0) -> str | None:
+        """The mask of a tile of ``kind`` whose columns ``cols + shift`` must lie in ``[0, width)``."""
         if kind == SCALAR:
             return None
-        if self.mode == "flat":
-            return "fmask"
-        return {FULL: "fmask", ROW: "rmask", COL: "cmask"}[kind]
+        parts = []
+        if kind in (FULL, ROW):
+            parts.append("rmask" if self.mode != "flat" else "fmask")
+        if kind in _WIDE:
+            width = self.N if width is None else width
+            col = _col(shift)
+            if width < self.N or shift > 0:
+                parts.append(f"({col} < {width})")
+            elif self.mode != "flat":
+                parts.append("cmask")
+            if shift < 0:
+                parts.append(f"({col} >= 0)")
+            if kind == COL and self.mode == "flat":
+                parts.append("fmask")
+        return " & ".join(parts) if parts else None
 
     # ----------------------------------------------------------------------------- values
-    def load(self, p: Proxy, target: tuple[int, ...], has_col: bool) -> str:
+    def load(self, p: Proxy, target: tuple[int, ...], has_col: bool, shift: int = 0) -> str:
         shape = tuple(p.val.shape)
         kind = external_kind(shape, target, has_col)
+        if kind not in _WIDE:
+            shift = 0
         memo = self.top if kind == SCALAR or (kind == ROW and self.mode != "looped") else self.scope
-        key = ("load", id(p), target, has_col)
+        key = ("load", id(p), target, has_col, shift)
         if key in memo:
             return memo[key]
         k = self.inputs[id(p)]
-        addr = self.address(f"in{k}", shape, target, has_col)
-        mask = self.mask_for(kind)
+        addr = self.address(f"in{k}", shape, target, has_col, shift=shift)
+        width = shape[-1] if kind in _WIDE else None
+        mask = self.mask(kind, width, shift)
         other = "0.0" if p.val.dtype.is_floating_point else "0"
         load = f"tl.load(in{k} + {addr})" if mask is None else f"tl.load(in{k} + {addr}, mask={mask}, other={other})"
         if p.val.dtype in _FLOATS:
             load += ".to(tl.float32)"
         name = self.new("x")
         if memo is self.top and self.indent > 1:
-            self.lines.insert(self.header_end, f"    {name} = {load}")
-            self.header_end += 1
+            self.emit_top(f"{name} = {load}")
         else:
             self.emit(f"{name} = {load}")
         memo[key] = name
         return name
 
-    def operand(self, op: BoundOp, x: Any) -> str:
+    def operand(self, op: BoundOp, x: Any, shift: int = 0) -> str:
         if isinstance(x, Proxy):
             if id(x) in self.producer:
-                return self.value(x)
+                return self.value(x, shift)
             out = op.outputs[0]
-            target = tuple(x.val.shape) if op.target in fops.REDUCTIONS else tuple(out.val.shape)
-            has_col = True if op.target in fops.REDUCTIONS else self.region.has_col[id(op)]
-            return self.load(x, target, has_col)
+            if op.target in fops.REDUCTIONS:
+                return self.load(x, tuple(x.val.shape), True, shift)
+            if op.target in fops.COLUMN_MOVES:
+                return self.load(x, tuple(x.val.shape), True, shift)
+            return self.load(x, tuple(out.val.shape), self.region.has_col[id(op)], shift)
         if x is None:
             return "None"
         return fops.literal(x)
 
-    def value(self, p: Proxy) -> str:
-        """The variable holding internal value ``p`` in the current scope, emitting it if needed."""
+    def value(self, p: Proxy, shift: int = 0) -> str:
+        """The variable holding internal value ``p`` at columns ``cols + shift`` in the current scope."""
+        if self.kind(p) not in _WIDE:
+            shift = 0
+        key = (id(p), shift)
         for memo in (self.scope, self.top):
-            if id(p) in memo:
-                return memo[id(p)]
+            if key in memo:
+                return memo[key]
         op = self.producer[id(p)]
         if op.target in fops.VIEWS:
-            name = self.value(op.args[0])
-        elif op.target in fops.CONSTANTS:
+            name = self.value(op.args[0], shift)
+        elif op.target in fops.CONSTANTS and (op.target not in fops.COLUMN_MOVES or op.args[0].val.numel() == 0):
             value = fops.CONSTANTS[op.target](op)
             if p.val.dtype == torch.bool:
                 name = fops.literal(bool(value))
@@ -275,25 +325,51 @@ class _Writer:
             self.literals.add(name)
         elif op.target in fops.REDUCTIONS:
             raise AssertionError(f"reduction {p.name} used before it was computed")
+        elif op.target in fops.COLUMN_MOVES:
+            name = self.column_move(op, shift)
         else:
-            expr = fops.POINTWISE[op.target](op, lambda i: self.operand(op, op.args[i]))
+            expr = fops.POINTWISE[op.target](op, lambda i: self.operand(op, op.args[i], shift))
             name = self.new()
-            self.emit(f"{name} = {expr}  # {op.name}")
+            self.emit(f"{name} = {expr}  # {op.name}" + (f" at cols{shift:+d}" if shift else ""))
         memo = self.top if self.kind(p) in (ROW, SCALAR) and self.mode == "looped" else self.scope
-        memo[id(p)] = name
+        memo[key] = name
         return name
+
+    def column_move(self, op: BoundOp, shift: int) -> str:
+        """``cat`` / ``slice`` / ``slice_backward`` along the last dimension, at ``cols + shift``."""
+        how, spec = column_move(op)
+        name = self.new()
+        col = _col(shift)
+        if how == "slice":
+            src, start, _ = spec
+            self.emit(f"{name} = {self.operand(op, src, shift + start)}  # {op.name}")
+        elif how == "pad":
+            src, start, width = spec
+            inner = self.operand(op, src, shift - start)
+            self.emit(f"{name} = tl.where(({col} >= {start}) & ({col} < {start + width}), {inner}, 0.0)  # {op.name}")
+        else:
+            *rest, (last, last_offset, _) = spec
+            expr = self.operand(op, last, shift - last_offset)
+            for piece, offset, width in reversed(rest):
+                expr = f"tl.where({col} < {offset + width}, {self.operand(op, piece, shift - offset)}, {expr})"
+            self.emit(f"{name} = {expr}  # {op.name}")
+        return name
+
+    def reduction_mask(self, op: BoundOp) -> str:
+        width = int(op.args[0].val.shape[-1])
+        return self.mask(FULL, width) or "fmask"
 
     def reduce(self, op: BoundOp) -> str:
         combine, is_mean = fops.REDUCTIONS[op.target]
         x = self.operand(op, op.args[0])
         fill = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[combine]
-        masked = f"tl.where(fmask, {x}, {fill})"
+        masked = f"tl.where({self.reduction_mask(op)}, {x}, {fill})"
         if combine == "sum":
             total = f"tl.sum({masked}, axis=1)[:, None]"
         else:
             total = f"tl.reduce({masked}, 1, _{combine}_nan)[:, None]"
         if is_mean:
-            total = f"({total} / {float(self.N)!r})"
+            total = f"({total} / {float(op.args[0].val.shape[-1])!r})"
         name = self.new("red")
         self.emit(f"{name} = {total}  # {op.name}")
         return name
@@ -303,8 +379,7 @@ class _Writer:
         depth: dict[int, int] = {}  # proxy id -> reductions that must finish before it is known
         levels: dict[int, int] = {}
         for op in self.region.ops:
-            inputs = [depth.get(id(p), 0) for p in op.input_proxies()]
-            d = max(inputs, default=0)
+            d = max((depth.get(id(p), 0) for p in op.input_proxies()), default=0)
             if op.target in fops.REDUCTIONS:
                 d += 1
                 levels[id(op)] = d
@@ -312,7 +387,7 @@ class _Writer:
         self.depth = depth
         return levels
 
-    def emit_row_values(self, levels: dict[int, int], below: int | None, emitted: set[int]) -> None:
+    def emit_row_values(self, below: int | None, emitted: set[int]) -> None:
         """Emit at the top level the row and scalar values whose reductions are done."""
         self.scope = self.top
         for op in self.region.ops:
@@ -339,7 +414,7 @@ class _Writer:
         self.open_loop()
         for op, acc, combine, fill in accs:
             x = self.operand(op, op.args[0])
-            masked = f"tl.where(fmask, {x}, {fill})"
+            masked = f"tl.where({self.reduction_mask(op)}, {x}, {fill})"
             if combine == "sum":
                 self.emit(f"{acc} += {masked}")
             else:
@@ -349,10 +424,10 @@ class _Writer:
             _, is_mean = fops.REDUCTIONS[op.target]
             total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
             if is_mean:
-                total = f"({total} / {float(self.N)!r})"
+                total = f"({total} / {float(op.args[0].val.shape[-1])!r})"
             name = self.new("red")
             self.emit(f"{name} = {total}  # {op.name}")
-            self.top[id(op.outputs[0])] = name
+            self.top[(id(op.outputs[0]), 0)] = name
 
     def open_loop(self) -> None:
         self.emit(f"for c0 in range(0, {self.N}, BLOCK_N):")
@@ -371,11 +446,12 @@ class _Writer:
         value_kind = self.kind(p)
         shape = tuple(p.val.shape)
         numel = math.prod(shape)
+        wide_rows = numel // shape[-1] if shape and shape[-1] else None
         fits = {
             SCALAR: numel == 1,
             ROW: numel == self.R,
-            COL: self.region.N is not None and shape[-1:] == (self.N,) and numel == self.N,
-            FULL: self.region.N is not None and shape[-1:] == (self.N,) and numel == self.R * self.N,
+            COL: self.region.N is not None and len(shape) > 0 and shape[-1] > 1 and wide_rows == 1,
+            FULL: self.region.N is not None and len(shape) > 0 and shape[-1] > 1 and wide_rows == self.R,
         }
         if fits[value_kind]:
             return value_kind
@@ -400,17 +476,21 @@ class _Writer:
         else:
             stored = f"{value}.to({fops.tl_dtype(dtype)})"
         shape = tuple(p.val.shape)
-        addr = self.address(f"out{k}", shape, shape, kind in (FULL, COL), tile=kind if kind != SCALAR else None)
+        addr = self.address(f"out{k}", shape, shape, kind in _WIDE, tile=kind if kind != SCALAR else None)
         if kind == SCALAR:
             self.emit("if pid == 0:")
             self.emit(f"    tl.store(out{k} + 0, {stored})")
             return
-        mask = self.mask_for(kind)
+        width = shape[-1] if kind in _WIDE else None
+        mask = self.mask(kind, width)
         if self.mode == "flat" and self.region.N is not None:
-            mask = {FULL: "fmask", ROW: "fmask & (cols == 0)", COL: "fmask & (rows == 0)"}[kind]
+            if kind == ROW:
+                mask = "fmask & (cols == 0)"
+            elif kind == COL:
+                mask = f"{mask} & (rows == 0)"
         elif kind == COL:  # every program computes the same values: the first one writes them
             self.emit("if pid == 0:")
-            self.emit(f"    tl.store(out{k} + {addr}, {stored}, mask=cmask)")
+            self.emit(f"    tl.store(out{k} + {addr}, {stored}, mask={mask})")
             return
         self.emit(f"tl.store(out{k} + {addr}, {stored}, mask={mask})")
 
@@ -448,8 +528,8 @@ class _Writer:
             for op in region.ops:
                 out = op.outputs[0]
                 if op.target in fops.REDUCTIONS:
-                    self.scope[id(out)] = self.reduce(op)
-                else:
+                    self.scope[(id(out), 0)] = self.reduce(op)
+                elif self.kind(out) in (ROW, SCALAR) or op.target in fops.VIEWS:
                     self.value(out)
             for k, p in enumerate(region.outputs):
                 self.store(k, p)
@@ -459,10 +539,10 @@ class _Writer:
         levels = self.reduction_levels()
         emitted: set[int] = set()
         for level in sorted(set(levels.values())):
-            self.emit_row_values(levels, below=level, emitted=emitted)
+            self.emit_row_values(below=level, emitted=emitted)
             self.reduce_pass([op for op in region.ops if levels.get(id(op)) == level])
-        self.emit_row_values(levels, below=None, emitted=emitted)
-        wide = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in (FULL, COL)]
+        self.emit_row_values(below=None, emitted=emitted)
+        wide = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in _WIDE]
         narrow = [(k, p) for k, p in enumerate(region.outputs) if self.storage_kind(p) in (ROW, SCALAR)]
         if wide:
             self.open_loop()

@@ -28,6 +28,7 @@ __all__ = [
     "REDUCTIONS",
     "VIEWS",
     "CONSTANTS",
+    "COLUMN_MOVES",
     "compute_type",
     "literal",
     "tl_dtype",
@@ -259,6 +260,7 @@ CONSTANTS: dict[Any, Callable[[BoundOp], Any]] = {
     aten.zeros_like.default: lambda op: 0,
     aten.ones_like.default: lambda op: 1,
     aten.fill.Scalar: lambda op: op.args[1],
+    aten.slice_backward.default: lambda op: 0,  # only for an empty slice's gradient (see region._role)
 }
 
 #: reduction op -> (combine kind, whether the result is divided by the reduced size)
@@ -282,6 +284,9 @@ VIEWS = {
     aten.alias.default,
     aten.detach.default,
 }
+
+#: ops that move values between column ranges of the last dimension (see ``region.column_move``)
+COLUMN_MOVES = {aten.cat.default, aten.slice.Tensor, aten.slice_backward.default}
 
 # Composite ops AOTAutograd should decompose so their pieces can be fused (gelu -> erf, mul, add...).
 _DECOMPOSE = [

@@ -2,22 +2,28 @@
 
 A region computes on a grid of ``R`` rows by ``N`` columns: the columns are the last dimension of its
 widest values, the rows everything before it, in row-major order. Every value in a region has a
-*kind* saying which of the two it varies along:
+*kind* saying which of the two it varies along, and values that vary along columns a *width*:
 
-- ``full``  varies along rows and columns (``x`` of shape [B, T, N]);
+- ``full``  varies along rows and columns (``x`` of shape [B, T, n]);
 - ``row``   varies along rows only (a reduction over the last dimension, ``[B, T, 1]``);
-- ``col``   varies along columns only (a weight of shape [N]);
+- ``col``   varies along columns only (a weight of shape [n]);
 - ``scalar`` varies along neither.
 
+A value's width may be less than ``N``: RoPE's halves ``x[..., :h/2]`` live beside the ``h``-wide
+result, and ``cat``, ``slice`` and ``slice_backward`` along the last dimension move values between
+column ranges (the code generator evaluates a value at shifted columns).
+
 Ops join a region greedily in trace order: vertically (an input comes from the region) or
-horizontally (it reads a tensor the region reads), when its shapes fit the region's grid and joining
-cannot create a cycle (an input computed outside the region from the region's own outputs). Views
-that keep the last dimension only regroup rows, so inside a region they cost nothing. Matmuls,
-attention, gathers and everything else stay outside, on their library kernels.
+horizontally (it reads a tensor the region reads), when its shapes fit the region's rows and joining
+cannot create a cycle (an input computed outside the region from the region's own outputs). Two
+regions an op connects are merged when that creates no cycle either. Views that keep the last
+dimension only regroup rows, so inside a region they cost nothing. Matmuls, attention, gathers and
+everything else stay outside, on their library kernels.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,12 +35,13 @@ from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
 
-__all__ = ["Region", "FULL", "ROW", "COL", "SCALAR", "form_regions", "contract"]
+__all__ = ["Region", "FULL", "ROW", "COL", "SCALAR", "form_regions", "contract", "external_kind", "join_kinds"]
 
 FULL, ROW, COL, SCALAR = "full", "row", "col", "scalar"
 _RANK = {SCALAR: 0, ROW: 1, COL: 1, FULL: 2}
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOADABLE = (*_FLOAT, torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_WIDE = (FULL, COL)
 
 
 def join_kinds(a: str, b: str) -> str:
@@ -79,6 +86,7 @@ class Region:
     device: torch.device
     ops: list[BoundOp] = field(default_factory=list)
     kinds: dict[int, str] = field(default_factory=dict)  # proxy id -> kind, for values made here
+    widths: dict[int, int] = field(default_factory=dict)  # proxy id -> columns, for full/col values
     has_col: dict[int, bool] = field(default_factory=dict)  # op id -> its output's last dim is the column
     produced: dict[int, Proxy] = field(default_factory=dict)
     reads: set[int] = field(default_factory=set)  # ids of external proxies read
@@ -93,13 +101,22 @@ class Region:
 
     @property
     def compute_ops(self) -> int:
-        """Ops that do arithmetic (not views or constants)."""
+        """Ops that move or compute data (not views or constants)."""
         return sum(1 for op in self.ops if op.target not in fops.VIEWS and op.target not in fops.CONSTANTS)
 
     @property
     def has_reduction(self) -> bool:
         """Whether any op reduces over the columns."""
         return any(op.target in fops.REDUCTIONS for op in self.ops)
+
+    def width(self, p: Proxy) -> int | None:
+        """Columns of internal value ``p`` (``None`` for row and scalar values)."""
+        return self.widths.get(id(p))
+
+
+def _last_dim_arg(op: BoundOp, position: int, keyword: str, default: Any, ndim: int) -> int | None:
+    dim = op.args[position] if len(op.args) > position else op.kwargs.get(keyword, default)
+    return dim % ndim if isinstance(dim, int) and ndim > 0 else None
 
 
 def _role(op: BoundOp) -> str | None:
@@ -115,13 +132,17 @@ def _role(op: BoundOp) -> str | None:
             return "view"
         if t in fops.CONSTANTS:
             return "constant"
+        if t in fops.COLUMN_MOVES:
+            if t is torch.ops.aten.slice_backward.default and op.args[0].val.numel() == 0:
+                return "constant"  # the gradient of an empty slice: zeros
+            return "column"
     except TypeError:
         return None
     return None
 
 
 def _check_operands(op: BoundOp, role: str) -> bool:
-    """Static shapes, supported dtypes, one device, and an emitter that accepts these arguments."""
+    """Static shapes, supported dtypes, one device, and arguments the code generator handles."""
     out = op.outputs[0].val
     out_shape = _static_shape(out)
     if out_shape is None or _numel(out_shape) == 0:
@@ -154,7 +175,56 @@ def _check_operands(op: BoundOp, role: str) -> bool:
         return isinstance(value, (int, float, bool)) and set(op.kwargs) <= {
             "dtype", "layout", "device", "pin_memory", "memory_format"
         }
+    if role == "column":
+        return column_move(op) is not None
     return True
+
+
+def column_move(op: BoundOp) -> tuple[str, Any] | None:
+    """How a ``cat`` / ``slice`` / ``slice_backward`` along the last dim maps columns, or ``None``.
+
+    Returns ``("cat", [(piece, offset, width), ...])``, ``("slice", (src, start, width))`` or
+    ``("pad", (src, start, width))`` (the source sits at columns ``start .. start+width`` of zeros).
+    """
+    out = op.outputs[0].val
+    nd = out.dim()
+    if nd == 0:
+        return None
+    if op.target is torch.ops.aten.cat.default:
+        tensors = op.args[0]
+        if _last_dim_arg(op, 1, "dim", 0, nd) != nd - 1 or not isinstance(tensors, (list, tuple)):
+            return None
+        pieces, offset = [], 0
+        for t in tensors:
+            if not isinstance(t, Proxy) or not t.is_tensor or t.val.dim() != nd:
+                return None
+            width = int(t.shape[-1])
+            if width:
+                pieces.append((t, offset, width))
+            offset += width
+        return ("cat", pieces) if pieces and offset == out.shape[-1] else None
+    src = op.args[0]
+    if not isinstance(src, Proxy) or not src.is_tensor or src.val.dim() != nd:
+        return None
+    if op.target is torch.ops.aten.slice.Tensor:
+        if _last_dim_arg(op, 1, "dim", 0, nd) != nd - 1:
+            return None
+        size = int(src.shape[-1])
+        start = op.args[2] if len(op.args) > 2 else op.kwargs.get("start", 0)
+        end = op.args[3] if len(op.args) > 3 else op.kwargs.get("end", size)
+        step = op.args[4] if len(op.args) > 4 else op.kwargs.get("step", 1)
+        if step != 1 or not isinstance(start, int) or not isinstance(end, int | None):
+            return None
+        start, end = slice(start, end).indices(size)[:2]
+        return ("slice", (src, start, max(0, end - start))) if end - start == out.shape[-1] else None
+    if op.target is torch.ops.aten.slice_backward.default:
+        _, sizes, dim, start, end, step = op.args[:6]
+        if dim % nd != nd - 1 or step != 1:
+            return None
+        size = int(sizes[-1])
+        start, end = slice(start, end).indices(size)[:2]
+        return ("pad", (src, start, end - start)) if end - start == src.shape[-1] else None
+    return None
 
 
 class _Former:
@@ -168,6 +238,13 @@ class _Former:
         self.readers: dict[int, list[Region]] = {}  # proxy id -> regions reading it
         self.merged_into: dict[int, int] = {}  # region index -> the region it was merged into
         self.position: dict[int, int] = {id(op): k for k, op in enumerate(trace.ops)}
+        self.producer_op: dict[int, BoundOp] = {}
+        self.first_consumer: dict[int, BoundOp] = {}
+        for op in trace.ops:
+            for p in op.input_proxies():
+                self.first_consumer.setdefault(id(p), op)
+            for p in op.output_proxies():
+                self.producer_op[id(p)] = op
 
     def find(self, index: int) -> int:
         """The live region that region ``index`` now belongs to."""
@@ -179,28 +256,58 @@ class _Former:
         """Whether ``p`` (transitively) depends on ``region``'s outputs."""
         return any(self.find(i) == region.index for i in self.depends.get(id(p), frozenset()))
 
-    # ------------------------------------------------------------------ kinds and grid checks
-    def _kind_in(self, region: Region, p: Any, target: tuple[int, ...], has_col: bool) -> str | None:
-        if not isinstance(p, Proxy):
-            return SCALAR
-        if id(p) in region.produced:
-            return region.kinds[id(p)]
-        shape = _static_shape(p.val)
-        return external_kind(shape, target, has_col) if shape is not None else None
+    # ------------------------------------------------------------------ grid checks
+    @staticmethod
+    def _wide(region: Region, shape: tuple[int, ...]) -> str | None:
+        """``full`` / ``col`` if a value of ``shape`` can vary along columns in ``region``."""
+        if len(shape) == 0 or shape[-1] <= 1:
+            return None
+        rows = _numel(shape) // shape[-1]
+        if rows == region.R:
+            return FULL
+        return COL if rows == 1 else None
 
-    def _fits(self, region: Region, kind: str, shape: tuple[int, ...]) -> bool:
-        """Whether a value of ``kind`` may have logical ``shape`` in ``region`` (row, col and scalar
-        values may also be broadcast to the full grid)."""
-        n = _numel(shape)
-        full = region.N is not None and len(shape) > 0 and shape[-1] == region.N and n == region.R * region.N
-        if kind == SCALAR or full:
-            return True
-        if kind == ROW:
-            return n == region.R
-        return kind == COL and region.N is not None and shape[-1:] == (region.N,) and n == region.N
+    def _classify(
+        self, region: Region, op: BoundOp, out_shape: tuple[int, ...], externals: list[Proxy], internal: list[str]
+    ) -> tuple[str, bool] | None:
+        """(kind, has_col) of a pointwise op's output in ``region``."""
+        wide = self._wide(region, out_shape)
+        if any(k in _WIDE for k in internal):
+            if wide is None:
+                return None
+            has_col = True
+        elif wide is not None and any(
+            external_kind(_static_shape(p.val), out_shape, True) in _WIDE for p in externals
+        ):
+            has_col = True
+        elif _numel(out_shape) == region.R or _numel(out_shape) == 1:
+            has_col = False
+        else:
+            return None
+        kind = SCALAR
+        for k in internal:
+            kind = join_kinds(kind, k)
+        for p in externals:
+            kind = join_kinds(kind, external_kind(_static_shape(p.val), out_shape, has_col))
+        if kind in _WIDE and self._wide(region, out_shape) is None:
+            return None
+        if kind == ROW and _numel(out_shape) != region.R and not has_col:
+            return None
+        if kind == FULL and self._wide(region, out_shape) != FULL:
+            return None
+        return kind, has_col
+
+    def _input_width(self, region: Region, p: Proxy) -> tuple[str, int] | None:
+        """(kind, width) of a column-varying operand of a column move (internal or loaded)."""
+        if id(p) in region.produced:
+            kind = region.kinds[id(p)]
+            return (kind, region.widths[id(p)]) if kind in _WIDE else None
+        shape = _static_shape(p.val)
+        kind = self._wide(region, shape)
+        return (kind, shape[-1]) if kind is not None else None
 
     def _try_join(self, region: Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:
-        """(kind, has_col, new N) if ``op`` can join ``region``; ``None`` otherwise."""
+        """(kind, has_col, width) if ``op`` can join ``region``; ``None`` otherwise."""
         out_shape = _static_shape(op.outputs[0].val)
         if op.outputs[0].val.device != region.device:
             return None
@@ -211,40 +318,47 @@ class _Former:
             src = op.args[0]
             if not isinstance(src, Proxy) or id(src) not in region.produced:
                 return None
-            kind = region.kinds[id(src)]
+            kind, width = region.kinds[id(src)], region.widths.get(id(src))
             if op.target is torch.ops.aten.expand.default and kind in (ROW, COL, SCALAR):
-                return kind, kind == COL, region.N
-            return (kind, kind in (FULL, COL), region.N) if self._fits(region, kind, out_shape) else None
+                return kind, kind == COL, width
+            if kind in _WIDE:
+                ok = out_shape[-1:] == (width,) and self._wide(region, out_shape) == kind
+            else:
+                ok = kind == SCALAR or _numel(out_shape) == region.R
+            return (kind, kind in _WIDE, width) if ok else None
         if role == "constant":
-            return SCALAR, False, region.N
+            return SCALAR, False, None
         if role == "reduction":
             x = op.args[0]
             x_shape = _static_shape(x.val)
-            n = x_shape[-1]
-            new_n = region.N if region.N is not None else n
-            if n != new_n or n <= 1 or _numel(x_shape) != region.R * n:
+            if self._wide(region, x_shape) != FULL and not (
+                id(x) in region.produced and region.kinds[id(x)] in (ROW, SCALAR) and _numel(x_shape) == region.R * x_shape[-1]
+            ):
                 return None
-            return (ROW, False, new_n) if _numel(out_shape) == region.R else None
-        # pointwise
+            return (ROW, False, None) if _numel(out_shape) == region.R else None
+        if role == "column":
+            how, spec = column_move(op)
+            if how == "slice" and id(spec[0]) not in region.produced:
+                return None  # a slice of a tensor made elsewhere stays a view outside (eager's aliasing)
+            kind = SCALAR
+            sources = [piece for piece, _, _ in spec] if how == "cat" else [spec[0]]
+            for p in sources:
+                info = self._input_width(region, p)
+                if info is None:
+                    return None
+                kind = join_kinds(kind, info[0])
+            width = out_shape[-1]
+            return (kind, True, width) if self._wide(region, out_shape) == kind else None
         internal = [region.kinds[id(p)] for p in op.input_proxies() if id(p) in region.produced]
-        new_n = region.N
-        has_col = any(k in (FULL, COL) for k in internal)
-        if not has_col and len(out_shape) > 0 and out_shape[-1] > 1:
-            if region.N is None:
-                if _numel(out_shape) in (region.R * out_shape[-1], out_shape[-1]):
-                    has_col, new_n = True, out_shape[-1]
-            elif out_shape[-1] == region.N and _numel(out_shape) in (region.R * region.N, region.N):
-                has_col = True
-        kind = SCALAR
-        for k in internal:
-            kind = join_kinds(kind, k)
-        probe = Region(region.index, region.R, new_n, region.device, kinds=region.kinds, produced=region.produced)
         for p in op.input_proxies():
-            if id(p) not in region.produced:
-                kind = join_kinds(kind, external_kind(_static_shape(p.val), out_shape, has_col))
-        if not self._fits(probe, kind, out_shape):
+            if id(p) in region.produced and region.kinds[id(p)] in _WIDE and region.widths[id(p)] != out_shape[-1]:
+                return None
+        externals = [p for p in op.input_proxies() if id(p) not in region.produced]
+        fit = self._classify(region, op, out_shape, externals, internal)
+        if fit is None:
             return None
-        return kind, has_col, new_n
+        kind, has_col = fit
+        return kind, has_col, (out_shape[-1] if kind in _WIDE else None)
 
     def _new_region(self, op: BoundOp, role: str) -> Region | None:
         out = op.outputs[0].val
@@ -253,22 +367,28 @@ class _Former:
         shape = _static_shape(out)
         if role == "reduction":
             x_shape = _static_shape(op.args[0].val)
-            R, N = _numel(x_shape) // x_shape[-1], x_shape[-1]
-        elif role == "pointwise" and len(shape) > 0 and shape[-1] > 1:
-            R, N = _numel(shape) // shape[-1], shape[-1]
+            rows = _numel(x_shape) // x_shape[-1]
+        elif role in ("pointwise", "column") and len(shape) > 0 and shape[-1] > 1:
+            rows = _numel(shape) // shape[-1]
+            if rows == 1:
+                return None  # a lone [n] value (a weight's .float()): left for the region that reads it
         elif role == "pointwise" and _numel(shape) > 1:
-            R, N = _numel(shape), None
+            rows = _numel(shape)
         else:
             return None
-        region = Region(len(self.regions), R, N, out.device)
+        region = Region(len(self.regions), rows, None, out.device)
         self.regions.append(region)
         return region
 
-    def _add(self, region: Region, op: BoundOp, kind: str, has_col: bool, new_n: int | None) -> None:
-        region.N = new_n
+    def _add(self, region: Region, op: BoundOp, kind: str, has_col: bool, width: int | None) -> None:
         region.ops.append(op)
         out = op.outputs[0]
         region.kinds[id(out)] = kind
+        if kind in _WIDE:
+            region.widths[id(out)] = width
+            region.N = max(region.N or 0, width)
+        if op.target in fops.REDUCTIONS:
+            region.N = max(region.N or 0, _static_shape(op.args[0].val)[-1])
         region.has_col[id(op)] = has_col
         region.produced[id(out)] = out
         for p in op.input_proxies():
@@ -289,16 +409,15 @@ class _Former:
         return False
 
     def _try_merge(self, into: Region, other: Region) -> bool:
-        """Merge ``other`` into ``into`` when their grids agree and no path leaves and re-enters them."""
+        """Merge ``other`` into ``into`` when their rows agree and no path leaves and re-enters them."""
         if into is other or into.device != other.device or into.R != other.R:
-            return False
-        if into.N is not None and other.N is not None and into.N != other.N:
             return False
         if self._reads_indirectly(into, other) or self._reads_indirectly(other, into):
             return False
-        into.N = into.N if into.N is not None else other.N
+        into.N = max(into.N or 0, other.N or 0) or None
         into.ops = sorted(into.ops + other.ops, key=lambda op: self.position[id(op)])
         into.kinds.update(other.kinds)
+        into.widths.update(other.widths)
         into.has_col.update(other.has_col)
         into.produced.update(other.produced)
         into.reads = (into.reads | other.reads) - set(into.produced)
@@ -312,6 +431,31 @@ class _Former:
         other.ops = []
         self.merged_into[other.index] = into.index
         return True
+
+    def _pull_in_producers(self, region: Region, op: BoundOp) -> None:
+        """Move into ``region`` the fusible producers of ``op``'s inputs that no region took (a weight's
+        ``.float()`` or a zero fill computed before the region existed), when ``op`` is their output's
+        first reader: nothing outside has read it yet, so no cycle can arise."""
+        pulled = False
+        for p in op.input_proxies():
+            q = self.producer_op.get(id(p))
+            if q is None or id(q) in self.region_of or id(p) in region.produced or q.executor:
+                continue
+            if self.first_consumer.get(id(p)) is not op:
+                continue
+            q_role = _role(q)
+            if q_role not in ("pointwise", "constant") or not _check_operands(q, q_role):
+                continue
+            if any(id(x) in region.produced or self.producer_region.get(id(x)) is not None for x in q.input_proxies()):
+                continue  # only producers whose own inputs come from outside every region
+            fit = self._try_join(region, q, q_role)
+            if fit is None:
+                continue
+            self._add(region, q, *fit)
+            self.depends[id(p)] = self.depends.get(id(p), frozenset()) | {region.index}
+            pulled = True
+        if pulled:
+            region.ops.sort(key=lambda o: self.position[id(o)])
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> list[Region]:
@@ -336,11 +480,12 @@ class _Former:
                         placed = region
                         break
                 if placed is not None and role != "view":
+                    self._pull_in_producers(placed, op)
                     for p in op.input_proxies():
                         other = self.producer_region.get(id(p))
                         if other is not None and other is not placed:
                             self._try_merge(placed, other)
-                if placed is None and role in ("pointwise", "reduction"):
+                if placed is None and role in ("pointwise", "reduction", "column"):
                     region = self._new_region(op, role)
                     if region is not None:
                         fit = self._try_join(region, op, role)
@@ -375,7 +520,7 @@ def _finish(region: Region, used_outside: set[int]) -> None:
         if id(out) not in used_outside:
             continue
         chain = []
-        while producer[id(out)].target in fops.VIEWS:
+        while producer[id(out)].target in fops.VIEWS or producer[id(out)].target is torch.ops.aten.slice.Tensor:
             view = producer[id(out)]
             chain.append(view)
             out = view.args[0]
@@ -388,7 +533,7 @@ def _finish(region: Region, used_outside: set[int]) -> None:
 
 
 def form_regions(trace: Trace, *, allow_cpu: bool | None = None) -> list[Region]:
-    """The fusion regions of ``trace`` (each with at least two arithmetic ops), in trace order.
+    """The fusion regions of ``trace`` (each with at least two ops that compute or move data), in order.
 
     Args:
         trace: a post-autograd trace; ops already claimed by an executor are left alone.
@@ -440,8 +585,6 @@ def contract(trace: Trace, fused: dict[int, BoundOp], regions: list[Region]) -> 
         for src in deps:
             consumers[src].add(k)
         indegree[k] = len(deps)
-    import heapq
-
     ready = [(nodes[k][0], k) for k in range(len(nodes)) if indegree[k] == 0]
     heapq.heapify(ready)
     ordered: list[BoundOp] = []
