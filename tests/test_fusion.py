@@ -43,6 +43,7 @@ UNARY = [
     lambda x: x.clamp(-1.0, 1.0),
     lambda x: torch.where(x > 0, x, 0.1 * x),
     lambda x: x.pow(3) / 4,
+    lambda x: torch.cat((x[..., 1:], x[..., :1]), -1) * 0.5 if x.dim() else x,  # rotate the last dim (cat, slices)
     # Rounding to bf16 mid-program turns fp32-level differences into bf16 ulps: only in low-precision runs.
     lambda x: x.to(torch.bfloat16).to(x.dtype),
 ]
@@ -164,6 +165,23 @@ def test_long_rows_use_looped_kernels():
     cf = _check_function(fn, [x, t])
     sources = lt.kernel_sources(cf)
     assert any("for c0 in range(0, 20000, BLOCK_N):" in src for src in sources.values()), list(sources)
+
+
+def test_rope_forward_and_backward_are_one_kernel_each():
+    def rope(x, cos, sin):
+        half = x.size(-1) // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        roped = x * cos + rotated * sin
+        return (torch.cat((roped, x[..., x.size(-1) :]), dim=-1),)  # LitGPT appends the un-roped rest
+
+    x = torch.randn(2, 4, 8, 32, device=DEVICE, requires_grad=True)
+    cos = torch.randn(8, 32, device=DEVICE, requires_grad=True)
+    sin = torch.randn(8, 32, device=DEVICE, requires_grad=True)
+    cf = _check_function(rope, [x, cos, sin])
+    for trace in (lt.last_traces(cf)[-1], lt.last_backward_traces(cf)[-1]):
+        torch_ops = {op.name for op in trace.ops if op.executor == "torch"}
+        assert not torch_ops & {"aten.cat.default", "aten.neg.default", "aten.slice_backward.default"}, torch_ops
+        assert sum(1 for op in trace.ops if op.subops) == 1, trace
 
 
 def test_independent_reductions_over_one_input_share_a_kernel():

@@ -60,6 +60,15 @@ def _max_nan(a, b):
 @triton.jit
 def _min_nan(a, b):
     return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _rtne_bf16(x):
+    # fp32 -> nearest-even bf16 value (still fp32). Used under TRITON_INTERPRET=1, whose conversion
+    # to bf16 truncates; GPUs round to nearest even natively.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 '''
 
 
@@ -469,6 +478,8 @@ class _Writer:
         kind = self.storage_kind(p)
         value = self.value(p)
         dtype = p.val.dtype
+        if dtype == torch.bfloat16 and fops.interpreting() and value not in self.literals:
+            value = f"_rtne_bf16({value})"
         if value in self.literals:
             stored = f"tl.full({self.tile(kind) if kind != SCALAR else '[]'}, {value}, {fops.tl_dtype(dtype)})"
         elif kind != self.kind(p) and kind != SCALAR:

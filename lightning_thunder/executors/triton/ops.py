@@ -80,8 +80,12 @@ def literal(x: Any) -> str:
     raise TypeError(f"not a scalar literal: {x!r}")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_interpreting = interpreting
 
 
 # An emitter gets the op and `a(i)` (argument i as an expression) and returns an expression, or None
@@ -151,6 +155,8 @@ def _clamp(op: BoundOp, a: Callable[[int], str]) -> str | None:
 
 def cast(expr: str, dtype: torch.dtype) -> str:
     """``expr`` (in its compute type) converted to ``dtype``'s value, in ``dtype``'s compute type."""
+    if dtype == torch.bfloat16 and interpreting():
+        return f"_rtne_bf16({expr}.to(tl.float32))"  # the interpreter truncates; round to nearest even
     if dtype in (torch.float16, torch.bfloat16):
         return f"{expr}.to({_TL[dtype]}).to(tl.float32)"
     if dtype == torch.bool:
