@@ -167,6 +167,28 @@ def test_long_rows_use_looped_kernels():
     assert any("for c0 in range(0, 20000, BLOCK_N):" in src for src in sources.values()), list(sources)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_cross_entropy_decomposition_matches_eager(reduction, weighted):
+    def loss(logits, weight, target):
+        w = weight if weighted else None
+        return (F.cross_entropy(logits.float(), target, weight=w, ignore_index=2, reduction=reduction),)
+
+    logits = torch.randn(6, 37, device=DEVICE, requires_grad=True)
+    weight = torch.rand(37, device=DEVICE, requires_grad=False) + 0.5
+    target = torch.tensor([0, 2, 5, 36, 2, 7], device=DEVICE)  # two ignored rows
+    cf = lt.compile(loss, plugins=[Fusion()])
+    ref_logits = logits.detach().clone().requires_grad_()
+    (out,), (ref,) = cf(logits, weight, target), loss(ref_logits, weight, target)
+    assert_close(out, ref, "loss")
+    cot = torch.randn_like(ref)
+    out.backward(cot)
+    ref.backward(cot)
+    assert_close(logits.grad, ref_logits.grad, "grad")
+    final = lt.last_traces(cf)[-1].python() + lt.last_backward_traces(cf)[-1].python()
+    assert "nll_loss" not in final and "gather" not in final and "scatter" not in final
+
+
 def test_rope_forward_and_backward_are_one_kernel_each():
     def rope(x, cos, sin):
         half = x.size(-1) // 2

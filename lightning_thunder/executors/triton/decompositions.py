@@ -16,16 +16,21 @@ __all__ = ["nll_loss_backward", "nll_loss_forward"]
 _NONE, _MEAN, _SUM = 0, 1, 2
 
 
+def _onehot(self: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``valid`` [N]: target is not ignored, ``onehot`` [N, C]: column == target)."""
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0)
+    onehot = torch.arange(self.shape[-1], device=self.device).unsqueeze(0) == safe_target.unsqueeze(1)
+    return valid, onehot
+
+
 def nll_loss_forward(
     self: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: int, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor] | type(NotImplemented):
     """``aten.nll_loss_forward`` for ``[N, C]`` inputs, without ``gather``; other shapes are not handled."""
     if self.dim() != 2 or target.dim() != 1:
         return NotImplemented
-    n_classes = self.shape[-1]
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, 0)
-    onehot = torch.arange(n_classes, device=self.device).unsqueeze(0) == safe_target.unsqueeze(1)
+    valid, onehot = _onehot(self, target, ignore_index)
     if weight is not None:
         self = self * weight.unsqueeze(0)
     picked = torch.where(onehot, self, 0).sum(-1)
@@ -55,10 +60,7 @@ def nll_loss_backward(
     and scatter); other shapes are not handled."""
     if self.dim() != 2 or target.dim() != 1:
         return NotImplemented
-    n_classes = self.shape[-1]
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, 0)
-    onehot = torch.arange(n_classes, device=self.device).unsqueeze(0) == safe_target.unsqueeze(1)
+    valid, onehot = _onehot(self, target, ignore_index)
     if reduction == _MEAN:
         grad = grad_output / total_weight
     elif reduction == _SUM:
