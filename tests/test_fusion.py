@@ -165,6 +165,9 @@ def test_long_rows_use_looped_kernels():
     cf = _check_function(fn, [x, t])
     sources = lt.kernel_sources(cf)
     assert any("for c0 in range(0, 20000, BLOCK_N):" in src for src in sources.values()), list(sources)
+    # max and sum(exp(x - max)) share one online pass; the outputs take a second.
+    forward = sources["forward/fusion0"]
+    assert "(online)" in forward and forward.count("for c0 in range(") == 2, forward
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

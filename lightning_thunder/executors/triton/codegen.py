@@ -383,17 +383,46 @@ class _Writer:
         self.emit(f"{name} = {total}  # {op.name}")
         return name
 
+    def _through_views(self, p: Any) -> Any:
+        while isinstance(p, Proxy) and id(p) in self.producer and self.producer[id(p)].target in fops.VIEWS:
+            p = self.producer[id(p)].args[0]
+        return p
+
+    def softmax_pairs(self) -> dict[int, BoundOp]:
+        """``sum`` op id -> the ``amax`` op, for ``s = sum(exp(f - amax(f)))``: one online pass computes both."""
+        aten = torch.ops.aten
+        pairs = {}
+        for op in self.region.ops:
+            if op.target is not aten.sum.dim_IntList:
+                continue
+            e = self._through_views(op.args[0])
+            e_op = self.producer.get(id(e)) if isinstance(e, Proxy) else None
+            if e_op is None or e_op.target is not aten.exp.default:
+                continue
+            d = self._through_views(e_op.args[0])
+            d_op = self.producer.get(id(d)) if isinstance(d, Proxy) else None
+            if d_op is None or d_op.target is not aten.sub.Tensor or d_op.kwargs.get("alpha", 1) != 1:
+                continue
+            f, m = d_op.args[0], self._through_views(d_op.args[1])
+            m_op = self.producer.get(id(m)) if isinstance(m, Proxy) else None
+            if m_op is not None and m_op.target is aten.amax.default and m_op.args[0] is f:
+                pairs[id(op)] = m_op
+        return pairs
+
     def reduction_levels(self) -> dict[int, int]:
-        """op id -> pass number for each reduction: 1 + the highest pass of the reductions it reads."""
+        """op id -> pass number for each reduction: 1 + the highest pass of the reductions it reads
+        (the ``sum`` of an online-softmax pair shares its ``amax``'s pass)."""
+        pairs = self.softmax_pairs() if self.mode == "looped" else {}
         depth: dict[int, int] = {}  # proxy id -> reductions that must finish before it is known
         levels: dict[int, int] = {}
         for op in self.region.ops:
             d = max((depth.get(id(p), 0) for p in op.input_proxies()), default=0)
             if op.target in fops.REDUCTIONS:
-                d += 1
+                d = levels[id(pairs[id(op)])] if id(op) in pairs else d + 1
                 levels[id(op)] = d
             depth[id(op.outputs[0])] = d
         self.depth = depth
+        self.pairs = pairs
         return levels
 
     def emit_row_values(self, below: int | None, emitted: set[int]) -> None:
@@ -412,15 +441,39 @@ class _Writer:
         self.scope = {}
 
     def reduce_pass(self, reductions: list[BoundOp]) -> None:
-        """One chunked pass over the columns accumulating every reduction in ``reductions``."""
+        """One chunked pass over the columns accumulating every reduction in ``reductions``.
+
+        An online-softmax pair (``m = amax(f)``, ``s = sum(exp(f - m))``) keeps a running maximum and
+        a running sum rescaled whenever the maximum grows (Milakov & Gimelshein, "Online normalizer
+        calculation for softmax", 2018), so ``s`` needs no second pass over ``f``.
+        """
+        pairs = [(op, self.pairs[id(op)]) for op in reductions if id(op) in getattr(self, "pairs", {})]
+        paired = {id(o) for pair in pairs for o in pair}
+        online = []
+        for sum_op, max_op in pairs:
+            m_acc, s_acc = self.new("m"), self.new("s")
+            self.emit(f'{m_acc} = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)')
+            self.emit(f"{s_acc} = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)")
+            online.append((sum_op, max_op, m_acc, s_acc))
         accs = []
         for op in reductions:
+            if id(op) in paired:
+                continue
             combine, _ = fops.REDUCTIONS[op.target]
             fill = {"sum": "0.0", "max": 'float("-inf")', "min": 'float("inf")'}[combine]
             acc = self.new("acc")
             self.emit(f"{acc} = tl.full([BLOCK_M, BLOCK_N], {fill}, tl.float32)")
             accs.append((op, acc, combine, fill))
         self.open_loop()
+        for sum_op, max_op, m_acc, s_acc in online:
+            mask = self.reduction_mask(max_op)
+            f = self.new("f")
+            self.emit(f'{f} = tl.where({mask}, {self.operand(max_op, max_op.args[0])}, float("-inf"))')
+            m_new = self.new("m")
+            self.emit(f"{m_new} = _max_nan({m_acc}, {f})")
+            live = f'({m_new} != float("-inf"))'
+            self.emit(f"{s_acc} = {s_acc} * tl.where({live}, tl.exp({m_acc} - {m_new}), 0.0) + tl.where({mask} & {live}, tl.exp({f} - {m_new}), 0.0)")
+            self.emit(f"{m_acc} = {m_new}")
         for op, acc, combine, fill in accs:
             x = self.operand(op, op.args[0])
             masked = f"tl.where({self.reduction_mask(op)}, {x}, {fill})"
@@ -429,6 +482,13 @@ class _Writer:
             else:
                 self.emit(f"{acc} = _{combine}_nan({acc}, {masked})")
         self.close_loop()
+        for sum_op, max_op, m_acc, s_acc in online:
+            m_row, s_row = self.new("red"), self.new("red")
+            self.emit(f"{m_row} = tl.reduce({m_acc}, 1, _max_nan)[:, None]  # {max_op.name} (online)")
+            live = f'({m_acc} != float("-inf"))'
+            self.emit(f"{s_row} = tl.sum({s_acc} * tl.where({live}, tl.exp({m_acc} - {m_row}), 0.0), axis=1)[:, None]  # {sum_op.name} (online)")
+            self.top[(id(max_op.outputs[0]), 0)] = m_row
+            self.top[(id(sum_op.outputs[0]), 0)] = s_row
         for op, acc, combine, _ in accs:
             _, is_mean = fops.REDUCTIONS[op.target]
             total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
