@@ -190,3 +190,48 @@ def test_errors_name_the_fix():
             lt.ThunderFP8()
     with pytest.raises(ValueError, match=r"choose one of \['tensorwise', 'rowwise'\]"):
         lt.ThunderFP8(recipe="mxfp8", emulate=True)
+
+
+def _fsdp_worker(rank: int) -> dict:
+    from lightning.fabric import Fabric
+
+    from tests.strategies.helpers import WORLD_SIZE
+
+    torch._dynamo.reset()
+    precision = lt.ThunderFP8(emulate=True)
+    fabric = Fabric(accelerator="cpu", devices=WORLD_SIZE, strategy="thunder_fsdp", plugins=[precision])
+    fabric.launch()
+    model = tiny_gpt()
+    keys = list(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = fabric.setup(model, opt)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x, y in token_batches(3):
+            loss = lm_loss(model(x[rank::WORLD_SIZE]), y[rank::WORLD_SIZE])
+            fabric.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    block = model.module.transformer.h[0]
+    return {
+        "losses": losses,
+        "converted": precision.compiler_plugins()[0].converted,
+        "block_trace": lt.last_traces(block)[1].name,
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "sharded": all(type(p).__name__ == "DTensor" or hasattr(p, "full_tensor") for p in model.parameters()),
+        "same_keys": list(model.state_dict()) == keys,
+    }
+
+
+@pytest.mark.slow
+def test_fabric_thunder_fsdp_on_two_processes():
+    from tests.strategies.helpers import spawn
+
+    for res in spawn(_fsdp_worker, timeout=240):
+        assert all(torch.isfinite(torch.tensor(res["losses"])))
+        # One graph shared by both blocks: its 5 linear layers rewritten once (the head is not in a block).
+        assert res["converted"] == ["attn.qkv", "attn.proj", "mlp.fc_1", "mlp.fc_2", "mlp.proj"]
+        assert res["block_trace"] == "torch/FP8"
+        assert res["dtypes"] == ["torch.bfloat16"] and res["sharded"] and res["same_keys"]

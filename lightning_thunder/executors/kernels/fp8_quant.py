@@ -152,7 +152,7 @@ def _fp8_cast_kernel(
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
     if ROUND_IN_FP32:
         y = _round_to_fp8_grid(y, MANTISSA, MIN_EXP)
-    tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], y.to(OUT_DTYPE), mask=mask)
+    tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], y.to(OUT_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
     if TRANSPOSE:
         if ROWWISE:
@@ -166,7 +166,7 @@ def _fp8_cast_kernel(
         else:
             y_t = y
         # q_t[c, r]: Triton's coalescing pass stages the tile through shared memory for this store.
-        tl.store(q_t_ptr + cols64[None, :] * R + rows64[:, None], y_t.to(OUT_DTYPE), mask=mask)
+        tl.store(q_t_ptr + cols64[None, :] * R + rows64[:, None], y_t.to(OUT_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def fp8_quantize_triton(
