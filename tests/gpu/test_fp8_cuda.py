@@ -95,7 +95,7 @@ def test_compiled_traces_run_scaled_mm_and_the_quantization_kernels():
     assert _rel(out, ref) < 0.1  # two layers of e4m3 rounding: ~0.05
 
 
-def _llama(seed: int = 0):
+def _llama(seed: int = 0, device: str = "cuda"):
     from litgpt import GPT, Config
 
     torch.manual_seed(seed)
@@ -103,7 +103,7 @@ def _llama(seed: int = 0):
         "Llama-3.2-1B", n_layer=2, n_embd=256, n_head=8, n_query_groups=2, intermediate_size=1024,
         padded_vocab_size=512, vocab_size=512, block_size=128,
     )
-    return GPT(config).cuda().to(torch.bfloat16), config
+    return GPT(config).to(device=device, dtype=torch.bfloat16), config
 
 
 def _batches(n: int, vocab: int, batch: int = 8, seq: int = 128):
@@ -196,12 +196,13 @@ def _fsdp_worker(rank: int) -> dict:
     precision = lt.ThunderFP8()
     fabric = Fabric(accelerator="cuda", devices=2, strategy="thunder_fsdp", plugins=[precision])
     fabric.launch()
-    model, config = _llama()
+    model, config = _llama(device="cpu")  # FSDP2 moves each rank's shard to its GPU
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, opt = fabric.setup(model, opt)
     losses = []
     for x, y in _batches(10, config.padded_vocab_size):
-        loss = F.cross_entropy(model(x[rank::2]).flatten(0, 1).float(), y[rank::2].flatten())
+        x, y = x[rank::2].to(fabric.device), y[rank::2].to(fabric.device)
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         fabric.backward(loss)
         opt.step()
         opt.zero_grad()
