@@ -64,8 +64,9 @@ def _fp8_amax_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Tile maxima of ``|x|`` combined into ``amax`` (and ``amax_t``) with atomic max (values are >= 0)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # Axis 0 walks the columns: programs that run together read neighbouring segments of the same rows.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     col_ok = cols < C
     offsets = rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
@@ -123,8 +124,10 @@ def _fp8_cast_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """``q = fp8(clamp(x * scale))`` row-major, and ``q_t`` = the same for ``x^T`` when ``TRANSPOSE``."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # Tiles in the reverse order of the amax pass: the first ones read are the last ones that pass read,
+    # the most likely to still be in L2.
+    pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_r = tl.num_programs(1) - 1 - tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
@@ -206,8 +209,10 @@ def fp8_quantize_triton(
         scale_inv.fill_(1.0 / (fp8_max / EPS))
         scale_inv_t.fill_(1.0 / (fp8_max / EPS))
         return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
-    # Launch: one program per 64 x 128 tile, amax pass then cast pass.
-    grid = (triton.cdiv(R, _BLOCK_R), triton.cdiv(C, _BLOCK_C))
+    # Launch: one program per 64 x 128 tile (grid axis 0: column blocks), amax pass then cast pass.
+    grid = (triton.cdiv(C, _BLOCK_C), triton.cdiv(R, _BLOCK_R))
+    if grid[1] > 65535:  # CUDA's limit on the second grid dimension
+        raise ValueError(f"fp8_quantize_triton supports at most {65535 * _BLOCK_R} rows, got {R}")
     stride_r, stride_c = x.stride()
     _fp8_amax_kernel[grid](
         x, amax, amax_t, R, C, stride_r, stride_c,
