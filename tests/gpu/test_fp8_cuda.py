@@ -48,11 +48,11 @@ def test_triton_kernel_matches_the_reference_bit_for_bit(fp8_dtype, rowwise):
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_scaled_mm_linear_vs_bf16_and_the_emulation(recipe):
     torch.manual_seed(0)
-    # 2 x 1000 tokens: not a multiple of 16, so the token padding for dW is exercised.
-    x = torch.randn(2, 1000, 1024, device="cuda", dtype=torch.bfloat16)
+    # 2 x 1001 tokens: not a multiple of 16, so the token padding for dW is exercised.
+    x = torch.randn(2, 1001, 1024, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(2048, 1024, device="cuda") * 0.03).to(torch.bfloat16)
     b = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(2, 1000, 2048, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(2, 1001, 2048, device="cuda", dtype=torch.bfloat16)
 
     def run(fn):
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
