@@ -128,7 +128,7 @@ def _train(plugins, recipe_steps: int = 30) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -163,7 +163,7 @@ def test_fabric_and_trainer_with_thunder_fp8():
         fabric.backward(loss)
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert "aten._scaled_mm.default(" in lt.last_traces(model)[-1].python()
 
@@ -206,7 +206,7 @@ def _fsdp_worker(rank: int) -> dict:
         fabric.backward(loss)
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     block = model.module.transformer.h[0]
     return {
         "losses": losses,
