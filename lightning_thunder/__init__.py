@@ -10,8 +10,10 @@ Public API::
 
 Write a plugin by subclassing :class:`Plugin`. FP8 training: the compiler plugin
 ``lightning_thunder.plugins.FP8``, or the Lightning precision plugin :class:`ThunderFP8`
-(``Fabric(plugins=[ThunderFP8()])``, ``Trainer(plugins=[ThunderFP8()])``). Importing this package registers the Lightning strategies
-``thunder``, ``thunder_ddp`` and ``thunder_fsdp`` (see :mod:`lightning_thunder.strategies`).
+(``Fabric(plugins=[ThunderFP8()])``, ``Trainer(plugins=[ThunderFP8()])``).
+
+Importing this package registers the Lightning strategies ``thunder``, ``thunder_ddp`` and ``thunder_fsdp``
+(see :mod:`lightning_thunder.strategies`).
 """
 
 from lightning_thunder.api import (

@@ -122,7 +122,8 @@ class ThunderFP8(HalfPrecision):
 
     @override
     def backward(self, tensor: torch.Tensor, model: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """``model.backward(...)`` under the Trainer (``args[0]`` is the optimizer), ``tensor.backward`` under Fabric."""
+        """``model.backward(...)`` under the Trainer (``args[0]`` is the optimizer); ``tensor.backward`` under
+        Fabric."""
         if _in_trainer(model):
             return super().backward(tensor, model, *args, **kwargs)
         return FabricPrecision.backward(self, tensor, model, *args, **kwargs)

@@ -121,7 +121,9 @@ def fp8_quantize_with_transpose_op(
 
 
 @fp8_quantize_with_transpose_op.register_fake
-def _(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(
+    x: torch.Tensor, dtype: torch.dtype, rowwise: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(x, dtype)
     R, C = x.shape
     q = x.new_empty((R, C), dtype=dtype)
@@ -139,7 +141,8 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.
 def quantize_with_transpose(
     x: torch.Tensor, dtype: torch.dtype, rowwise: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, scale_inv, q_t, scale_inv_t)`` for a 2-D ``x`` (the ``lightning_thunder::fp8_quantize_with_transpose`` op)."""
+    """``(q, scale_inv, q_t, scale_inv_t)`` for a 2-D ``x`` (the ``lightning_thunder::fp8_quantize_with_transpose``
+    op)."""
     return torch.ops.lightning_thunder.fp8_quantize_with_transpose(x, dtype, rowwise)
 
 

@@ -190,7 +190,8 @@ class FP8(Plugin):
         self.converted.extend(converted)
         self.kept.extend(kept)
         emulated = ", emulated" if self.emulate else ""
-        note = f"plugin FP8 ({self.recipe}{emulated}): {len(converted)} of {len(converted) + len(kept)} linear -> fp8_linear"
+        total = len(converted) + len(kept)
+        note = f"plugin FP8 ({self.recipe}{emulated}): {len(converted)} of {total} linear -> fp8_linear"
         if kept:
             note += f"; kept in high precision: {', '.join(kept)}"
         return trace.derive(note, ops=ops)

@@ -102,7 +102,8 @@ def test_custom_filter_and_a_filter_that_excludes_everything():
     assert everything.converted == ["fc1", "fc2"] and everything.kept == ["odd", "lm_head"]
     nothing = FP8(emulate=True, filter=lambda info: False)
     _, cm = _compiled(nothing)
-    with pytest.warns(UserWarning, match=r"kept every linear layer of this graph in high precision \(fc1, fc2, odd, lm_head\)"):
+    message = r"kept every linear layer of this graph in high precision \(fc1, fc2, odd, lm_head\)"
+    with pytest.warns(UserWarning, match=message):
         cm(torch.randn(2, 32))
     with pytest.raises(TypeError, match="filter must be a callable"):
         FP8(emulate=True, filter="lm_head")
@@ -116,7 +117,8 @@ def test_default_filter():
 
 
 def test_recipe_and_hardware_errors_name_the_fix():
-    with pytest.raises(ValueError, match=r"recipe='delayed' is not supported; choose one of \['tensorwise', 'rowwise'\]"):
+    allowed = r"recipe='delayed' is not supported; choose one of \['tensorwise', 'rowwise'\]"
+    with pytest.raises(ValueError, match=allowed):
         FP8(recipe="delayed", emulate=True)
     with mock.patch("torch.cuda.is_available", return_value=False):
         with pytest.raises(RuntimeError, match="CUDA is not available; set emulate=True"):
@@ -128,7 +130,8 @@ def test_recipe_and_hardware_errors_name_the_fix():
         mock.patch("torch.cuda.get_device_name", return_value="NVIDIA A100-SXM4-80GB"),
     ):
         with pytest.raises(
-            RuntimeError, match=r"compute capability >= 8.9 .*cuda:0 \(NVIDIA A100-SXM4-80GB\) has 8.0; set emulate=True"
+            RuntimeError,
+            match=r"compute capability >= 8.9 .*cuda:0 \(NVIDIA A100-SXM4-80GB\) has 8.0; set emulate=True",
         ):
             FP8(recipe="rowwise")
         FP8(emulate=True)  # emulation runs anywhere

@@ -21,9 +21,10 @@ the transposed copy is scaled per row of ``x^T`` (per column of ``x``), so both 
 along the dimension their matmul contracts.
 
 The input may be any 2-D strided tensor (a transposed view reads without a copy). Values are
-computed in fp32; scales use correctly rounded division, so they equal PyTorch's bit for bit. Under ``TRITON_INTERPRET=1`` (CPU tests) the cast first rounds in fp32 to the FP8
-grid, because the interpreter's own fp32 -> fp8 conversion drops the carry when rounding up crosses
-a power of two (Triton 3.9: 125 -> 64 in e4m3); on the GPU the hardware conversion rounds.
+computed in fp32; scales use correctly rounded division, so they equal PyTorch's bit for bit. Under
+``TRITON_INTERPRET=1`` (CPU tests) the cast first rounds in fp32 to the FP8 grid, because the
+interpreter's own fp32 -> fp8 conversion drops the carry when rounding up crosses a power of two
+(Triton 3.9: 125 -> 64 in e4m3); on the GPU the hardware conversion rounds.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def _fp8_cast_kernel(
         else:
             y_t = y
         # q_t[c, r]: Triton's coalescing pass stages the tile through shared memory for this store.
-        tl.store(q_t_ptr + cols64[None, :] * R + rows64[:, None], y_t.to(OUT_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+        q_t = y_t.to(OUT_DTYPE, fp_downcast_rounding="rtne")
+        tl.store(q_t_ptr + cols64[None, :] * R + rows64[:, None], q_t, mask=mask)
 
 
 def fp8_quantize_triton(
