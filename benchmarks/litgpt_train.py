@@ -86,6 +86,8 @@ def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device):
 
         if not hasattr(plugins, "FP8"):
             raise Unavailable("lightning_thunder.plugins.FP8 does not exist yet (fp8 issue)")
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+            raise Unavailable("FP8 needs a CUDA device with compute capability >= 8.9")
     wrapped = WithLoss(model)
     if mode == "eager":
         net = wrapped

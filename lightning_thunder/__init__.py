@@ -8,8 +8,12 @@ Public API::
     lightning_thunder.compile_stats(cm)          # compile time, graphs, graph breaks, ...
     lightning_thunder.kernel_sources(cm)         # generated Triton kernels of the fused regions
 
-Write a plugin by subclassing :class:`Plugin`. Importing this package registers the Lightning strategies
-``thunder``, ``thunder_ddp`` and ``thunder_fsdp`` (see :mod:`lightning_thunder.strategies`).
+Write a plugin by subclassing :class:`Plugin`. FP8 training: the compiler plugin
+``lightning_thunder.plugins.FP8``, or the Lightning precision plugin :class:`ThunderFP8`
+(``Fabric(plugins=[ThunderFP8()])``, ``Trainer(plugins=[ThunderFP8()])``).
+
+Importing this package registers the Lightning strategies ``thunder``, ``thunder_ddp`` and ``thunder_fsdp``
+(see :mod:`lightning_thunder.strategies`).
 """
 
 from lightning_thunder.api import (
@@ -23,6 +27,7 @@ from lightning_thunder.api import (
 from lightning_thunder.capture import CaptureError, CompileOptions, CompileStats, ThunderModule
 from lightning_thunder.executors import Executor, OpExecutor
 from lightning_thunder.plugins import Plugin
+from lightning_thunder.precision import ThunderFP8
 from lightning_thunder.strategies import register_strategies
 from lightning_thunder.trace import Trace
 
@@ -37,6 +42,7 @@ __all__ = [
     "Executor",
     "OpExecutor",
     "Plugin",
+    "ThunderFP8",
     "ThunderModule",
     "Trace",
     "compile",

@@ -1,18 +1,22 @@
-"""Compiler plugins: fusion, parallelism (FSDP, DDP) and helpers for block-wise (regional) compilation."""
+"""Compiler plugins: fusion, FP8, parallelism (FSDP, DDP) and helpers for block-wise (regional) compilation."""
 
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import checkpoint_block, compile_blocks, find_block_class, find_blocks
 from lightning_thunder.plugins.ddp import DDP
+from lightning_thunder.plugins.fp8 import FP8, LinearInfo, default_filter
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.plugins.fusion import Fusion
 
 __all__ = [
     "DDP",
+    "FP8",
     "FSDP",
     "Fusion",
+    "LinearInfo",
     "Plugin",
     "checkpoint_block",
     "compile_blocks",
+    "default_filter",
     "find_block_class",
     "find_blocks",
 ]

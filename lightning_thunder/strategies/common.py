@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_plugins",
+    "with_precision_plugins",
     "check_compile_options",
     "fsdp_mixed_precision",
     "compile_submodules",
@@ -55,6 +56,20 @@ def check_plugins(plugins: Sequence[Plugin] | None, strategy: str) -> list[Plugi
                 "FSDP2, 'thunder_ddp' replicates with DDP)"
             )
     return checked
+
+
+def with_precision_plugins(plugins: Sequence[Plugin] | None, precision: Any) -> list[Plugin] | None:
+    """The compiler plugins a strategy compiles with: its own (``None``: the compiler's defaults) followed by those
+    its Lightning precision plugin brings through a ``compiler_plugins()`` method (``ThunderFP8`` brings ``FP8``;
+    Lightning's own precision plugins bring none, and then ``plugins`` is returned as is)."""
+    hook = getattr(precision, "compiler_plugins", None)
+    extra = check_plugins(list(hook()), "thunder") if callable(hook) else []
+    if not extra:
+        return plugins
+    from lightning_thunder.api import default_plugins
+
+    base = default_plugins() if plugins is None else list(plugins)
+    return base + [p for p in extra if all(p is not q for q in base)]
 
 
 def check_compile_options(options: Mapping[str, Any] | None) -> dict[str, Any]:

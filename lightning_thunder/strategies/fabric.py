@@ -38,6 +38,7 @@ from lightning_thunder.strategies.common import (
     check_single_device,
     check_unsharded,
     fsdp_mixed_precision,
+    with_precision_plugins,
 )
 from lightning_thunder.strategies.optimizers import (
     check_repointable,
@@ -110,7 +111,8 @@ class ThunderStrategy(SingleDeviceStrategy):
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Compile ``module`` (parameters and ``state_dict`` keys stay those of ``module``)."""
-        return thunder_compile(module, plugins=self.plugins, **self.compile_options)
+        plugins = with_precision_plugins(self.plugins, self.precision)
+        return thunder_compile(module, plugins=plugins, **self.compile_options)
 
 
 class ThunderDDPStrategy(DDPStrategy):
@@ -139,7 +141,8 @@ class ThunderDDPStrategy(DDPStrategy):
     @override
     def setup_module(self, module: nn.Module) -> DistributedDataParallel:
         """Compile ``module``, then wrap it in DDP (rank 0's weights are broadcast to every rank)."""
-        compiled = thunder_compile(module, plugins=self.plugins, **self.compile_options)
+        plugins = with_precision_plugins(self.plugins, self.precision)
+        compiled = thunder_compile(module, plugins=plugins, **self.compile_options)
         return super().setup_module(compiled)
 
 
@@ -223,7 +226,8 @@ class ThunderFSDPStrategy(ModelParallelStrategy):
             cpu_offload=options.cpu_offload,
             activation_checkpointing=options.activation_checkpointing,
         )
-        compile_blocks(module, self.plugins, block_cls=block_cls, **self.compile_options)
+        plugins = with_precision_plugins(self.plugins, self.precision)
+        compile_blocks(module, plugins, block_cls=block_cls, **self.compile_options)
         return fsdp.transform_module(module)
 
     @override

@@ -45,6 +45,7 @@ from lightning_thunder.strategies.common import (
     compile_submodules,
     fsdp_mixed_precision,
     gradient_sync_disabled,
+    with_precision_plugins,
 )
 
 if TYPE_CHECKING:
@@ -113,7 +114,8 @@ class ThunderTrainerStrategy(SingleDeviceStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         """Compile the LightningModule's submodules that hold parameters, then set up as ``SingleDeviceStrategy``."""
         assert self.lightning_module is not None
-        compile_submodules(self.lightning_module, self.plugins, self.compile_options, "thunder")
+        plugins = with_precision_plugins(self.plugins, self.precision_plugin)
+        compile_submodules(self.lightning_module, plugins, self.compile_options, "thunder")
         super().setup(trainer)
 
 
@@ -141,7 +143,8 @@ class ThunderDDPTrainerStrategy(DDPStrategy):
         """Compile the LightningModule's submodules that hold parameters, then set up as ``DDPStrategy`` (which wraps
         the LightningModule in DDP when fitting)."""
         assert self.lightning_module is not None
-        compile_submodules(self.lightning_module, self.plugins, self.compile_options, "thunder_ddp")
+        plugins = with_precision_plugins(self.plugins, self.precision_plugin)
+        compile_submodules(self.lightning_module, plugins, self.compile_options, "thunder_ddp")
         super().setup(trainer)
 
 
@@ -207,7 +210,8 @@ class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
             cpu_offload=options.cpu_offload,
             activation_checkpointing=options.activation_checkpointing,
         )
-        compile_blocks(module, self.plugins, block_cls=block_cls, **self.compile_options)
+        plugins = with_precision_plugins(self.plugins, self.precision_plugin)
+        compile_blocks(module, plugins, block_cls=block_cls, **self.compile_options)
         fsdp.transform_module(module)
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
         # (embeddings, head) around them too.

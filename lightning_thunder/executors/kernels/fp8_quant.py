@@ -1,0 +1,229 @@
+"""Dynamic FP8 quantization of a 2-D tensor: amax, scale and saturating cast in two Triton passes.
+
+Math (Micikevicius et al., "FP8 Formats for Deep Learning", 2022, arXiv:2209.05433; the recipe of
+torchao.float8 and NVIDIA Transformer Engine): for an FP8 format with largest finite value ``MAX``
+(e4m3fn: 448, e5m2: 57344) and a group ``G`` of elements sharing one scale (the whole tensor, or
+one row)::
+
+    amax_G      = max_{i in G} |x_i|                       (fp32)
+    scale_G     = MAX / max(amax_G, EPS)                   (EPS = 1e-12 guards amax = 0)
+    q_i         = fp8(clamp(x_i * scale_G, -MAX, MAX))     (round to nearest even, saturating)
+    scale_inv_G = 1 / scale_G                              (what ``torch._scaled_mm`` multiplies by)
+
+so ``x_i ~= q_i * scale_inv_G`` and the largest element of each group lands on ``MAX``.
+
+A group-wide maximum must be known before any element is scaled, so the work is two passes over
+``x`` (one launch each): :func:`_fp8_amax_kernel` reduces ``|x|`` over tiles and combines the tile
+maxima with atomic max; :func:`_fp8_cast_kernel` scales, clamps and casts, writing the FP8 tensor
+row-major and, on request, also transposed (``q^T``, contiguous), which is the layout the backward
+matmuls need (``torch._scaled_mm`` wants its second operand column-major). For the rowwise recipe
+the transposed copy is scaled per row of ``x^T`` (per column of ``x``), so both layouts are scaled
+along the dimension their matmul contracts.
+
+The input may be any 2-D strided tensor (a transposed view reads without a copy). Values are
+computed in fp32; scales use correctly rounded division, so they equal PyTorch's bit for bit. Under
+``TRITON_INTERPRET=1`` (CPU tests) the cast first rounds in fp32 to the FP8 grid, because the
+interpreter's own fp32 -> fp8 conversion drops the carry when rounding up crosses a power of two
+(Triton 3.9: 125 -> 64 in e4m3); on the GPU the hardware conversion rounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fp8_quantize_triton", "FP8_FORMATS", "EPS"]
+
+#: Lower bound of amax in the scale computation (amax = 0 would give an infinite scale).
+EPS = 1e-12
+
+#: torch dtype -> (largest finite value, mantissa bits, smallest normal exponent, Triton dtype)
+FP8_FORMATS: dict[torch.dtype, tuple[float, int, int, tl.dtype]] = {
+    torch.float8_e4m3fn: (448.0, 3, -6, tl.float8e4nv),
+    torch.float8_e5m2: (57344.0, 2, -14, tl.float8e5),
+}
+
+# Tile of x each program handles: 64 rows x 128 columns (bf16: 256-byte rows, coalesced loads).
+_BLOCK_R, _BLOCK_C, _NUM_WARPS = 64, 128, 8
+
+
+@triton.jit
+def _fp8_amax_kernel(
+    x_ptr,  # [R, C] input, any strides
+    amax_ptr,  # fp32, zero-initialized: [1] (tensorwise) or [R] (rowwise)
+    amax_t_ptr,  # fp32, zero-initialized: [C] per-column amax (rowwise with the transposed copy)
+    R,
+    C,
+    stride_r,  # elements to move one row
+    stride_c,  # elements to move one column
+    ROWWISE: tl.constexpr,  # amax per row (else one for the tensor)
+    COLUMNS: tl.constexpr,  # also amax per column (rowwise scaling of x^T)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Tile maxima of ``|x|`` combined into ``amax`` (and ``amax_t``) with atomic max (values are >= 0)."""
+    # Axis 0 walks the columns: programs that run together read neighbouring segments of the same rows.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    col_ok = cols < C
+    offsets = rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+    x = tl.load(x_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    a = tl.abs(x.to(tl.float32))
+    if ROWWISE:
+        tl.atomic_max(amax_ptr + rows, tl.max(a, axis=1), mask=row_ok)
+        if COLUMNS:
+            tl.atomic_max(amax_t_ptr + cols, tl.max(a, axis=0), mask=col_ok)
+    else:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
+
+
+@triton.jit
+def _div(numerator, denominator):
+    """``numerator / denominator`` in fp32, correctly rounded (``/`` may be approximate on the GPU), so the
+    scales equal PyTorch's bit for bit."""
+    return tl.math.div_rn(tl.zeros_like(denominator) + numerator, denominator)
+
+
+@triton.jit
+def _round_to_fp8_grid(y, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+    """``y`` (fp32, |y| <= MAX) rounded to nearest even on the FP8 grid, in fp32: adding and subtracting
+    ``2^(e + 23 - MANTISSA)`` (``e`` = the exponent of ``y``, at least ``MIN_EXP`` so subnormals keep a
+    fixed step) makes the fp32 adder round away exactly the bits FP8 lacks."""
+    bits = y.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXP)
+    magic = ((e + (150 - MANTISSA)) << 23).to(tl.float32, bitcast=True)
+    r = (tl.abs(y) + magic) - magic
+    return tl.where(bits < 0, -r, r)
+
+
+@triton.jit
+def _fp8_cast_kernel(
+    x_ptr,  # [R, C] input, any strides
+    q_ptr,  # [R, C] FP8 output, contiguous
+    q_t_ptr,  # [C, R] FP8 output (x^T quantized), contiguous; unused unless TRANSPOSE
+    amax_ptr,  # [1] or [R] fp32 from _fp8_amax_kernel
+    amax_t_ptr,  # [C] fp32 per-column amax (ROWWISE and TRANSPOSE)
+    scale_inv_ptr,  # [1] or [R] fp32 output: 1 / scale
+    scale_inv_t_ptr,  # [1] or [C] fp32 output: 1 / scale of the transposed copy
+    R,
+    C,
+    stride_r,
+    stride_c,
+    FP8_MAX: tl.constexpr,
+    EPS: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    ROWWISE: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ROUND_IN_FP32: tl.constexpr,  # interpreter: round to the FP8 grid before the cast (see module doc)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``q = fp8(clamp(x * scale))`` row-major, and ``q_t`` = the same for ``x^T`` when ``TRANSPOSE``."""
+    # Tiles in the reverse order of the amax pass: the first ones read are the last ones that pass read,
+    # the most likely to still be in L2.
+    pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_r = tl.num_programs(1) - 1 - tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_r + cols64[None, :] * stride_c, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+
+    if ROWWISE:
+        amax = tl.load(amax_ptr + rows, mask=row_ok, other=1.0)
+        scale = _div(FP8_MAX, tl.maximum(amax, EPS))  # [BLOCK_R]
+        y = x * scale[:, None]
+        if pid_c == 0:
+            tl.store(scale_inv_ptr + rows, _div(1.0, scale), mask=row_ok)
+    else:
+        amax = tl.load(amax_ptr)
+        scale = _div(FP8_MAX, tl.maximum(amax, EPS))
+        y = x * scale
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(scale_inv_ptr, _div(1.0, scale))
+            if TRANSPOSE:
+                tl.store(scale_inv_t_ptr, _div(1.0, scale))
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    if ROUND_IN_FP32:
+        y = _round_to_fp8_grid(y, MANTISSA, MIN_EXP)
+    tl.store(q_ptr + rows64[:, None] * C + cols64[None, :], y.to(OUT_DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+
+    if TRANSPOSE:
+        if ROWWISE:
+            amax_t = tl.load(amax_t_ptr + cols, mask=col_ok, other=1.0)
+            scale_t = _div(FP8_MAX, tl.maximum(amax_t, EPS))  # [BLOCK_C]
+            y_t = tl.minimum(tl.maximum(x * scale_t[None, :], -FP8_MAX), FP8_MAX)
+            if ROUND_IN_FP32:
+                y_t = _round_to_fp8_grid(y_t, MANTISSA, MIN_EXP)
+            if pid_r == 0:
+                tl.store(scale_inv_t_ptr + cols, _div(1.0, scale_t), mask=col_ok)
+        else:
+            y_t = y
+        # q_t[c, r]: Triton's coalescing pass stages the tile through shared memory for this store.
+        q_t = y_t.to(OUT_DTYPE, fp_downcast_rounding="rtne")
+        tl.store(q_t_ptr + cols64[None, :] * R + rows64[:, None], q_t, mask=mask)
+
+
+def fp8_quantize_triton(
+    x: torch.Tensor, fp8_dtype: torch.dtype, rowwise: bool, transpose: bool
+) -> tuple[torch.Tensor, ...]:
+    """Quantize a 2-D tensor to FP8 with dynamic scales (see the module docstring for the math).
+
+    Args:
+        x: ``[R, C]`` fp32/bf16/fp16, any strides.
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        rowwise: one scale per row (``[R, 1]``); else one for the tensor (0-d).
+        transpose: also return ``x^T`` quantized (``[C, R]`` contiguous) and its scales (0-d, or ``[C, 1]``
+            per row of ``x^T`` when ``rowwise``).
+
+    Returns:
+        ``(q, scale_inv)``, or ``(q, scale_inv, q_t, scale_inv_t)`` with ``transpose``; ``q`` is ``[R, C]``
+        contiguous and ``x ~= q * scale_inv``.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"fp8_quantize_triton expects a 2-D tensor, got shape {tuple(x.shape)}")
+    if fp8_dtype not in FP8_FORMATS:
+        raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
+    fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+    R, C = x.shape
+    # Allocate: amax buffers (zero: atomic max of non-negative values), outputs, inverse scales.
+    n_amax = (R if rowwise else 1) + (C if rowwise and transpose else 0)
+    amax_all = torch.zeros(n_amax, device=x.device, dtype=torch.float32)
+    amax = amax_all[: R if rowwise else 1]
+    amax_t = amax_all[R:] if rowwise and transpose else amax
+    q = torch.empty((R, C), device=x.device, dtype=fp8_dtype)
+    q_t = torch.empty((C, R), device=x.device, dtype=fp8_dtype) if transpose else q
+    scale_inv = torch.empty((R, 1) if rowwise else (), device=x.device, dtype=torch.float32)
+    scale_inv_t = (
+        torch.empty((C, 1) if rowwise else (), device=x.device, dtype=torch.float32) if transpose else scale_inv
+    )
+    if x.numel() == 0:
+        scale_inv.fill_(1.0 / (fp8_max / EPS))
+        scale_inv_t.fill_(1.0 / (fp8_max / EPS))
+        return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
+    # Launch: one program per 64 x 128 tile (grid axis 0: column blocks), amax pass then cast pass.
+    grid = (triton.cdiv(C, _BLOCK_C), triton.cdiv(R, _BLOCK_R))
+    if grid[1] > 65535:  # CUDA's limit on the second grid dimension
+        raise ValueError(f"fp8_quantize_triton supports at most {65535 * _BLOCK_R} rows, got {R}")
+    stride_r, stride_c = x.stride()
+    _fp8_amax_kernel[grid](
+        x, amax, amax_t, R, C, stride_r, stride_c,
+        ROWWISE=rowwise, COLUMNS=rowwise and transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+    )
+    _fp8_cast_kernel[grid](
+        x, q, q_t, amax, amax_t, scale_inv, scale_inv_t, R, C, stride_r, stride_c,
+        FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype,
+        ROWWISE=rowwise, TRANSPOSE=transpose, ROUND_IN_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+    )
+    return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)

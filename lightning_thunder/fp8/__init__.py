@@ -1,0 +1,35 @@
+"""FP8 training: the quantization ops, the FP8 matmul, the FP8 linear op and module.
+
+- :mod:`~lightning_thunder.fp8.quantize`: ``lightning_thunder::fp8_quantize[_with_transpose]`` custom ops
+  (amax -> scale -> saturating cast; a Triton kernel on CUDA) and their PyTorch reference.
+- :mod:`~lightning_thunder.fp8.matmul`: ``torch._scaled_mm`` or its emulation.
+- :mod:`~lightning_thunder.fp8.linear`: :func:`fp8_linear` and its autograd function.
+- :mod:`~lightning_thunder.fp8.module`: :class:`FP8Linear` and the in-place ``nn.Linear`` swap.
+- :mod:`~lightning_thunder.fp8.config`: recipes and the hardware check.
+
+Users normally reach these through :class:`lightning_thunder.plugins.FP8` (compiler plugin) or
+:class:`lightning_thunder.ThunderFP8` (Lightning precision plugin).
+"""
+
+from lightning_thunder.fp8.config import RECIPES, check_fp8_hardware, check_recipe
+from lightning_thunder.fp8.linear import FP8LinearFunction, fp8_linear
+from lightning_thunder.fp8.matmul import fp8_mm_t
+from lightning_thunder.fp8.module import FP8Linear, restore_linears, swap_linears
+from lightning_thunder.fp8.quantize import E4M3, E5M2, dequantize, fp8_max, quantize_reference
+
+__all__ = [
+    "E4M3",
+    "E5M2",
+    "FP8Linear",
+    "FP8LinearFunction",
+    "RECIPES",
+    "check_fp8_hardware",
+    "check_recipe",
+    "dequantize",
+    "fp8_linear",
+    "fp8_max",
+    "fp8_mm_t",
+    "quantize_reference",
+    "restore_linears",
+    "swap_linears",
+]

@@ -1,0 +1,105 @@
+"""FP8 quantization: the Triton kernel (interpreter on CPU) against the PyTorch reference, and the math itself."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lightning_thunder.executors.kernels.fp8_quant import fp8_quantize_triton
+from lightning_thunder.fp8.quantize import (
+    E4M3,
+    E5M2,
+    fp8_max,
+    quantize,
+    quantize_reference,
+    quantize_with_transpose,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1",
+)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (E4M3, E5M2) else t
+
+
+def _spread(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Values over 6 orders of magnitude (by column), so subnormals, ties and the saturation edge all occur."""
+    return (torch.randn(rows, cols) * torch.logspace(-3, 3, cols)).to(dtype)
+
+
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["plain", "with_transpose"])
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((37, 150), "contiguous"), ((150, 37), "transposed_view"), ((64, 128), "contiguous"), ((5, 123), "contiguous")],
+)
+def test_kernel_matches_reference_bit_for_bit(fp8_dtype, rowwise, transpose, shape, layout):
+    x = _spread(*shape, torch.bfloat16)
+    if layout == "transposed_view":
+        x = x.t()  # non-contiguous input: the kernel reads strides
+    got = fp8_quantize_triton(x, fp8_dtype, rowwise, transpose)
+    expected = quantize_reference(x, fp8_dtype, rowwise, transpose)
+    assert len(got) == len(expected) == (4 if transpose else 2)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert (g.shape, g.dtype, g.stride()) == (e.shape, e.dtype, e.stride()), f"output {i}"
+        assert torch.equal(_bits(g), _bits(e)), f"output {i}: {(_bits(g) != _bits(e)).sum()} elements differ"
+
+
+def test_kernel_fp32_input_zero_rows_and_saturation():
+    x = torch.randn(20, 48)
+    x[3] = 0.0  # amax = 0: the scale is guarded, the row quantizes to zeros
+    x[5, 7] = 1e30  # a huge outlier saturates nothing else away in rowwise mode
+    for rowwise in (False, True):
+        got = fp8_quantize_triton(x, E4M3, rowwise, True)
+        for g, e in zip(got, quantize_reference(x, E4M3, rowwise, True)):
+            assert torch.equal(_bits(g), _bits(e))
+    q, s = fp8_quantize_triton(x, E4M3, True, False)
+    assert torch.all(q[3].float() == 0) and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+def test_reference_math(fp8_dtype, rowwise):
+    x = _spread(33, 80, torch.float32)
+    q, s, q_t, s_t = quantize_reference(x, fp8_dtype, rowwise, transpose=True)
+    mx = fp8_max(fp8_dtype)
+    # The largest element of each scaling group lands exactly on the format's maximum.
+    group_max = q.float().abs().amax(dim=1) if rowwise else q.float().abs().amax()
+    assert torch.all(group_max == mx)
+    assert s.shape == ((33, 1) if rowwise else ()) and s_t.shape == ((80, 1) if rowwise else ())
+    assert s.dtype == s_t.dtype == torch.float32
+    # Dequantization error: half an ulp (2^-4 for e4m3, 2^-3 for e5m2) relative, or half a subnormal step.
+    mantissa = 3 if fp8_dtype == E4M3 else 2
+    min_normal = 2.0**-6 if fp8_dtype == E4M3 else 2.0**-14
+    for data, scale_inv, original in ((q, s, x), (q_t, s_t, x.t())):
+        deq = data.float() * scale_inv
+        bound = original.abs() * 2.0 ** -(mantissa + 1) + scale_inv * min_normal * 2.0 ** -(mantissa + 1)
+        assert torch.all((deq - original).abs() <= bound * (1 + 1e-6))
+    # Tensorwise: one scale for both layouts, and the transposed copy is the transpose.
+    if not rowwise:
+        assert torch.equal(s, s_t) and torch.equal(_bits(q_t), _bits(q).t())
+
+
+def test_custom_ops_run_and_have_fake_implementations():
+    x = torch.randn(16, 32)
+    q, s = quantize(x, E4M3, True)
+    assert q.dtype == E4M3 and s.shape == (16, 1)
+    outs = quantize_with_transpose(x, E5M2, False)
+    assert [tuple(t.shape) for t in outs] == [(16, 32), (), (32, 16), ()]
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fx = torch.empty(8, 48, dtype=torch.bfloat16)
+        fq, fs, fqt, fst = quantize_with_transpose(fx, E4M3, True)
+        assert (fq.shape, fs.shape, fqt.shape, fst.shape) == ((8, 48), (8, 1), (48, 8), (48, 1))
+        assert fqt.is_contiguous() and fq.dtype == E4M3
+    with pytest.raises(ValueError, match="2-D tensor"):
+        quantize(torch.randn(2, 3, 4), E4M3, False)
+    with pytest.raises(ValueError, match="float8_e4m3fn or torch.float8_e5m2"):
+        quantize(x, torch.bfloat16, False)
