@@ -40,6 +40,7 @@ __all__ = ["KernelSpec", "TensorArg", "generate", "choose_mode", "PERSISTENT_MAX
 #: Rows up to this many columns are reduced in registers; longer rows are walked in chunks.
 PERSISTENT_MAX_N = 16384
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_LOW = (torch.float16, torch.bfloat16)
 _WIDE = (FULL, COL)
 
 _PRELUDE = '''\
@@ -338,6 +339,10 @@ class _Writer:
             name = self.column_move(op, shift)
         else:
             expr = fops.POINTWISE[op.target](op, lambda i: self.operand(op, op.args[i], shift))
+            if p.val.dtype in _LOW and op.target not in fops.CASTS:
+                # Round to the op's dtype as eager does after every op: later ops (a comparison with
+                # a stored bf16 value, say) must see exactly the values eager would.
+                expr = fops.cast(expr, p.val.dtype)
             name = self.new()
             self.emit(f"{name} = {expr}  # {op.name}" + (f" at cols{shift:+d}" if shift else ""))
         memo = self.top if self.kind(p) in (ROW, SCALAR) and self.mode == "looped" else self.scope
@@ -379,6 +384,8 @@ class _Writer:
             total = f"tl.reduce({masked}, 1, _{combine}_nan)[:, None]"
         if is_mean:
             total = f"({total} / {float(op.args[0].val.shape[-1])!r})"
+        if op.outputs[0].val.dtype in _LOW:
+            total = fops.cast(total, op.outputs[0].val.dtype)
         name = self.new("red")
         self.emit(f"{name} = {total}  # {op.name}")
         return name
@@ -486,7 +493,10 @@ class _Writer:
             m_row, s_row = self.new("red"), self.new("red")
             self.emit(f"{m_row} = tl.reduce({m_acc}, 1, _max_nan)[:, None]  # {max_op.name} (online)")
             live = f'({m_acc} != float("-inf"))'
-            self.emit(f"{s_row} = tl.sum({s_acc} * tl.where({live}, tl.exp({m_acc} - {m_row}), 0.0), axis=1)[:, None]  # {sum_op.name} (online)")
+            total = f"tl.sum({s_acc} * tl.where({live}, tl.exp({m_acc} - {m_row}), 0.0), axis=1)[:, None]"
+            if sum_op.outputs[0].val.dtype in _LOW:
+                total = fops.cast(total, sum_op.outputs[0].val.dtype)
+            self.emit(f"{s_row} = {total}  # {sum_op.name} (online)")
             self.top[(id(max_op.outputs[0]), 0)] = m_row
             self.top[(id(sum_op.outputs[0]), 0)] = s_row
         for op, acc, combine, _ in accs:
@@ -494,6 +504,8 @@ class _Writer:
             total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
             if is_mean:
                 total = f"({total} / {float(op.args[0].val.shape[-1])!r})"
+            if op.outputs[0].val.dtype in _LOW:
+                total = fops.cast(total, op.outputs[0].val.dtype)
             name = self.new("red")
             self.emit(f"{name} = {total}  # {op.name}")
             self.top[(id(op.outputs[0]), 0)] = name

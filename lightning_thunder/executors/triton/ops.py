@@ -29,6 +29,7 @@ __all__ = [
     "VIEWS",
     "CONSTANTS",
     "COLUMN_MOVES",
+    "CASTS",
     "compute_type",
     "literal",
     "tl_dtype",
@@ -257,6 +258,9 @@ POINTWISE: dict[Any, Emitter] = {
     aten.clone.default: lambda op, a: a(0),
     aten.copy.default: _copy,
 }
+
+#: ops that convert dtypes (their emitters already round to the target dtype)
+CASTS = {aten._to_copy.default, prims.convert_element_type.default, aten.copy.default}
 
 #: Ops whose result only depends on the dtype/shape of their inputs: they become a literal.
 CONSTANTS: dict[Any, Callable[[BoundOp], Any]] = {
