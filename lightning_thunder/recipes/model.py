@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from lightning_thunder.recipes.config import RecipeConfig
 
-__all__ = ["BYTE_VOCAB_SIZE", "litgpt_config", "check_model", "set_initializers", "reset_parameters", "lm_loss"]
+__all__ = ["BYTE_VOCAB_SIZE", "litgpt_config", "check_model", "set_initializers", "reset_parameters", "training_flops", "lm_loss"]
 
 #: Token ids of the byte tokenizer.
 BYTE_VOCAB_SIZE = 256
@@ -97,6 +97,19 @@ def reset_parameters(model: nn.Module) -> None:
         for module in model.modules():
             if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
+
+
+def training_flops(config: Config, micro_batch_size: int, seq_length: int) -> int:
+    """FLOPs of one micro-batch's forward and backward through ``GPT(config)``, counted with ``FlopCounterMode``
+    on a meta-device model (no memory, no compute). The throughput monitor cannot measure a sharded model
+    itself (FSDP modules cannot be copied), so the recipe gives it this figure for every strategy."""
+    from lightning.fabric.utilities.throughput import measure_flops
+    from litgpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+        x = torch.zeros((micro_batch_size, seq_length), dtype=torch.long)
+    return int(measure_flops(model, lambda: model(x), lambda y: y.sum()))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
