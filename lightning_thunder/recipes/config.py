@@ -152,9 +152,6 @@ class RecipeConfig:
     )
 
 
-_SECTION_ORDER = [f.name for f in dataclasses.fields(RecipeConfig)]
-
-
 # ------------------------------------------------------------------------------------------------ loading
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), *, check_model: bool = True
@@ -217,6 +214,13 @@ def _parse_override(entry: str) -> DictConfig:
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    hints = typing.get_type_hints(RecipeConfig)
+    for key in other:  # a section given as a scalar: OmegaConf's message would not name the key
+        section = hints.get(str(key))
+        if dataclasses.is_dataclass(section) and not isinstance(other[key], DictConfig):
+            raise ConfigError(
+                f"{key}={other[key]!r} ({source}) is not valid: expected {_describe_type(section)}"
+            )
     try:
         merged = OmegaConf.merge(base, other)
     except ConfigKeyError as e:
@@ -293,11 +297,12 @@ def _check_combinations(cfg: RecipeConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------ schema help
 def _schema_field(key: str) -> dataclasses.Field | None:
+    """The schema field of a dotted key (``None`` for keys inside a mapping such as ``model.overrides``)."""
     cls: Any = RecipeConfig
     found = None
     for part in key.split("."):
-        if cls is None or not dataclasses.is_dataclass(cls):
-            return found if found is not None and found.name == "overrides" else None
+        if not dataclasses.is_dataclass(cls):
+            return None
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
             return None

@@ -158,7 +158,9 @@ def load_tokens(cfg: DataConfig) -> TokenData:
             f"data.val_fraction={cfg.val_fraction} (each split needs at least {need}); give more text, a shorter "
             "data.seq_length or another data.val_fraction"
         )
-    capped = f", capped at data.max_bytes={cfg.max_bytes:,}" if cfg.max_bytes is not None and n_bytes >= cfg.max_bytes else ""
+    capped = ""
+    if cfg.max_bytes is not None and n_bytes >= cfg.max_bytes:
+        capped = f", capped at data.max_bytes={cfg.max_bytes:,}"
     description = (
         f"{n_bytes:,} bytes from {len(pieces)} of {len(source.files)} files of {source.description}{capped}; "
         f"tokens ({how}): {len(tokens) - n_val:,} train, {n_val:,} validation"

@@ -20,4 +20,6 @@ def require_litgpt(what: str = "LitGPT recipes") -> None:
     try:
         import litgpt  # noqa: F401
     except ImportError as e:
-        raise MissingDependencyError(f"{what} need the `litgpt` package, which is not installed: {LITGPT_INSTALL}") from e
+        raise MissingDependencyError(
+            f"{what} need the `litgpt` package, which is not installed: {LITGPT_INSTALL}"
+        ) from e

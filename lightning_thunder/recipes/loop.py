@@ -30,7 +30,12 @@ from lightning_thunder.recipes.config import RecipeConfig, to_dict, to_yaml
 from lightning_thunder.recipes.data import TrainSampler, load_tokens, validation_batches
 from lightning_thunder.recipes.errors import ConfigError, require_litgpt
 from lightning_thunder.recipes.model import check_model, lm_loss, reset_parameters, set_initializers, training_flops
-from lightning_thunder.recipes.plugins import RecipePlugins, apply_activation_checkpointing, build_plugins, build_strategy
+from lightning_thunder.recipes.plugins import (
+    RecipePlugins,
+    apply_activation_checkpointing,
+    build_plugins,
+    build_strategy,
+)
 from lightning_thunder.recipes.report import (
     PretrainResult,
     Progress,
@@ -153,7 +158,9 @@ def pretrain(cfg: RecipeConfig) -> PretrainResult:
             "out_dir",
             flush=True,
         )
-        return PretrainResult(str(out_dir), start_step + 1, start_step, cfg.train.max_steps, resumed_from=str(resume_path))
+        return PretrainResult(
+            str(out_dir), start_step + 1, start_step, cfg.train.max_steps, resumed_from=str(resume_path)
+        )
 
     fabric = Fabric(
         accelerator=cfg.accelerator,

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
 
     from lightning_thunder.recipes.config import RecipeConfig
 
-__all__ = ["BYTE_VOCAB_SIZE", "litgpt_config", "check_model", "set_initializers", "reset_parameters", "training_flops", "lm_loss"]
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "check_model",
+    "litgpt_config",
+    "lm_loss",
+    "reset_parameters",
+    "set_initializers",
+    "training_flops",
+]
 
 #: Token ids of the byte tokenizer.
 BYTE_VOCAB_SIZE = 256

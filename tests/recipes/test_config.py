@@ -193,3 +193,14 @@ def test_console_script_is_declared_and_importable():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["lightning-thunder"].partition(":")
     assert getattr(importlib.import_module(module), name) is main
+
+
+def test_a_section_given_as_a_value_names_its_keys(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("model: pythia-14m\n")
+    with pytest.raises(ConfigError, match=r"model='pythia-14m' \(in .*flat.yaml\) is not valid: expected a mapping "
+                                          r"of name, overrides"):
+        load_config(flat)
+    with pytest.raises(ConfigError, match=r"train=3 \(in the override 'train=3'\) is not valid: expected a mapping "
+                                          r"of max_steps, micro_batch_size"):
+        load_config(DEBUG, ["train=3"])

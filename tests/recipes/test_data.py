@@ -67,7 +67,8 @@ def _tiny_tokenizer_dir(tmp_path):
     directory = tmp_path / "checkpoint"
     directory.mkdir()
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    config = {"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 
 
