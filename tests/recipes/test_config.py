@@ -204,3 +204,12 @@ def test_a_section_given_as_a_value_names_its_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"train=3 \(in the override 'train=3'\) is not valid: expected a mapping "
                                           r"of max_steps, micro_batch_size"):
         load_config(DEBUG, ["train=3"])
+
+
+def test_without_litgpt_the_cli_says_how_to_install_it(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "litgpt", None)  # `import litgpt` now raises ImportError
+    assert main(["pretrain", "--config", str(DEBUG)]) == 2
+    err = capsys.readouterr().err
+    assert "need the `litgpt` package, which is not installed: pip install 'lightning-thunder-ext[litgpt]'" in err
