@@ -1,7 +1,9 @@
 # Two commands for a fresh machine:
-#   make train   set up .venv (CPU PyTorch + this project) and train a small LitGPT model on CPU
+#   make train   set up .venv (CPU PyTorch + this project) and train a small LitGPT model on CPU:
+#                lightning-thunder pretrain --config examples/recipes/debug.yaml (outputs in out/debug)
 #   make test    set up .venv and run the test suite (what CI runs)
 # Both reuse .venv when it is up to date. Override the interpreter or torch with PYTHON=... TORCH=...
+# Recipe overrides go in ARGS: make train ARGS="train.max_steps=50 out_dir=out/short"
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) examples/train_cpu.py
+	$(VENV)/bin/lightning-thunder pretrain --config examples/recipes/debug.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -23,7 +23,16 @@ def test_custom_plugin_example():
     assert "relu_via_clamp(" in out and "'aten.clamp.default': 1" in out
 
 
-def test_train_cpu_example_runs_a_few_steps():
+def test_trainer_litgpt_example_runs_a_few_steps(tmp_path):
     pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
-    out = _run("examples/train_cpu.py", "--steps", "3", "--batch", "2", "--seq", "32")
-    assert "step    1  loss" in out and "validation loss" in out and "compiled 2 graphs" in out
+    out = _run("examples/trainer_litgpt.py", "--steps", "3", "--layers", "2", "--seq", "32", "--micro-batch", "2",
+               "--accelerator", "cpu", "--out", str(tmp_path))
+    assert "FP8 off: " in out and "precision 32-true" in out
+    assert "ThroughputMonitor: 3 batches" in out and "CompileReport:" in out and "finished: 3 steps" in out
+
+
+def test_make_train_runs_the_debug_recipe():
+    """The README's main job is one recipe (the recipe itself is tested in tests/recipes)."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\t$(VENV)/bin/lightning-thunder pretrain --config examples/recipes/debug.yaml $(ARGS)\n" in makefile
+    assert not (ROOT / "examples" / "train_cpu.py").exists()

@@ -1,0 +1,419 @@
+"""The recipe config: a typed schema (dataclasses) read by OmegaConf from a YAML file plus ``key=value`` overrides.
+
+::
+
+    cfg = load_config("examples/recipes/debug.yaml", ["train.max_steps=20", "out_dir=out/try"])
+    cfg.train.max_steps      # 20
+
+Every key has a type, a default and a help text (:func:`describe_schema` prints them). Unknown keys, values of
+the wrong type, values outside their choices or range and inconsistent combinations raise :class:`ConfigError`
+naming the key, the bad value and what is allowed. Nothing is dropped or replaced silently.
+"""
+
+# No `from __future__ import annotations`: OmegaConf reads these annotations at run time.
+import dataclasses
+import difflib
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from lightning_thunder.recipes.errors import ConfigError
+from lightning_thunder.recipes.plugins import PLUGINS, parse_plugins
+
+__all__ = [
+    "ACCELERATORS",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "STRATEGIES",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RecipeConfig",
+    "TrainConfig",
+    "describe_schema",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]
+
+#: ``strategy`` values: the Fabric strategies of :mod:`lightning_thunder.strategies`.
+STRATEGIES = ("thunder", "thunder_ddp", "thunder_fsdp")
+#: ``precision`` values (Lightning's precision settings).
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+#: ``accelerator`` values.
+ACCELERATORS = ("auto", "cpu", "cuda")
+#: ``optimizer.name`` values.
+OPTIMIZERS = ("AdamW",)
+
+
+def _key(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
+         above: float | None = None, below: float | None = None) -> Any:
+    """A schema field: its default (a callable makes a fresh default per instance), help text and limits
+    (``minimum``: value >= minimum; ``above``: value > above; ``below``: value < below)."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "above": above, "below": below}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """The LitGPT model: ``litgpt.Config.from_name(name, **overrides)``."""
+
+    name: str = _key(MISSING, "a LitGPT model name for litgpt.Config.from_name, e.g. pythia-14m, Llama-3.2-1B")
+    overrides: dict[str, Any] = _key(dict, "litgpt.Config fields to change, e.g. {n_layer: 4, vocab_size: 256}")
+
+
+@dataclass
+class DataConfig:
+    """The text to train on and how it becomes tokens."""
+
+    path: Optional[str] = _key(
+        None, "a text file or a directory of them; null: the Python standard library's source (no download)"
+    )
+    glob: str = _key("**/*.txt", "which files of a directory `path` to read (sorted by name)")
+    tokenizer_dir: Optional[str] = _key(
+        None, "a LitGPT checkpoint directory whose tokenizer encodes the text; null: bytes (256 token ids)"
+    )
+    seq_length: int = _key(256, "tokens per training sequence (at most the model's block_size)", minimum=1)
+    val_fraction: float = _key(
+        0.05, "fraction of the tokens (the end of the text) held out for validation", above=0, below=1
+    )
+    max_bytes: Optional[int] = _key(None, "read at most this many bytes of text; null: all of it", minimum=1)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer (the learning rate follows ``train.lr_warmup_steps`` and a cosine decay to ``train.min_lr``)."""
+
+    name: str = _key("AdamW", "the optimizer", choices=OPTIMIZERS)
+    lr: float = _key(3e-4, "peak learning rate, reached after the warmup", above=0)
+    weight_decay: float = _key(0.1, "decoupled weight decay", minimum=0)
+    betas: list[float] = _key(lambda: [0.9, 0.95], "AdamW's (beta1, beta2)")
+    eps: float = _key(1e-8, "AdamW's epsilon", above=0)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int = _key(1000, "optimizer steps to train for (in total, counting those before a resume)", minimum=1)
+    micro_batch_size: int = _key(8, "sequences per forward/backward on each device", minimum=1)
+    global_batch_size: int = _key(
+        8, "sequences per optimizer step over all devices: a multiple of micro_batch_size * devices "
+        "(the rest is gradient accumulation)", minimum=1,
+    )
+    lr_warmup_steps: int = _key(100, "steps of linear learning-rate warmup from 0", minimum=0)
+    min_lr: float = _key(3e-5, "learning rate at max_steps (cosine decay after the warmup)", minimum=0)
+    max_norm: Optional[float] = _key(1.0, "clip the gradient norm to this; null: no clipping", above=0)
+    log_interval: int = _key(10, "print and log the training loss every this many steps", minimum=1)
+    save_interval: Optional[int] = _key(
+        100, "save a checkpoint every this many steps (and always at the end); null: only at the end", minimum=1
+    )
+    seed: int = _key(42, "seed of the weights' initialization and of the order of training sequences")
+
+
+@dataclass
+class EvalConfig:
+    """Validation."""
+
+    interval: int = _key(100, "compute the validation loss every this many steps", minimum=1)
+    max_iters: int = _key(10, "validation batches (of train.micro_batch_size sequences per device)", minimum=1)
+    final_validation: bool = _key(True, "also validate after the last step")
+
+
+@dataclass
+class RecipeConfig:
+    """A training recipe: what ``lightning-thunder pretrain --config <file>`` reads."""
+
+    model: ModelConfig = _key(ModelConfig, "the LitGPT model")
+    data: DataConfig = _key(DataConfig, "the training text")
+    strategy: str = _key("thunder", "the Fabric strategy", choices=STRATEGIES)
+    plugins: list[Any] = _key(
+        list, "extra features, in order: " + ", ".join(f"{name} ({what})" for name, what in PLUGINS.items())
+        + "; an entry is a name or {name: {option: value}}"
+    )
+    accelerator: str = _key("auto", "where to train (auto: CUDA when available)", choices=ACCELERATORS)
+    devices: int = _key(1, "devices (processes) on this machine", minimum=1)
+    precision: str = _key("32-true", "Lightning's precision setting", choices=PRECISIONS)
+    optimizer: OptimizerConfig = _key(OptimizerConfig, "the optimizer")
+    train: TrainConfig = _key(TrainConfig, "the training loop")
+    eval: EvalConfig = _key(EvalConfig, "validation")
+    out_dir: str = _key("out/recipe", "where config.yaml, checkpoints/, logs/ and summary.json go")
+    resume: Any = _key(
+        False, "false: start fresh (out_dir must hold no checkpoint); auto: continue from the latest checkpoint in "
+        "out_dir if there is one; true: continue from it (it must exist); or the path of a checkpoint"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, check_model: bool = True
+) -> RecipeConfig:
+    """Read a recipe: the schema's defaults, then the YAML file at ``path``, then the ``key=value`` overrides.
+
+    Args:
+        path: a YAML file (``None``: the defaults and the overrides only).
+        overrides: OmegaConf dot-list entries, e.g. ``["train.max_steps=20", "plugins=[fp8]"]``.
+        check_model: also check ``model`` against LitGPT (the name exists, the overrides are ``litgpt.Config``
+            fields, ``data.seq_length`` fits ``block_size``); needs ``litgpt``.
+
+    Raises:
+        ConfigError: the message names the key, the bad value and the allowed values.
+    """
+    merged: DictConfig = OmegaConf.structured(RecipeConfig)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), f"in {path}")
+    for entry in overrides:
+        merged = _merge(merged, _parse_override(entry), f"in the override {entry!r}")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is required: {_help(e.full_key)}") from None
+    assert isinstance(cfg, RecipeConfig)
+    _check_fields(cfg, "")
+    _check_combinations(cfg)
+    if check_model:
+        from lightning_thunder.recipes.model import check_model as _check_model
+
+        _check_model(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"the config file {str(path)!r} does not exist (recipes are in examples/recipes/)")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - YAML syntax errors come as several exception types
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got a {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_override(entry: str) -> DictConfig:
+    key, sep, _ = entry.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"the override {entry!r} must be written key=value, e.g. train.max_steps=20")
+    try:
+        return OmegaConf.from_dotlist([entry])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"the override {entry!r} could not be parsed: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - the YAML parser of values raises its own types
+        raise ConfigError(
+            f"the value of the override {entry!r} could not be parsed ({_first_line(e)}); inside lists and "
+            "mappings put a space after each colon, e.g. plugins=[{fp8: {emulate: true}}]"
+        ) from None
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    hints = typing.get_type_hints(RecipeConfig)
+    for key in other:  # a section given as a scalar: OmegaConf's message would not name the key
+        section = hints.get(str(key))
+        if dataclasses.is_dataclass(section) and not isinstance(other[key], DictConfig):
+            raise ConfigError(
+                f"{key}={other[key]!r} ({source}) is not valid: expected {_describe_type(section)}"
+            )
+    try:
+        merged = OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(str(e.full_key or e.key), source)) from None
+    except ValidationError as e:
+        key = str(e.full_key) if e.full_key else None
+        if key is None:
+            raise ConfigError(f"{source}: {_first_line(e)}") from None
+        raise ConfigError(
+            f"{key}={e.value!r} ({source}) is not valid: expected {_expected(key)}; {_help(key)}"
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_first_line(e)}") from None
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Choices and ranges from the schema's metadata, recursively."""
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{key}.")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
+        if value is None or isinstance(value, bool):
+            continue
+        minimum, above, below = (f.metadata.get(k) for k in ("minimum", "above", "below"))
+        bad = (
+            (minimum is not None and value < minimum)
+            or (above is not None and value <= above)
+            or (below is not None and value >= below)
+        )
+        if bad:
+            allowed = [f"value >= {minimum}"] if minimum is not None else []
+            allowed += [f"value > {above}"] if above is not None else []
+            allowed += [f"value < {below}"] if below is not None else []
+            raise ConfigError(f"{key}={value!r} is out of range; allowed: {' and '.join(allowed)}")
+
+
+def _check_combinations(cfg: RecipeConfig) -> None:
+    """What single keys cannot say: strategy vs devices, the batch sizes, the optimizer's betas, plugins, resume."""
+    if cfg.strategy == "thunder" and cfg.devices != 1:
+        raise ConfigError(
+            f"devices={cfg.devices} with strategy='thunder', which runs on one device; use strategy=thunder_ddp or "
+            "strategy=thunder_fsdp for several devices, or devices=1"
+        )
+    per_step = cfg.train.micro_batch_size * cfg.devices
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of train.micro_batch_size "
+            f"({cfg.train.micro_batch_size}) times devices ({cfg.devices}) = {per_step}; e.g. "
+            f"train.global_batch_size={max(per_step, cfg.train.global_batch_size // per_step * per_step)}"
+        )
+    betas = cfg.optimizer.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optimizer.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if cfg.train.min_lr > cfg.optimizer.lr:
+        raise ConfigError(
+            f"train.min_lr={cfg.train.min_lr} is above optimizer.lr={cfg.optimizer.lr}; the learning rate decays "
+            "from optimizer.lr to train.min_lr"
+        )
+    parse_plugins(cfg.plugins)
+    resume = cfg.resume
+    if not (isinstance(resume, bool) or resume == "auto" or (isinstance(resume, str) and resume.strip())):
+        raise ConfigError(
+            f"resume={resume!r} is not allowed; allowed values: false, true, auto, or the path of a checkpoint"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ schema help
+def _schema_field(key: str) -> dataclasses.Field | None:
+    """The schema field of a dotted key (``None`` for keys inside a mapping such as ``model.overrides``)."""
+    cls: Any = RecipeConfig
+    found = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return None
+        found = fields[part]
+        cls = typing.get_type_hints(cls).get(part)
+    return found
+
+
+def _section(key: str) -> tuple[str, Any]:
+    """The dataclass holding ``key`` and its prefix (``""`` for the top level)."""
+    parts = key.split(".")[:-1]
+    cls: Any = RecipeConfig
+    for part in parts:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return ".".join(parts), None
+        cls = hints[part]
+    return ".".join(parts), cls
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    prefix, cls = _section(key)
+    if cls is None:
+        return f"unknown config key {key!r} ({source}): {prefix!r} has no sub-keys"
+    names = [f.name for f in dataclasses.fields(cls)]
+    leaf = key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, names, n=1)
+    where = f"under {prefix!r}" if prefix else "at the top level"
+    hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+    return f"unknown config key {key!r} ({source}); allowed keys {where}: {', '.join(names)}{hint}"
+
+
+def _help(key: str) -> str:
+    f = _schema_field(key)
+    return f.metadata.get("help", "") if f is not None else ""
+
+
+def _expected(key: str) -> str:
+    prefix, cls = _section(key)
+    leaf = key.split(".")[-1]
+    if cls is None:
+        return "a valid value"
+    hint = typing.get_type_hints(cls).get(leaf)
+    return _describe_type(hint)
+
+
+def _describe_type(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if hint in names:
+        return names[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return "null or " + _describe_type(inner[0])
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
+    return "a valid value"
+
+
+def describe_schema() -> str:
+    """Every key with its type, default and help, as indented text (the CLI's ``--help`` shows it)."""
+    lines: list[str] = []
+
+    def visit(cls: Any, indent: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                lines.append(f"{indent}{f.name}:  # {f.metadata['help']}")
+                visit(hint, indent + "  ")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = "(required)" if default is MISSING else _show(default)
+            choices = f.metadata.get("choices")
+            extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
+            lines.append(f"{indent}{f.name}: {shown}  # {f.metadata['help']}{extra}")
+
+    visit(RecipeConfig, "")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    """A default as it would be written in YAML (flow style)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str) and (not value or any(c in value for c in "*:#{}[],&!|>'\"%@`")):
+        return repr(value)
+    return str(value)
+
+
+def to_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    """The config as plain Python containers (for checkpoints and JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    """The config as YAML, every key included (what ``out_dir/config.yaml`` holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

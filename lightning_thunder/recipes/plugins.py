@@ -1,0 +1,164 @@
+"""How a recipe's ``strategy`` and ``plugins`` keys become a Fabric strategy and compiler plugins.
+
+An entry of ``plugins`` is a name, or a one-key mapping from the name to its options::
+
+    plugins: [activation_checkpointing, fp8]
+    plugins: [{fp8: {recipe: tensorwise}}]
+
+===========================  ====================================================================================
+name                         what it maps to (at run time)
+===========================  ====================================================================================
+``fp8``                      ``lightning_thunder.plugins.FP8(**options)``, imported when the run starts and
+                             appended to the compiler plugins (after the compiler's defaults: Fusion with CUDA)
+``activation_checkpointing`` ``thunder_fsdp``: ``ThunderFSDPStrategy(activation_checkpointing=True)``;
+                             ``thunder``/``thunder_ddp``: :func:`~lightning_thunder.plugins.checkpoint_block` on
+                             every transformer block before the model is compiled
+===========================  ====================================================================================
+
+Names are checked when the config is loaded; FP8 is imported only when a run starts, so a recipe that asks for
+it validates everywhere and fails at launch, with the way out, where FP8 is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lightning_thunder.recipes.errors import ConfigError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from lightning.fabric.strategies import Strategy
+    from torch import nn
+
+    from lightning_thunder.plugins.base import Plugin
+
+__all__ = ["PLUGINS", "PluginEntry", "RecipePlugins", "parse_plugins", "build_plugins", "fp8_plugin_class",
+           "build_strategy", "apply_activation_checkpointing"]
+
+#: The names ``plugins`` accepts, with what each does.
+PLUGINS = {
+    "fp8": "FP8 matmuls through lightning_thunder.plugins.FP8; options are its arguments, e.g. {recipe: tensorwise}",
+    "activation_checkpointing": "recompute each transformer block's activations in the backward; no options",
+}
+_NO_OPTIONS = ("activation_checkpointing",)
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """One validated entry of ``plugins``: its name and options."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _allowed() -> str:
+    return ", ".join(PLUGINS)
+
+
+def parse_plugins(entries: Sequence[Any]) -> list[PluginEntry]:
+    """Validate the ``plugins`` list (names, option mappings, no duplicates); raises :class:`ConfigError`."""
+    parsed: list[PluginEntry] = []
+    for index, entry in enumerate(entries):
+        where = f"plugins[{index}]"
+        if isinstance(entry, str):
+            name, options = entry, {}
+        elif isinstance(entry, Mapping) and len(entry) == 1:
+            name, options = next(iter(entry.items()))
+            options = {} if options is None else options
+            if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+                raise ConfigError(
+                    f"{where}={dict(entry)!r}: the options of {name!r} must be a mapping of option names to values, "
+                    f"e.g. {{{name}: {{option: value}}}}"
+                )
+        else:
+            raise ConfigError(
+                f"{where}={entry!r} is not allowed: an entry is a plugin name or a one-key mapping "
+                f"{{name: {{option: value}}}}; allowed names: {_allowed()}"
+            )
+        if name not in PLUGINS:
+            raise ConfigError(f"{where}={name!r} is not a recipe plugin; allowed names: {_allowed()}")
+        if name in _NO_OPTIONS and options:
+            raise ConfigError(f"{where}: {name!r} takes no options, got {dict(options)!r}; write it as `{name}`")
+        if any(p.name == name for p in parsed):
+            raise ConfigError(f"{where}={name!r} is listed twice in plugins; list each plugin once")
+        parsed.append(PluginEntry(name, dict(options)))
+    return parsed
+
+
+@dataclass
+class RecipePlugins:
+    """What ``plugins`` resolved to for a run."""
+
+    #: Compiler plugin instances, appended to the compiler's defaults (in list order).
+    compile_plugins: list[Plugin] = field(default_factory=list)
+    #: Recompute each block's activations in the backward.
+    activation_checkpointing: bool = False
+    #: An FP8 plugin is active (the throughput monitor then measures MFU against the FP8 peak).
+    fp8: bool = False
+
+    def compiler_plugins(self) -> list[Plugin] | None:
+        """The strategy's ``plugins=``: ``None`` (the compiler's defaults) when no compiler plugin was asked for,
+        else the defaults followed by the recipe's compiler plugins."""
+        if not self.compile_plugins:
+            return None
+        from lightning_thunder.api import default_plugins
+
+        return [*default_plugins(), *self.compile_plugins]
+
+
+def fp8_plugin_class() -> type[Plugin]:
+    """``lightning_thunder.plugins.FP8``, or :class:`MissingDependencyError` when this version lacks it."""
+    try:
+        from lightning_thunder.plugins import FP8
+    except ImportError as e:
+        raise MissingDependencyError(
+            "FP8 support is not installed in this version: lightning_thunder.plugins.FP8 is missing. Remove fp8 "
+            "from the recipe's plugins (e.g. plugins=[]) or install a lightning_thunder that has it"
+        ) from e
+    return FP8
+
+
+def build_plugins(entries: Sequence[Any]) -> RecipePlugins:
+    """Validate ``plugins`` and build what each entry maps to (imports optional features now)."""
+    resolved = RecipePlugins()
+    for entry in parse_plugins(entries):
+        if entry.name == "activation_checkpointing":
+            resolved.activation_checkpointing = True
+        elif entry.name == "fp8":
+            cls = fp8_plugin_class()
+            try:
+                resolved.compile_plugins.append(cls(**entry.options))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"plugins: fp8 options {entry.options!r} were refused by {cls.__name__}: {e}") from e
+            resolved.fp8 = True
+    return resolved
+
+
+def build_strategy(strategy: str, plugins: RecipePlugins) -> Strategy:
+    """The Fabric strategy instance for ``strategy`` with the recipe's compiler plugins (and, for ``thunder_fsdp``,
+    activation checkpointing inside each compiled block)."""
+    from lightning_thunder.strategies import ThunderDDPStrategy, ThunderFSDPStrategy, ThunderStrategy
+
+    compiler_plugins = plugins.compiler_plugins()
+    if strategy == "thunder":
+        return ThunderStrategy(plugins=compiler_plugins)
+    if strategy == "thunder_ddp":
+        return ThunderDDPStrategy(plugins=compiler_plugins)
+    if strategy == "thunder_fsdp":
+        return ThunderFSDPStrategy(plugins=compiler_plugins, activation_checkpointing=plugins.activation_checkpointing)
+    raise ConfigError(f"strategy={strategy!r} is not allowed; allowed values: thunder, thunder_ddp, thunder_fsdp")
+
+
+def apply_activation_checkpointing(model: nn.Module, strategy: str, plugins: RecipePlugins) -> int:
+    """For ``thunder``/``thunder_ddp``: checkpoint every transformer block of ``model`` (before it is compiled, so
+    the checkpoint is inside the compiled graph). Returns the number of blocks changed (0 when not asked for, or
+    for ``thunder_fsdp``, whose strategy does it per block)."""
+    if not plugins.activation_checkpointing or strategy == "thunder_fsdp":
+        return 0
+    from lightning_thunder.plugins import checkpoint_block, find_block_class, find_blocks
+
+    blocks = find_blocks(model, find_block_class(model))
+    for _, _, block in blocks:
+        checkpoint_block(block)
+    return len(blocks)

@@ -1,0 +1,130 @@
+"""The debug recipe trains on CPU as users run it (`python -m lightning_thunder.recipes.pretrain`, a fresh
+interpreter each), and a run resumed from a checkpoint in a fresh process continues with the identical next loss."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_thunder.recipes import ConfigError, load_config, pretrain
+from lightning_thunder.recipes.checkpoints import list_checkpoints, resolve_resume
+from lightning_thunder.recipes.cli import main
+
+pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = ROOT / "examples" / "recipes" / "debug.yaml"
+# The debug recipe as it is (pythia-14m-sized, bytes of the standard library, thunder, 32-true), for 4 steps:
+# every step logged, validation and a checkpoint every 2 steps.
+FEW_STEPS = ["train.max_steps=4", "train.log_interval=1", "train.save_interval=2", "eval.interval=2",
+             "eval.max_iters=2", "accelerator=cpu"]
+
+
+def _pretrain(*overrides: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_thunder.recipes.pretrain", "--config", str(DEBUG), *FEW_STEPS, *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"pretrain {overrides} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, str]:
+    out_dir = tmp_path_factory.mktemp("debug") / "out"
+    return out_dir, _pretrain(f"out_dir={out_dir}", "resume=false")
+
+
+@pytest.mark.slow
+def test_debug_recipe_trains_a_few_steps_on_cpu(first_run):
+    out_dir, stdout = first_run
+    assert "model pythia-14m" in stdout and "strategy thunder on 1 cpu device(s), precision 32-true" in stdout
+    assert "data: " in stdout and "Python standard library" in stdout
+    for step in range(1, 5):
+        assert f"step {step}/4 | loss " in stdout
+    assert "step 2 | validation loss" in stdout and f"step 4 | saved {out_dir}/checkpoints/step-000004.ckpt" in stdout
+    assert "ThroughputMonitor:" in stdout and "MemoryMonitor:" in stdout and "CompileReport:" in stdout
+    assert "Training finished: steps 1-4 of 4" in stdout and "tokens/s" in stdout and "peak CPU RSS" in stdout
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    losses = {int(k): v for k, v in summary["train_losses"].items()}
+    assert sorted(losses) == [1, 2, 3, 4] and sorted(int(k) for k in summary["val_losses"]) == [2, 4]
+    assert 5.0 < losses[1] < 6.5  # ~ln(256) = 5.55 from a fresh byte-level model
+    assert losses[4] < losses[1]
+    assert summary["tokens_per_sec"] > 0 and summary["peak_memory_gib"] > 0 and summary["tokens"] == 4 * 8 * 256
+    assert [step for step, _ in list_checkpoints(out_dir)] == [2, 4]
+    assert not [p for p in (out_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no partial writes
+    assert load_config(out_dir / "config.yaml").train.max_steps == 4  # the resolved config, reloadable
+    with open(Path(summary["log_dir"]) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    assert logged == losses
+    assert any(r.get("val/loss") for r in rows) and any(r.get("throughput/global/tokens_per_sec") for r in rows)
+
+
+@pytest.mark.slow
+def test_resume_in_a_fresh_process_gives_the_identical_next_loss(first_run, tmp_path):
+    out_dir, _ = first_run
+    checkpoint = out_dir / "checkpoints" / "step-000002.ckpt"
+    stdout = _pretrain(f"out_dir={tmp_path}", f"resume={checkpoint}")
+    assert f"resumed from {checkpoint} at step 2: continuing with step 3" in stdout
+    first = json.loads((out_dir / "summary.json").read_text())
+    resumed = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(resumed["train_losses"]) == ["3", "4"]
+    for step in ("3", "4"):  # bit for bit, not approximately
+        assert resumed["train_losses"][step] == first["train_losses"][step], step
+    assert resumed["val_losses"]["4"] == first["val_losses"]["4"]
+    a = torch.load(out_dir / "checkpoints" / "step-000004.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "checkpoints" / "step-000004.ckpt", weights_only=True)
+    assert a["step"] == b["step"] == 4 and a["tokens"] == b["tokens"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+               for i in a["optimizer"]["state"])
+
+
+@pytest.mark.slow
+def test_resume_choices_on_a_finished_run(first_run, capsys):
+    out_dir, _ = first_run
+    done = ["--config", str(DEBUG), *FEW_STEPS, f"out_dir={out_dir}"]
+    # auto: the latest checkpoint is at max_steps, nothing to do (returns before building anything)
+    assert main(["pretrain", *done, "resume=auto"]) == 0
+    assert "step-000004.ckpt is at step 4, train.max_steps=4: nothing left to train" in capsys.readouterr().out
+    # false: refuses to mix a fresh run into a directory with checkpoints
+    assert main(["pretrain", *done, "resume=false"]) == 2
+    assert "resume=false, but out_dir=" in capsys.readouterr().err
+    # another model cannot resume from these weights
+    changed = [*done, "resume=auto", "train.max_steps=6", "model.overrides.n_layer=3", "train.micro_batch_size=4",
+               "train.global_batch_size=4"]
+    assert main(["pretrain", *changed]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "model.overrides.n_layer: '(unset)' in the checkpoint, 3 now" in err
+    assert "train.micro_batch_size: 8 in the checkpoint, 4 now" in err
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(False, tmp_path) is None and resolve_resume("auto", tmp_path) is None
+    with pytest.raises(ConfigError, match=r"resume=true, but out_dir=.* holds no checkpoint"):
+        resolve_resume(True, tmp_path)
+    with pytest.raises(ConfigError, match=r"resume='nowhere.ckpt': no checkpoint at that path"):
+        resolve_resume("nowhere.ckpt", tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("step-000010.ckpt", "step-000002.ckpt", ".step-000020.ckpt.partial", "notes.txt"):
+        (tmp_path / "checkpoints" / name).write_text("")
+    assert resolve_resume("auto", tmp_path).name == resolve_resume(True, tmp_path).name == "step-000010.ckpt"
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of an earlier run \(step-000002.ckpt, "
+                                          r"step-000010.ckpt\); continue it with resume=auto"):
+        resolve_resume(False, tmp_path)
+
+
+def test_a_checkpoint_from_elsewhere_is_refused(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"model": {}, "step": 3}, path)
+    with pytest.raises(ConfigError, match=r"was not written by a lightning_thunder recipe"):
+        pretrain(load_config(DEBUG, [f"resume={path}", f"out_dir={tmp_path / 'out'}"]))
