@@ -74,7 +74,10 @@ def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: 
     state.calls += 1
     token = state.activate()
     try:
-        return compiled(*args, **kwargs)
+        # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module
+        # runs inside DDP; compile it whole (DDP then reduces after the compiled backward).
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return compiled(*args, **kwargs)
     finally:
         state.deactivate(token)
         state.in_call -= 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,21 +110,6 @@ def _log_dir(fabric: Fabric) -> Path | None:
     return Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
 
 
-def _compile_context(strategy: str) -> AbstractContextManager[Any]:
-    """``thunder_ddp``: keep Dynamo's DDPOptimizer off while the model compiles and runs.
-
-    Under DDP, Dynamo splits the captured graph at DDP's bucket boundaries (``torch._dynamo.config.optimize_ddp``)
-    and compiles each piece with the backend, propagating fake tensors through them. With lightning_thunder's
-    backend the pieces then return fake tensors at run time once a model exceeds DDP's first bucket (1 MB of
-    parameters), so ``model(x)`` fails. Compiling the whole graph (as without DDP) is correct; DDP then reduces
-    the gradients after the compiled backward instead of overlapping with it. Scoped to the run, so nothing else
-    in the process changes.
-    """
-    if strategy != "thunder_ddp":
-        return nullcontext()
-    return torch._dynamo.config.patch(optimize_ddp=False)
-
-
 def _resume_point(cfg: RecipeConfig) -> tuple[Path | None, int]:
     """The checkpoint to resume from (checked against ``cfg``) and its step, before anything heavy starts."""
     resume_path = resolve_resume(cfg.resume, Path(cfg.out_dir))
@@ -175,10 +159,9 @@ def pretrain(cfg: RecipeConfig) -> PretrainResult:
     if fabric.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    with _compile_context(cfg.strategy):
-        run = _Run(fabric, cfg, plugins, resume_path, wall_start)
-        run.train()
-        return run.finish()
+    run = _Run(fabric, cfg, plugins, resume_path, wall_start)
+    run.train()
+    return run.finish()
 
 
 class _Run:

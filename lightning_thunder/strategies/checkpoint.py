@@ -1,10 +1,12 @@
-"""Atomic checkpoint writes for the sharded strategies.
+"""Atomic checkpoint writes for every thunder strategy.
 
 Lightning's ``ModelParallelStrategy`` writes a full checkpoint with a plain ``torch.save(path)`` and a
-sharded one straight into the target directory, so a crash mid-write leaves a truncated file or a
-directory of partial shards where the previous good checkpoint was. Here every rank writes into a
-sibling ``.<name>.partial`` path first; once all ranks are done, rank 0 moves it into place
-(``os.replace`` for a file: atomic; a directory replaces the old one by two renames).
+sharded one straight into the target directory, and its single-device and DDP strategies write through
+a temporary file that is *moved* (a copy, when ``/tmp`` is another file system), so a crash mid-write
+leaves a truncated file or a directory of partial shards where the previous good checkpoint was. Here
+every rank writes into a sibling ``.<name>.partial`` path first; once all ranks are done, rank 0 moves
+it into place (``os.replace`` for a file: atomic; a directory replaces the old one by two renames).
+The mixins :class:`AtomicFabricSave` and :class:`AtomicTrainerSave` give a strategy this behaviour.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_checkpoint_path", "is_sharded_checkpoint"]
+from typing_extensions import override
+
+__all__ = ["AtomicFabricSave", "AtomicTrainerSave", "atomic_checkpoint_path", "is_sharded_checkpoint"]
 
 _SHARDED_MARKERS = ("meta.pt", ".metadata")
 
@@ -72,3 +77,37 @@ def atomic_checkpoint_path(
             raise FileNotFoundError(f"the checkpoint was not written to {str(partial)!r}")
         _move_into_place(partial, path)
     barrier()
+
+
+class AtomicFabricSave:
+    """Mixin for Fabric strategies: ``save_checkpoint`` writes atomically (see the module docstring)."""
+
+    @override
+    def save_checkpoint(
+        self,
+        path: Any,
+        state: dict[str, Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,  # noqa: A002 - Lightning's signature
+    ) -> None:
+        """Save as the Lightning strategy does, into a temporary sibling path moved into place at the end."""
+        target = Path(self.broadcast(path))
+        sharded = bool(getattr(self, "_save_distributed_checkpoint", False))
+        with atomic_checkpoint_path(
+            target, sharded=sharded, is_global_zero=self.is_global_zero, barrier=self.barrier
+        ) as partial:
+            super().save_checkpoint(partial, state, storage_options=storage_options, filter=filter)
+
+
+class AtomicTrainerSave:
+    """Mixin for Trainer strategies: ``save_checkpoint`` writes atomically (see the module docstring)."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save as the Lightning strategy does, into a temporary sibling path moved into place at the end."""
+        target = Path(self.broadcast(filepath))
+        sharded = bool(getattr(self, "_save_distributed_checkpoint", False))
+        with atomic_checkpoint_path(
+            target, sharded=sharded, is_global_zero=self.is_global_zero, barrier=self.barrier
+        ) as partial:
+            super().save_checkpoint(checkpoint, partial, storage_options=storage_options)

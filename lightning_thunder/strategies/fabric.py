@@ -31,7 +31,7 @@ from lightning_thunder.api import compile as thunder_compile
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_block_class
 from lightning_thunder.plugins.fsdp import FSDP
-from lightning_thunder.strategies.checkpoint import atomic_checkpoint_path
+from lightning_thunder.strategies.checkpoint import AtomicFabricSave
 from lightning_thunder.strategies.common import (
     check_compile_options,
     check_plugins,
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["ThunderStrategy", "ThunderDDPStrategy", "ThunderFSDPStrategy"]
 
 
-class ThunderStrategy(SingleDeviceStrategy):
+class ThunderStrategy(AtomicFabricSave, SingleDeviceStrategy):
     """``Fabric(strategy="thunder")``: one device; ``fabric.setup`` compiles the module with lightning_thunder.
 
     Args:
@@ -115,7 +115,7 @@ class ThunderStrategy(SingleDeviceStrategy):
         return thunder_compile(module, plugins=plugins, **self.compile_options)
 
 
-class ThunderDDPStrategy(DDPStrategy):
+class ThunderDDPStrategy(AtomicFabricSave, DDPStrategy):
     """``Fabric(strategy="thunder_ddp")``: DistributedDataParallel around the module compiled by lightning_thunder.
 
     NCCL on GPU, Gloo on CPU. Gradient synchronization, ``no_backward_sync``, checkpoints and launching are
@@ -146,7 +146,7 @@ class ThunderDDPStrategy(DDPStrategy):
         return super().setup_module(compiled)
 
 
-class ThunderFSDPStrategy(ModelParallelStrategy):
+class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
     """``Fabric(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder.
 
     At ``fabric.setup`` every block is compiled (one graph shared by all blocks) and, with activation
@@ -264,19 +264,3 @@ class ThunderFSDPStrategy(ModelParallelStrategy):
 
         total = super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
         return total.full_tensor() if isinstance(total, DTensor) else total
-
-    @override
-    def save_checkpoint(
-        self,
-        path: _PATH,
-        state: dict[str, nn.Module | Optimizer | Any],
-        storage_options: Any | None = None,
-        filter: dict[str, Callable[[str, Any], bool]] | None = None,  # noqa: A002 - Lightning's signature
-    ) -> None:
-        """Save like ``ModelParallelStrategy`` (a sharded directory or a full file), atomically: written to a
-        temporary sibling path first and moved into place once every rank has finished."""
-        target = Path(self.broadcast(path))
-        with atomic_checkpoint_path(
-            target, sharded=self._save_distributed_checkpoint, is_global_zero=self.is_global_zero, barrier=self.barrier
-        ) as partial:
-            super().save_checkpoint(partial, state, storage_options=storage_options, filter=filter)

@@ -36,7 +36,7 @@ from typing_extensions import override
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_block_class
 from lightning_thunder.plugins.fsdp import FSDP
-from lightning_thunder.strategies.checkpoint import atomic_checkpoint_path
+from lightning_thunder.strategies.checkpoint import AtomicTrainerSave
 from lightning_thunder.strategies.common import (
     check_compile_options,
     check_plugins,
@@ -57,7 +57,7 @@ _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step"
 _PARALLELIZED = "_lt_thunder_fsdp_applied"  # set on a LightningModule this strategy has sharded
 
 
-class ThunderTrainerStrategy(SingleDeviceStrategy):
+class ThunderTrainerStrategy(AtomicTrainerSave, SingleDeviceStrategy):
     """``Trainer(strategy="thunder")``: one device; the LightningModule's submodules are compiled at setup.
 
     Args:
@@ -119,7 +119,7 @@ class ThunderTrainerStrategy(SingleDeviceStrategy):
         super().setup(trainer)
 
 
-class ThunderDDPTrainerStrategy(DDPStrategy):
+class ThunderDDPTrainerStrategy(AtomicTrainerSave, DDPStrategy):
     """``Trainer(strategy="thunder_ddp")``: the LightningModule's submodules compiled, then DDP around it.
 
     Args:
@@ -148,7 +148,7 @@ class ThunderDDPTrainerStrategy(DDPStrategy):
         super().setup(trainer)
 
 
-class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
+class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
     """``Trainer(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder.
 
     No ``configure_model`` parallelization is needed (``configure_model`` may still build the model, e.g. under
@@ -253,15 +253,3 @@ class ThunderFSDPTrainerStrategy(ModelParallelStrategy):
         assert self.model is not None
         with gradient_sync_disabled(self.model):
             yield
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
-    ) -> None:
-        """Save like ``ModelParallelStrategy`` (a sharded directory or a full file), atomically: written to a
-        temporary sibling path first and moved into place once every rank has finished."""
-        target = Path(self.broadcast(filepath))
-        with atomic_checkpoint_path(
-            target, sharded=self._save_distributed_checkpoint, is_global_zero=self.is_global_zero, barrier=self.barrier
-        ) as partial:
-            super().save_checkpoint(checkpoint, partial, storage_options=storage_options)

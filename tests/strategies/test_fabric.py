@@ -53,6 +53,10 @@ def _strategy(name: str):
     if name == "thunder_fsdp_options":
         return ThunderFSDPStrategy(plugins=[CountTraces()], activation_checkpointing=True, reshard_after_forward=False)
 
+    if name == "thunder_ddp_buckets":  # tiny buckets: the model spans many, as real models do
+        from lightning_thunder.strategies import ThunderDDPStrategy
+
+        return ThunderDDPStrategy(bucket_cap_mb=0.01)
     if name == "lightning_fsdp2":
         return ModelParallelStrategy(parallelize_fn=_eager_fsdp2, data_parallel_size=2, tensor_parallel_size=1)
     if name == "fsdp":  # Lightning's FSDP1 strategy, one unit per block (GPU only)
@@ -138,7 +142,7 @@ def test_fabric_thunder_fsdp_and_ddp_match_lightning_strategies():
     plain = {}
     runs = [
         ("thunder_fsdp", plain), ("lightning_fsdp2", plain), ("thunder_ddp", plain), ("ddp", plain),
-        ("thunder_fsdp_options", plain),
+        ("thunder_fsdp_options", plain), ("thunder_ddp_buckets", plain),
     ]
     res = spawn(_train_all, runs)[0]
     ref = res["ddp[]"]["losses"]
@@ -146,6 +150,7 @@ def test_fabric_thunder_fsdp_and_ddp_match_lightning_strategies():
     _assert_losses_match(res["lightning_fsdp2[]"]["losses"], ref, "Lightning FSDP2 vs Lightning DDP")
     _assert_losses_match(res["thunder_fsdp[]"]["losses"], res["lightning_fsdp2[]"]["losses"], "thunder_fsdp vs FSDP2")
     _assert_losses_match(res["thunder_ddp[]"]["losses"], ref, "thunder_ddp vs ddp")
+    _assert_losses_match(res["thunder_ddp_buckets[]"]["losses"], ref, "thunder_ddp over several DDP buckets vs ddp")
     # Options reach the compiler (plugins), FSDP2 (reshard_after_forward) and the blocks (checkpointing inside the
     # compiled graph), and change nothing numerically.
     options = res["thunder_fsdp_options[]"]
