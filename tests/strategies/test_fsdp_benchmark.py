@@ -19,6 +19,7 @@ def test_fsdp_benchmark_runs_on_two_cpu_processes(tmp_path):
     cmd = [
         sys.executable, "benchmarks/fsdp_train.py", "--accelerator", "cpu", "--devices", "2", "--tiny",
         "--strategies", "thunder_fsdp,fsdp", "--steps", "2", "--warmup", "1", "--json", str(out_json),
+        "--timeout", "300",  # a stuck rank fails this test in minutes instead of holding CI
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-3000:]}"
