@@ -173,3 +173,35 @@ def check_unsharded(module: nn.Module, strategy: str) -> None:
             f"the model is already compiled with lightning_thunder.compile, but strategy={strategy!r} compiles it per "
             "transformer block itself; pass the model before compiling (`cm.original_module`)"
         )
+
+
+class OneDevice:
+    """Mixin for the single-device ``thunder`` strategies (Fabric and Trainer): the ``parallel_devices``
+    and ``num_nodes`` Lightning sets, checked to name one device on one node."""
+
+    def _init_one_device(self, device: Any) -> None:
+        self._device_given = device is not None
+        self._parallel_devices: list[Any] | None = None
+        self._num_nodes = 1
+
+    @property
+    def parallel_devices(self) -> list[Any] | None:
+        """The devices Lightning selected (at most one)."""
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[Any] | None) -> None:
+        check_single_device("thunder", devices, 1)
+        self._parallel_devices = devices
+        if devices and not self._device_given:
+            self._root_device = devices[0]
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes (must be 1)."""
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        check_single_device("thunder", None, num_nodes)
+        self._num_nodes = num_nodes

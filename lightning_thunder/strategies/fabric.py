@@ -33,6 +33,7 @@ from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_bl
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.strategies.checkpoint import AtomicFabricSave
 from lightning_thunder.strategies.common import (
+    OneDevice,
     check_compile_options,
     check_plugins,
     check_single_device,
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["ThunderStrategy", "ThunderDDPStrategy", "ThunderFSDPStrategy"]
 
 
-class ThunderStrategy(AtomicFabricSave, SingleDeviceStrategy):
+class ThunderStrategy(OneDevice, AtomicFabricSave, SingleDeviceStrategy):
     """``Fabric(strategy="thunder")``: one device; ``fabric.setup`` compiles the module with lightning_thunder.
 
     Args:
@@ -81,26 +82,7 @@ class ThunderStrategy(AtomicFabricSave, SingleDeviceStrategy):
         )
         self.plugins = check_plugins(plugins, "thunder")
         self.compile_options = check_compile_options(compile_options)
-        self._device_given = device is not None
-        self._parallel_devices: list[torch.device] | None = None
-        self._num_nodes = 1
-
-    @property
-    def parallel_devices(self) -> list[torch.device] | None:
-        """The devices Fabric selected (set by Fabric; at most one)."""
-        return self._parallel_devices
-
-    @parallel_devices.setter
-    def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        check_single_device("thunder", devices, 1)
-        self._parallel_devices = devices
-        if devices and not self._device_given:
-            self._root_device = devices[0]
-
-    @property
-    def num_nodes(self) -> int:
-        """Number of nodes (must be 1)."""
-        return self._num_nodes
+        self._init_one_device(device)
 
     @override
     def setup_environment(self) -> None:

@@ -38,6 +38,7 @@ from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_bl
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.strategies.checkpoint import AtomicTrainerSave
 from lightning_thunder.strategies.common import (
+    OneDevice,
     check_compile_options,
     check_plugins,
     check_single_device,
@@ -57,7 +58,7 @@ _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step"
 _PARALLELIZED = "_lt_thunder_fsdp_applied"  # set on a LightningModule this strategy has sharded
 
 
-class ThunderTrainerStrategy(AtomicTrainerSave, SingleDeviceStrategy):
+class ThunderTrainerStrategy(OneDevice, AtomicTrainerSave, SingleDeviceStrategy):
     """``Trainer(strategy="thunder")``: one device; the LightningModule's submodules are compiled at setup.
 
     Args:
@@ -84,31 +85,7 @@ class ThunderTrainerStrategy(AtomicTrainerSave, SingleDeviceStrategy):
         )
         self.plugins = check_plugins(plugins, "thunder")
         self.compile_options = check_compile_options(compile_options)
-        self._device_given = device is not None
-        self._parallel_devices: list[torch.device] | None = None
-        self._num_nodes = 1
-
-    @property
-    def parallel_devices(self) -> list[torch.device] | None:
-        """The devices the Trainer selected (set by the Trainer; at most one)."""
-        return self._parallel_devices
-
-    @parallel_devices.setter
-    def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        check_single_device("thunder", devices, 1)
-        self._parallel_devices = devices
-        if devices and not self._device_given:
-            self._root_device = devices[0]
-
-    @property
-    def num_nodes(self) -> int:
-        """Number of nodes (must be 1)."""
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        check_single_device("thunder", None, num_nodes)
-        self._num_nodes = num_nodes
+        self._init_one_device(device)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
