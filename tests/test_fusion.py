@@ -152,7 +152,7 @@ def test_non_contiguous_and_expanded_inputs():
     a = torch.randn(9, 6, device=DEVICE).t().requires_grad_()  # transposed: strides (1, 6)
     b = torch.randn(1, 9, device=DEVICE).expand(6, 9).requires_grad_()  # stride 0 on rows
     c = torch.randn(6, 1, device=DEVICE).requires_grad_()
-    cf = _check_function(fn, [a, b, c])
+    _check_function(fn, [a, b, c])
     assert not a.is_contiguous()
 
 
