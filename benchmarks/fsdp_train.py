@@ -212,7 +212,12 @@ def spawn(args: argparse.Namespace, strategy: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_path = f.name
     cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--worker", strategy, "--worker-out", out_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    # Fabric launches this strategy's ranks itself: rank variables inherited from a surrounding job would
+    # make it believe it is already one of them (and wait forever for the others). Multi-node runs pass
+    # --num-nodes and their own launcher.
+    rank_vars = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if args.num_nodes > 1 or k not in rank_vars}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     try:
         text = Path(out_path).read_text()
         Path(out_path).unlink()

@@ -26,6 +26,17 @@ def _kernel_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _restore_environment():
+    """Undo environment changes a test makes. Lightning's in-process setups export LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR... which would make a later test's launched script believe it is already one rank of a
+    job (and wait forever for the others)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo_and_seed():
     """Reset Dynamo (so one test's compiled graphs never serve another) and seed the RNG."""
     torch._dynamo.reset()
