@@ -151,6 +151,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     kernels = count_kernels(lambda: step(idx, targets), device)
     profile = top_kernels(lambda: step(idx, targets), device, args.profile) if args.profile else []
+    census = top_kernels(lambda: step(idx, targets), device, args.census, by="calls") if args.census else []
     result = {
         "mode": args.worker,
         "step_ms": sorted(times)[len(times) // 2],
@@ -159,6 +160,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "kernels_per_step": kernels,
         "loss": float(loss),
         "top_kernels": profile,
+        "kernel_census": census,
     }
     if args.worker.startswith("thunder"):
         import lightning_thunder
@@ -231,6 +233,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed per mode")
     p.add_argument("--profile", type=int, default=0, help="also list this many top GPU kernels per mode")
+    p.add_argument("--census", type=int, default=0, help="also list this many most-launched GPU kernels per mode")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -292,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\ntop GPU kernels, {r['mode']} (one step):")
             for k in r["top_kernels"]:
                 print(f"  {k['us'] / 1e3:8.2f} ms  {k['calls']:4d} x  {k['kernel']}")
+        if r.get("kernel_census"):
+            print(f"\nmost-launched GPU kernels, {r['mode']} (one step):")
+            for k in r["kernel_census"]:
+                print(f"  {k['calls']:4d} x  {k['us'] / 1e3:8.2f} ms  {k['kernel']}")
     if args.json:
         payload = {
             "command": "python benchmarks/litgpt_train.py " + " ".join(argv),

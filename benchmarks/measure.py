@@ -86,8 +86,11 @@ def environment(device: torch.device) -> dict[str, str]:
     return info
 
 
-def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 15) -> list[dict[str, object]]:
-    """The ``n`` GPU kernels that take the most time in one call of ``fn``: name, calls, total µs."""
+def top_kernels(
+    fn: Callable[[], object], device: torch.device, n: int = 15, *, by: str = "us"
+) -> list[dict[str, object]]:
+    """The ``n`` GPU kernels of one call of ``fn`` with the most total time (``by="us"``) or the most
+    launches (``by="calls"``): name, calls, total µs. Memcpy/memset events count as kernels here."""
     if device.type != "cuda":
         return []
     from torch.profiler import ProfilerActivity, profile
@@ -102,7 +105,8 @@ def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 15) -> 
             entry = totals.setdefault(e.name, [0, 0.0])
             entry[0] += 1
             entry[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:n]
+    key = 0 if by == "calls" else 1
+    rows = sorted(totals.items(), key=lambda kv: (-kv[1][key], -kv[1][1 - key]))[:n]
     return [{"kernel": name[:90], "calls": int(c), "us": round(t, 1)} for name, (c, t) in rows]
 
 
