@@ -1,4 +1,4 @@
-"""Compiler plugins: fusion, FP8, parallelism (FSDP, DDP) and helpers for block-wise (regional) compilation."""
+"""Compiler plugins: fusion, grouped-query attention, FP8, parallelism (FSDP, DDP) and helpers for block-wise (regional) compilation."""
 
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import checkpoint_block, compile_blocks, find_block_class, find_blocks
@@ -6,6 +6,7 @@ from lightning_thunder.plugins.ddp import DDP
 from lightning_thunder.plugins.fp8 import FP8, LinearInfo, default_filter
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.plugins.fusion import Fusion
+from lightning_thunder.plugins.gqa import NativeGQA
 
 __all__ = [
     "DDP",
@@ -13,6 +14,7 @@ __all__ = [
     "FSDP",
     "Fusion",
     "LinearInfo",
+    "NativeGQA",
     "Plugin",
     "checkpoint_block",
     "compile_blocks",
