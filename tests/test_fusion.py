@@ -209,6 +209,43 @@ def test_rope_forward_and_backward_are_one_kernel_each():
         assert sum(1 for op in trace.ops if op.subops) == 1, trace
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_reads_get_the_layout_and_no_copy(dtype):
+    """A region output read only as ``y.transpose(1, 2).reshape(...)`` (heads back beside each other, as
+    attention code does) is stored transposed by the region, so the reshape's copy has nothing to do."""
+
+    def heads_back(x, scale, w):
+        y = torch.tanh(x) * scale + 1  # [B, H, T, D]
+        merged = y.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)  # [B, T, H * D]
+        return (merged @ w,)
+
+    x = torch.randn(2, 3, 5, 8, device=DEVICE, dtype=dtype, requires_grad=True)
+    scale = torch.randn(8, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = torch.randn(24, 4, device=DEVICE, dtype=dtype, requires_grad=True)
+    cf = _check_function(heads_back, [x, scale, w])
+    forward = lt.last_traces(cf)[-1]
+    names = [op.name for op in forward.ops]
+    assert "aten.clone.default" not in names and "aten.contiguous.default" in names, forward
+    (region,) = [op for op in forward.ops if op.subops]
+    (k,) = [k for k, a in enumerate(region.target.spec.outputs) if not a.contiguous]
+    assert region.target.spec.outputs[k].stride == (120, 8, 24, 1)  # [B, H, T, D] stored as [B, T, H, D]
+    # At run time the stored value really is in that order: the contiguous() of its transpose is free.
+    values = {}
+    region_fn = region.target
+
+    def spy(*args):
+        values["y"] = region_fn(*args)
+        return values["y"]
+
+    region.target = spy
+    try:
+        forward.python_callable()(*[t.detach() for t in (x, scale, w)])
+    finally:
+        region.target = region_fn
+    y = values["y"] if len(region.outputs) == 1 else values["y"][k]
+    assert y.transpose(1, 2).is_contiguous()
+
+
 def test_independent_reductions_over_one_input_share_a_kernel():
     def fn(x):
         return x.sum(-1), (x * x).sum(-1), x.amax(-1)

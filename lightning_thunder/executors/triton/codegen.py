@@ -637,12 +637,14 @@ class _Writer:
             self.store(k, p)
 
 
-def _tensor_args(prefix: str, proxies: list[Proxy]) -> list[TensorArg]:
+def _tensor_args(prefix: str, proxies: list[Proxy], strides: dict[int, tuple[int, ...]] | None = None) -> list[TensorArg]:
     args = []
     for k, p in enumerate(proxies):
         shape = tuple(p.val.shape)
         stride = tuple(p.val.stride()) if prefix == "out" else ()
         contiguous = bool(p.val.is_contiguous())
+        if strides and id(p) in strides:  # a layout chosen for the readers (see layout.py)
+            stride, contiguous = strides[id(p)], False
         dims = [] if contiguous else [j for j, s in enumerate(shape) if s > 1]
         args.append(TensorArg(f"{prefix}{k}", shape, p.val.dtype, dims, stride, contiguous))
     return args
@@ -660,7 +662,7 @@ def generate(region: Region) -> KernelSpec:
     mode = choose_mode(region)
     writer = _Writer(region, mode)
     inputs = _tensor_args("in", region.inputs)
-    outputs = _tensor_args("out", region.outputs)
+    outputs = _tensor_args("out", region.outputs, region.out_strides)
     writer.args = {a.name: a for a in inputs + outputs}
     params = []
     for arg in inputs + outputs:

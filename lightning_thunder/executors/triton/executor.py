@@ -9,6 +9,7 @@ from typing import Any
 from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.executors.triton.codegen import generate
+from lightning_thunder.executors.triton.layout import choose_output_layouts, free_clone
 from lightning_thunder.executors.triton.region import contract, form_regions
 from lightning_thunder.executors.triton.runtime import FusedRegion, precompile_all
 from lightning_thunder.trace.trace import BoundOp, Trace, timed_pass
@@ -52,6 +53,7 @@ class FusionExecutor(Executor):
             if self.fuel is not None:
                 regions = regions[: max(0, self.fuel - self.fused_so_far)]
             self.fused_so_far += len(regions)
+            freed = choose_output_layouts(trace, regions)
             fused: dict[int, BoundOp] = {}
             for region in regions:
                 run = FusedRegion(generate(region), autotune=self.autotune)
@@ -67,6 +69,7 @@ class FusionExecutor(Executor):
                     subops=tuple(region.ops),
                 )
             ops = contract(trace, fused, regions) if regions else list(trace.ops)
+            ops = [free_clone(op) if id(op) in freed else op for op in ops]
             ops = _number_regions(ops, set(map(id, fused.values())))
             if any(r.device.type == "cuda" for r in regions):
                 precompile_all([op.target for op in fused.values()])

@@ -93,6 +93,7 @@ class Region:
     inputs: list[Proxy] = field(default_factory=list)
     outputs: list[Proxy] = field(default_factory=list)
     trailing_views: list[BoundOp] = field(default_factory=list)  # views of outputs, re-run outside
+    out_strides: dict[int, tuple[int, ...]] = field(default_factory=dict)  # output proxy id -> strides to store with
 
     @property
     def name(self) -> str:

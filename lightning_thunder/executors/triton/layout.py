@@ -1,0 +1,93 @@
+"""Output layouts of fused regions: write a value in the layout its readers want.
+
+Attention code moves heads between dimensions: the gradient of the query, say, comes out of the
+backward as ``[B, n_head, T, head_size]`` and is read as ``x.transpose(1, 2).reshape(B, T, C)``, which
+AOTAutograd records as ``transpose`` -> ``clone(memory_format=contiguous_format)`` -> view: one more
+kernel and one more round trip through memory per tensor. When the transposed value is produced by a
+fused region and read only that way, the region can store it directly in the transposed order; the
+``clone`` then has nothing left to do and becomes ``aten.contiguous`` (which returns its argument
+when it is already contiguous, and copies otherwise, so the result is right either way).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from lightning_thunder.executors.triton.region import Region
+from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.trace import BoundOp, Trace
+
+__all__ = ["choose_output_layouts", "free_clone"]
+
+aten = torch.ops.aten
+
+
+def _permutation(op: BoundOp, source: Proxy) -> list[int] | None:
+    """The dims order ``op`` views ``source`` in, for a ``transpose`` or ``permute`` of it."""
+    if not op.args or op.args[0] is not source or op.kwargs:
+        return None
+    nd = len(source.shape)
+    if op.target is aten.transpose.int and len(op.args) == 3:
+        a, b = (d % nd for d in op.args[1:])
+        perm = list(range(nd))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if op.target is aten.permute.default and len(op.args) == 2:
+        perm = [d % nd for d in op.args[1]]
+        return perm if sorted(perm) == list(range(nd)) else None
+    return None
+
+
+def _is_contiguous_clone(op: BoundOp, source: Proxy) -> bool:
+    fmt = op.kwargs.get("memory_format", torch.contiguous_format)
+    return (
+        op.target is aten.clone.default
+        and len(op.args) == 1
+        and op.args[0] is source
+        and set(op.kwargs) <= {"memory_format"}
+        and fmt in (torch.contiguous_format, None)
+    )
+
+
+def choose_output_layouts(trace: Trace, regions: list[Region]) -> set[int]:
+    """Give region outputs that are only read as ``clone(permute(y))`` the permuted layout.
+
+    Sets ``region.out_strides[id(y)]`` and returns the ids of the ``clone`` ops that become free
+    (to be replaced with :func:`free_clone`).
+    """
+    readers: dict[int, list[BoundOp]] = defaultdict(list)
+    for op in trace.ops:
+        for p in op.input_proxies():
+            readers[id(p)].append(op)
+    graph_outputs = {id(p) for p in trace.output_proxies()}
+    freed: set[int] = set()
+    for region in regions:
+        for y in region.outputs:
+            if id(y) in graph_outputs or not y.is_tensor or len(readers[id(y)]) != 1:
+                continue
+            shape = tuple(y.shape)
+            if len(shape) < 2 or not all(type(d) is int for d in shape) or not y.val.is_contiguous():
+                continue
+            view = readers[id(y)][0]
+            perm = _permutation(view, y)
+            if perm is None or perm == list(range(len(shape))) or view.outputs[0] is None:
+                continue
+            z = view.outputs[0]
+            clones = readers[id(z)]
+            if id(z) in graph_outputs or not clones or not all(_is_contiguous_clone(c, z) for c in clones):
+                continue
+            permuted = [shape[d] for d in perm]
+            stride = [0] * len(shape)
+            for i, d in enumerate(perm):
+                stride[d] = math.prod(permuted[i + 1 :])
+            region.out_strides[id(y)] = tuple(stride)
+            freed.update(id(c) for c in clones)
+    return freed
+
+
+def free_clone(op: BoundOp) -> BoundOp:
+    """``clone(x, memory_format=contiguous_format)`` -> ``contiguous(x)`` (no copy when ``x`` is contiguous)."""
+    return op.replace(target=aten.contiguous.default, kwargs={})
