@@ -333,6 +333,12 @@ class _Writer:
             else:
                 name = fops.literal(int(value))
             self.literals.add(name)
+        elif op.target in fops.IOTA:
+            start, step = fops.iota_params(op)
+            index = _col(shift)
+            index = index if step == 1 else f"({index} * {step})"
+            name = self.new()
+            self.emit(f"{name} = ({index} + {start}).to({fops.tl_dtype(p.val.dtype)})  # {op.name}")
         elif op.target in fops.REDUCTIONS:
             raise AssertionError(f"reduction {p.name} used before it was computed")
         elif op.target in fops.COLUMN_MOVES:

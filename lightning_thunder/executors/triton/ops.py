@@ -30,6 +30,9 @@ __all__ = [
     "CONSTANTS",
     "COLUMN_MOVES",
     "CASTS",
+    "IOTA",
+    "INT_EXACT",
+    "iota_params",
     "compute_type",
     "literal",
     "tl_dtype",
@@ -272,6 +275,27 @@ CONSTANTS: dict[Any, Callable[[BoundOp], Any]] = {
     aten.fill.Scalar: lambda op: op.args[1],
     aten.slice_backward.default: lambda op: 0,  # only for an empty slice's gradient (see region._role)
 }
+
+#: ``arange`` over the last dimension: its value at column ``c`` is ``start + c * step`` (never loaded).
+IOTA = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+
+
+def iota_params(op: BoundOp) -> tuple[int, int] | None:
+    """``(start, step)`` of an integer ``arange`` op, or ``None`` when it is not one a region computes."""
+    if op.target not in IOTA or set(op.kwargs) - {"dtype", "layout", "device", "pin_memory"}:
+        return None
+    args = op.args
+    if not args or not all(type(a) is int for a in args):
+        return None
+    if op.target is aten.arange.default:
+        return (0, 1) if len(args) == 1 else None
+    if op.target is aten.arange.start:
+        return (args[0], 1) if len(args) == 2 else None
+    return (args[0], args[2]) if len(args) == 3 else None
+
+
+#: pointwise ops whose integer results are exact selections or comparisons (allowed to yield integers)
+INT_EXACT = {aten.where.self}
 
 #: reduction op -> (combine kind, whether the result is divided by the reduced size)
 REDUCTIONS: dict[Any, tuple[str, bool]] = {

@@ -133,6 +133,8 @@ def _role(op: BoundOp) -> str | None:
             return "view"
         if t in fops.CONSTANTS:
             return "constant"
+        if t in fops.IOTA:
+            return "iota"
         if t in fops.COLUMN_MOVES:
             if t is torch.ops.aten.slice_backward.default and op.args[0].val.numel() == 0:
                 return "constant"  # the gradient of an empty slice: zeros
@@ -148,7 +150,12 @@ def _check_operands(op: BoundOp, role: str) -> bool:
     out_shape = _static_shape(out)
     if out_shape is None or _numel(out_shape) == 0:
         return False
-    if out.dtype not in (*_FLOAT, torch.bool) or (role == "reduction" and out.dtype not in _FLOAT):
+    if role == "iota":
+        return out.dim() == 1 and out.dtype in (torch.int64, torch.int32) and fops.iota_params(op) is not None
+    int_ok = (role == "view" or (role == "pointwise" and op.target in fops.INT_EXACT)) and out.dtype in (
+        torch.int64, torch.int32
+    )
+    if (out.dtype not in (*_FLOAT, torch.bool) and not int_ok) or (role == "reduction" and out.dtype not in _FLOAT):
         return False
     for p in op.input_proxies():
         shape = _static_shape(p.val)
@@ -329,6 +336,9 @@ class _Former:
             return (kind, kind in _WIDE, width) if ok else None
         if role == "constant":
             return SCALAR, False, None
+        if role == "iota":  # a column index: varies along the columns of a region whose rows it does not have
+            width = out_shape[-1]
+            return (COL, True, width) if width > 1 and region.N is not None and width <= region.N else None
         if role == "reduction":
             x = op.args[0]
             x_shape = _static_shape(x.val)
@@ -435,28 +445,47 @@ class _Former:
 
     def _pull_in_producers(self, region: Region, op: BoundOp) -> None:
         """Move into ``region`` the fusible producers of ``op``'s inputs that no region took (a weight's
-        ``.float()`` or a zero fill computed before the region existed), when ``op`` is their output's
-        first reader: nothing outside has read it yet, so no cycle can arise."""
+        ``.float()``, a zero fill, a column index ``arange`` and its ``unsqueeze``) when ``op`` is their
+        output's first reader: nothing outside has read it yet, so no cycle can arise."""
         pulled = False
         for p in op.input_proxies():
-            q = self.producer_op.get(id(p))
-            if q is None or id(q) in self.region_of or id(p) in region.produced or q.executor:
-                continue
-            if self.first_consumer.get(id(p)) is not op:
-                continue
-            q_role = _role(q)
-            if q_role not in ("pointwise", "constant") or not _check_operands(q, q_role):
-                continue
-            if any(id(x) in region.produced or self.producer_region.get(id(x)) is not None for x in q.input_proxies()):
-                continue  # only producers whose own inputs come from outside every region
-            fit = self._try_join(region, q, q_role)
-            if fit is None:
-                continue
-            self._add(region, q, *fit)
-            self.depends[id(p)] = self.depends.get(id(p), frozenset()) | {region.index}
-            pulled = True
+            pulled = self._pull(region, p, op, depth=0) or pulled
         if pulled:
             region.ops.sort(key=lambda o: self.position[id(o)])
+
+    def _pull(self, region: Region, p: Proxy, reader: BoundOp, depth: int) -> bool:
+        q = self.producer_op.get(id(p))
+        if q is None or id(q) in self.region_of or id(p) in region.produced or q.executor or depth > 1:
+            return False
+        if self.first_consumer.get(id(p)) is not reader:
+            return False
+        q_role = _role(q)
+        if q_role not in ("pointwise", "constant", "iota", "view") or not _check_operands(q, q_role):
+            return False
+        if q_role == "view":
+            # Only the views of a column index (``arange(n).unsqueeze(0)``): leading unit dims, same length,
+            # so once the index is in the region the view is sure to join too (no half-pulled chain).
+            src = q.args[0]
+            src_op = self.producer_op.get(id(src)) if isinstance(src, Proxy) else None
+            out_shape = _static_shape(q.outputs[0].val)
+            if src_op is None or _role(src_op) != "iota" or out_shape is None:
+                return False
+            if out_shape[-1] != src.shape[-1] or _numel(out_shape) != src.shape[-1]:
+                return False
+            if self.first_consumer.get(id(src)) is not q or id(src_op) in self.region_of:
+                return False
+            if self._try_join(region, src_op, "iota") is None:
+                return False
+            if not self._pull(region, src, q, depth + 1):
+                return False
+        elif any(id(x) in region.produced or self.producer_region.get(id(x)) is not None for x in q.input_proxies()):
+            return False  # only producers whose own inputs come from outside every region
+        fit = self._try_join(region, q, q_role)
+        if fit is None:
+            return False
+        self._add(region, q, *fit)
+        self.depends[id(p)] = self.depends.get(id(p), frozenset()) | {region.index}
+        return True
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> list[Region]:
@@ -494,6 +523,7 @@ class _Former:
                             self.regions.pop()
                         else:
                             self._add(region, op, *fit)
+                            self._pull_in_producers(region, op)
                             placed = region
             deps: set[int] = set()
             for p in op.input_proxies():
