@@ -197,6 +197,27 @@ def test_cross_entropy_decomposition_matches_eager(reduction, weighted):
     assert "# aten.arange.default" in "".join(sources.values() if isinstance(sources, dict) else sources)
 
 
+def test_cross_entropy_over_long_rows_reads_each_row_once():
+    """The target logit is loaded directly (a one-hot sum is its summand at the target column), so the
+    forward makes one pass over each row (the online softmax) and the backward one (the gradient)."""
+
+    def loss(logits, target):
+        return (F.cross_entropy(logits.float(), target, ignore_index=1),)
+
+    logits = torch.randn(5, 20000, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)  # looped kernels
+    target = torch.tensor([3, 1, 19999, 0, 4500], device=DEVICE)  # row 1 ignored
+    cf = lt.compile(loss, plugins=[Fusion()])
+    ref_logits = logits.detach().clone().requires_grad_()
+    (out,), (ref,) = cf(logits, target), loss(ref_logits, target)
+    out.backward()
+    ref.backward()
+    assert_close(out, ref, "loss")
+    assert_close(logits.grad, ref_logits.grad, "grad")
+    sources = lt.kernel_sources(cf)
+    assert [src.count("for c0 in range(") for src in sources.values()] == [1, 1], sources
+    assert all("(one-hot" in src for src in sources.values())
+
+
 def test_rope_forward_and_backward_are_one_kernel_each():
     def rope(x, cos, sin):
         half = x.size(-1) // 2

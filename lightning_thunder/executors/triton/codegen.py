@@ -140,8 +140,25 @@ def _configs(mode: str, R: int, N: int) -> list[dict[str, int]]:
     return [{"BLOCK_M": 1, "BLOCK_N": 2048, "num_warps": 8}, {"BLOCK_M": 1, "BLOCK_N": 4096, "num_warps": 8}]
 
 
-def _col(shift: int) -> str:
+@dataclass(frozen=True)
+class ColAt:
+    """A column given per row (``[BLOCK_M, 1]`` index ``expr``, plus ``offset``) instead of ``cols + shift``:
+    where a one-hot sum evaluates its summand (see ``_Writer.onehot_sums``)."""
+
+    expr: str
+    offset: int = 0
+
+    def __add__(self, k: int) -> ColAt:
+        return ColAt(self.expr, self.offset + k)
+
+    def __sub__(self, k: int) -> ColAt:
+        return ColAt(self.expr, self.offset - k)
+
+
+def _col(shift: int | ColAt) -> str:
     """The column index expression at ``shift``."""
+    if isinstance(shift, ColAt):
+        return shift.expr if shift.offset == 0 else f"({shift.expr} + {shift.offset})"
     return "cols" if shift == 0 else f"(cols + {shift})" if shift > 0 else f"(cols - {-shift})"
 
 
@@ -163,6 +180,7 @@ class _Writer:
         self.args: dict[str, TensorArg] = {}  # filled by generate()
         self.producer = {id(op.outputs[0]): op for op in region.ops}
         self.depth: dict[int, int] = {}
+        self.onehots = self.onehot_sums()
 
     # ----------------------------------------------------------------------------- basics
     def emit(self, line: str) -> None:
@@ -222,6 +240,7 @@ class _Writer:
             if (
                 self.mode == "flat"
                 and has_col
+                and isinstance(shift, int)
                 and shift == 0
                 and self.region.N is not None
                 and math.prod(shape) == self.R * self.N
@@ -263,11 +282,13 @@ class _Writer:
         if kind in _WIDE:
             width = self.N if width is None else width
             col = _col(shift)
-            if width < self.N or shift > 0:
+            if isinstance(shift, ColAt):
+                parts.append(f"({col} >= 0) & ({col} < {width})")
+            elif width < self.N or shift > 0:
                 parts.append(f"({col} < {width})")
             elif self.mode != "flat":
                 parts.append("cmask")
-            if shift < 0:
+            if not isinstance(shift, ColAt) and shift < 0:
                 parts.append(f"({col} >= 0)")
             if kind == COL and self.mode == "flat":
                 parts.append("fmask")
@@ -350,7 +371,8 @@ class _Writer:
                 # a stored bf16 value, say) must see exactly the values eager would.
                 expr = fops.cast(expr, p.val.dtype)
             name = self.new()
-            self.emit(f"{name} = {expr}  # {op.name}" + (f" at cols{shift:+d}" if shift else ""))
+            where = "" if not shift else f" at {_col(shift)}" if isinstance(shift, ColAt) else f" at cols{shift:+d}"
+            self.emit(f"{name} = {expr}  # {op.name}" + where)
         memo = self.top if self.kind(p) in (ROW, SCALAR) and self.mode == "looped" else self.scope
         memo[key] = name
         return name
@@ -422,6 +444,84 @@ class _Writer:
                 pairs[id(op)] = m_op
         return pairs
 
+    def _is_zero(self, x: Any) -> bool:
+        x = self._through_views(x)
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return x == 0
+        op = self.producer.get(id(x)) if isinstance(x, Proxy) else None
+        return op is not None and op.target in fops.CONSTANTS and op.target not in fops.COLUMN_MOVES and fops.CONSTANTS[op.target](op) == 0
+
+    def _is_column_index(self, x: Any) -> int | None:
+        """The width of ``x`` when it is (a view of) an in-region ``arange(width)``."""
+        x = self._through_views(x)
+        op = self.producer.get(id(x)) if isinstance(x, Proxy) else None
+        if op is None or op.target not in fops.IOTA or fops.iota_params(op) != (0, 1):
+            return None
+        return int(op.outputs[0].val.shape[-1])
+
+    @staticmethod
+    def _row_constant(x: Any) -> bool:
+        """Whether ``x`` is a tensor that does not vary along the columns (last dim 1, or a scalar)."""
+        return isinstance(x, Proxy) and x.is_tensor and (x.val.dim() == 0 or x.val.shape[-1] == 1)
+
+    def _onehot_index(self, cond: Any) -> tuple[Proxy, BoundOp, int] | None:
+        """``(t, eq_op, width)`` when ``cond`` is ``arange(width) == t`` (``t`` one column per row), possibly
+        and-ed with a condition that is constant along the row."""
+        aten = torch.ops.aten
+        cond = self._through_views(cond)
+        op = self.producer.get(id(cond)) if isinstance(cond, Proxy) else None
+        if op is None or len(op.args) != 2 or op.kwargs:
+            return None
+        a, b = op.args
+        if op.target is aten.eq.Tensor:
+            for index, t in ((a, b), (b, a)):
+                width = self._is_column_index(index)
+                if width is not None and self._row_constant(t) and not t.val.dtype.is_floating_point:
+                    return t, op, width
+            return None
+        if op.target in (aten.bitwise_and.Tensor, aten.logical_and.default):
+            for c, other in ((a, b), (b, a)):
+                found = self._onehot_index(c)
+                if found is not None and self._row_constant(other):
+                    return found
+        return None
+
+    def onehot_sums(self) -> dict[int, tuple[Proxy, Proxy, BoundOp, int]]:
+        """``sum`` op id -> ``(summand, t, eq_op, width)`` for a sum over the columns of
+        ``where(arange(width) == t [& row condition], v, 0)``: only column ``t`` can be nonzero, so the
+        sum is the summand evaluated at that one column (a loss picking each row's target logit), with
+        no pass over the row."""
+        aten = torch.ops.aten
+        found = {}
+        for op in self.region.ops:
+            if op.target is not aten.sum.dim_IntList or set(op.kwargs) - {"keepdim"}:
+                continue
+            x = op.args[0]
+            w = self._through_views(x)
+            w_op = self.producer.get(id(w)) if isinstance(w, Proxy) else None
+            if w_op is None or w_op.target is not aten.where.self or len(w_op.args) != 3:
+                continue
+            if not self._is_zero(w_op.args[2]):
+                continue
+            index = self._onehot_index(w_op.args[0])
+            if index is not None:
+                found[id(op)] = (x, *index)
+        return found
+
+    def onehot_value(self, op: BoundOp) -> str:
+        """The value of one-hot sum ``op`` (see :meth:`onehot_sums`)."""
+        x, t, eq_op, width = self.onehots[id(op)]
+        index = self.operand(eq_op, t)
+        col = self.new("tc")
+        self.emit(f"{col} = {index}.to(tl.int32)")
+        at = self.value(x, ColAt(col))
+        total = f"tl.where(({col} >= 0) & ({col} < {width}), {at}, 0.0)"
+        if op.outputs[0].val.dtype in _LOW:
+            total = fops.cast(total, op.outputs[0].val.dtype)
+        name = self.new("red")
+        self.emit(f"{name} = {total}  # {op.name} (one-hot: the summand at column {col})")
+        return name
+
     def reduction_levels(self) -> dict[int, int]:
         """op id -> pass number for each reduction: 1 + the highest pass of the reductions it reads
         (the ``sum`` of an online-softmax pair shares its ``amax``'s pass)."""
@@ -430,7 +530,7 @@ class _Writer:
         levels: dict[int, int] = {}
         for op in self.region.ops:
             d = max((depth.get(id(p), 0) for p in op.input_proxies()), default=0)
-            if op.target in fops.REDUCTIONS:
+            if op.target in fops.REDUCTIONS and id(op) not in self.onehots:
                 d = levels[id(pairs[id(op)])] if id(op) in pairs else d + 1
                 levels[id(op)] = d
             depth[id(op.outputs[0])] = d
@@ -443,14 +543,18 @@ class _Writer:
         self.scope = self.top
         for op in self.region.ops:
             out = op.outputs[0]
-            if id(op) in emitted or op.target in fops.VIEWS or op.target in fops.REDUCTIONS:
+            onehot = id(op) in self.onehots
+            if id(op) in emitted or op.target in fops.VIEWS or (op.target in fops.REDUCTIONS and not onehot):
                 continue
             if self.kind(out) not in (ROW, SCALAR):
                 continue
             if below is not None and self.depth[id(out)] >= below:
                 continue
             emitted.add(id(op))
-            self.value(out)
+            if onehot:
+                self.top[(id(out), 0)] = self.onehot_value(op)
+            else:
+                self.value(out)
         self.scope = {}
 
     def reduce_pass(self, reductions: list[BoundOp]) -> None:
@@ -616,7 +720,9 @@ class _Writer:
         if self.mode in ("flat", "persistent"):
             for op in region.ops:
                 out = op.outputs[0]
-                if op.target in fops.REDUCTIONS:
+                if id(op) in self.onehots:
+                    self.scope[(id(out), 0)] = self.onehot_value(op)
+                elif op.target in fops.REDUCTIONS:
                     self.scope[(id(out), 0)] = self.reduce(op)
                 elif self.kind(out) in (ROW, SCALAR) or op.target in fops.VIEWS:
                     self.value(out)
