@@ -272,6 +272,26 @@ def test_transposed_reads_get_the_layout_and_no_copy(dtype):
     assert y.transpose(1, 2).is_contiguous()
 
 
+def test_attention_query_is_stored_in_the_order_the_output_is_read():
+    """The query (made by a region) goes to attention in [B, T, H, D] memory order, so the attention
+    output, allocated in the query's order, is read back as [B, T, H * D] without a copy."""
+
+    def attention(x, k, v, scale, w):
+        q = torch.tanh(x) * scale  # [B, H, T, D], a region
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return (o.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1) @ w,)
+
+    shapes = [(2, 3, 5, 8), (2, 3, 5, 8), (2, 3, 5, 8), (8,), (24, 4)]
+    inputs = [torch.randn(s, device=DEVICE, requires_grad=True) for s in shapes]
+    cf = _check_function(attention, inputs)
+    forward = lt.last_traces(cf)[-1]
+    names = [op.name for op in forward.ops]
+    assert "aten.clone.default" not in names and "aten.contiguous.default" in names, forward
+    (region,) = [op for op in forward.ops if op.subops]
+    strides = [a.stride for a in region.target.spec.outputs if not a.contiguous]
+    assert strides == [(120, 8, 24, 1)], region.target.spec.outputs
+
+
 def test_independent_reductions_over_one_input_share_a_kernel():
     def fn(x):
         return x.sum(-1), (x * x).sum(-1), x.amax(-1)

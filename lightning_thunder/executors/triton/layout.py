@@ -7,6 +7,11 @@ kernel and one more round trip through memory per tensor. When the transposed va
 fused region and read only that way, the region can store it directly in the transposed order; the
 ``clone`` then has nothing left to do and becomes ``aten.contiguous`` (which returns its argument
 when it is already contiguous, and copies otherwise, so the result is right either way).
+
+The forward has the mirror image: attention's output ``o`` is read as ``o.transpose(1, 2).reshape(...)``.
+The flash and cuDNN kernels allocate ``o`` in the memory order of the query, so when the query is
+produced by a region (RoPE) and read only by attention, the region stores it as ``[B, T, H, D]``
+and the copy of ``o`` becomes free as well.
 """
 
 from __future__ import annotations
@@ -52,6 +57,43 @@ def _is_contiguous_clone(op: BoundOp, source: Proxy) -> bool:
     )
 
 
+#: attention ops whose output takes the memory order of the query (argument 0)
+_ATTENTION = {
+    getattr(aten, name).default
+    for name in (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(aten, name)
+}
+_PASSIVE = {aten.detach.default, aten.alias.default}  # readers that do not care about the layout
+
+
+def _permuted_strides(shape: tuple[int, ...], perm: list[int]) -> tuple[int, ...]:
+    """Strides of a tensor of ``shape`` whose view ``permute(perm)`` is contiguous."""
+    permuted = [shape[d] for d in perm]
+    stride = [0] * len(shape)
+    for i, d in enumerate(perm):
+        stride[d] = math.prod(permuted[i + 1 :])
+    return tuple(stride)
+
+
+def _head_merging_clones(o: Proxy, readers: dict[int, list[BoundOp]], graph_outputs: set[int]) -> list[BoundOp] | None:
+    """The contiguous clones of ``o.transpose(1, 2)`` when that is all that reads ``o`` (besides detach)."""
+    clones: list[BoundOp] = []
+    for r in readers[id(o)]:
+        if r.target in _PASSIVE:
+            continue
+        if _permutation(r, o) != [0, 2, 1, 3] or r.outputs[0] is None or id(r.outputs[0]) in graph_outputs:
+            return None
+        z = r.outputs[0]
+        if not readers[id(z)] or not all(_is_contiguous_clone(c, z) for c in readers[id(z)]):
+            return None
+        clones += readers[id(z)]
+    return clones or None
+
+
 def choose_output_layouts(trace: Trace, regions: list[Region]) -> set[int]:
     """Give region outputs that are only read as ``clone(permute(y))`` the permuted layout.
 
@@ -79,13 +121,34 @@ def choose_output_layouts(trace: Trace, regions: list[Region]) -> set[int]:
             clones = readers[id(z)]
             if id(z) in graph_outputs or not clones or not all(_is_contiguous_clone(c, z) for c in clones):
                 continue
-            permuted = [shape[d] for d in perm]
-            stride = [0] * len(shape)
-            for i, d in enumerate(perm):
-                stride[d] = math.prod(permuted[i + 1 :])
-            region.out_strides[id(y)] = tuple(stride)
+            region.out_strides[id(y)] = _permuted_strides(shape, perm)
             freed.update(id(c) for c in clones)
+    for region in regions:
+        for y in region.outputs:
+            clones = _query_layout_clones(y, readers, graph_outputs)
+            if clones and id(y) not in region.out_strides:
+                region.out_strides[id(y)] = _permuted_strides(tuple(y.shape), [0, 2, 1, 3])
+                freed.update(id(c) for c in clones)
     return freed
+
+
+def _query_layout_clones(y: Proxy, readers: dict[int, list[BoundOp]], graph_outputs: set[int]) -> list[BoundOp] | None:
+    """For a 4-D contiguous ``y`` read only as the query of attention ops whose outputs are read only as
+    ``o.transpose(1, 2)`` + contiguous clone: those clones (they become free once ``y`` is ``[B, T, H, D]``)."""
+    if not y.is_tensor or y.val.dim() != 4 or not y.val.is_contiguous() or not all(type(d) is int for d in y.shape):
+        return None
+    clones: list[BoundOp] = []
+    for r in readers[id(y)]:
+        if r.target not in _ATTENTION or r.args[0] is not y or any(a is y for a in r.args[1:]) or r.outputs[0] is None:
+            return None
+        o = r.outputs[0]
+        if not o.is_tensor or tuple(o.shape) != tuple(y.shape):
+            return None
+        found = _head_merging_clones(o, readers, graph_outputs)
+        if found is None:
+            return None
+        clones += found
+    return clones or None
 
 
 def free_clone(op: BoundOp) -> BoundOp:
