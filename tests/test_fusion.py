@@ -292,6 +292,54 @@ def test_attention_query_is_stored_in_the_order_the_output_is_read():
     assert strides == [(120, 8, 24, 1)], region.target.spec.outputs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradients_are_summed_in_the_region(dtype):
+    """The gradients of a norm's weight and bias (sums over every row) are accumulated by the backward
+    region itself and finished by one small kernel each, which also casts to the weight's dtype."""
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(48, device=DEVICE))
+            self.bias = nn.Parameter(torch.randn(48, device=DEVICE))
+
+        def forward(self, x):
+            xf = x.float()
+            y = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + 1e-5)
+            return (y * self.weight.float() + self.bias.float()).to(x.dtype)
+
+    model = Norm().to(dtype)
+    cm = check_module_parity(model, lambda: [torch.randn(3, 37, 48, device=DEVICE, dtype=dtype, requires_grad=True)], plugins=[Fusion()])
+    backward = lt.last_backward_traces(cm)[-1]
+    # Only a sum of a backward input itself (fp32: the bias gradient is the incoming gradient's sum) is
+    # left to PyTorch; sums of values the region computes are finished by colsum ops.
+    inputs = {id(p) for p in backward.inputs}
+    left = [op for op in backward.ops if op.executor == "torch" and "sum" in op.name]
+    assert all(id(op.args[0]) in inputs for op in left), backward
+    finishes = [op for op in backward.ops if op.name.startswith("colsum")]
+    assert len(finishes) == 2 - len(left) and all(op.outputs[0].val.dtype == dtype for op in finishes), backward
+    # A fixed grid and block size fix the order of every addition: the same gradients every run.
+    x = torch.randn(3, 37, 48, device=DEVICE, dtype=dtype)
+    grads = []
+    for _ in range(2):
+        cm.zero_grad()
+        cm(x).float().square().sum().backward()
+        grads.append([p.grad.clone() for p in cm.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_a_column_sum_read_elsewhere_is_finished_unfolded():
+    def fn(x, w):
+        g = torch.tanh(x) * w  # [rows, 16]
+        s = g.sum(0)  # a column sum ...
+        return (s * 2, s.exp())  # ... read by two ops: finished as is, its readers stay outside
+
+    cf = _check_function(fn, [torch.randn(23, 16, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)])
+    forward = lt.last_traces(cf)[-1]
+    (finish,) = [op for op in forward.ops if op.name.startswith("colsum")]
+    assert finish.outputs[0].val.dtype == torch.float32 and tuple(finish.outputs[0].shape) == (16,)
+
+
 def test_independent_reductions_over_one_input_share_a_kernel():
     def fn(x):
         return x.sum(-1), (x * x).sum(-1), x.amax(-1)

@@ -109,9 +109,12 @@ class KernelSpec:
     inputs: list[TensorArg]
     outputs: list[TensorArg]
     configs: list[dict[str, int]] = field(default_factory=list)
+    programs: int | None = None  # fixed grid of a kernel with column sums
 
     def grid(self, config: dict[str, int]) -> tuple[int]:
         """The launch grid for ``config``."""
+        if self.programs is not None:
+            return (self.programs,)
         if self.mode == "flat":
             return (math.ceil(self.R * self.N / config["BLOCK"]),)
         return (math.ceil(self.R / config["BLOCK_M"]),)
@@ -181,14 +184,18 @@ class _Writer:
         self.producer = {id(op.outputs[0]): op for op in region.ops}
         self.depth: dict[int, int] = {}
         self.onehots = self.onehot_sums()
+        # Column sums: a grid-stride loop over row blocks (see colsum.py); its body is one level deeper.
+        self.grid_stride = bool(region.partial_of)
+        self.base_indent = 2 if self.grid_stride else 1
+        self.first = "(rb == 0)" if self.grid_stride else "(pid == 0)"
 
     # ----------------------------------------------------------------------------- basics
     def emit(self, line: str) -> None:
         self.lines.append("    " * self.indent + line)
 
     def emit_top(self, line: str) -> None:
-        """Emit a line that only depends on the program id, at the top of the kernel."""
-        self.lines.insert(self.header_end, "    " + line)
+        """Emit a line that only depends on the rows, at the top of the kernel (of the row loop)."""
+        self.lines.insert(self.header_end, "    " * self.base_indent + line)
         self.header_end += 1
 
     def new(self, prefix: str = "v") -> str:
@@ -313,7 +320,7 @@ class _Writer:
         if p.val.dtype in _FLOATS:
             load += ".to(tl.float32)"
         name = self.new("x")
-        if memo is self.top and self.indent > 1:
+        if memo is self.top and self.indent > self.base_indent:
             self.emit_top(f"{name} = {load}")
         else:
             self.emit(f"{name} = {load}")
@@ -671,7 +678,7 @@ class _Writer:
         shape = tuple(p.val.shape)
         addr = self.address(f"out{k}", shape, shape, kind in _WIDE, tile=kind if kind != SCALAR else None)
         if kind == SCALAR:
-            self.emit("if pid == 0:")
+            self.emit(f"if {self.first}:")
             self.emit(f"    tl.store(out{k} + 0, {stored})")
             return
         width = shape[-1] if kind in _WIDE else None
@@ -682,7 +689,7 @@ class _Writer:
             elif kind == COL:
                 mask = f"{mask} & (rows == 0)"
         elif kind == COL:  # every program computes the same values: the first one writes them
-            self.emit("if pid == 0:")
+            self.emit(f"if {self.first}:")
             self.emit(f"    tl.store(out{k} + {addr}, {stored}, mask={mask})")
             return
         self.emit(f"tl.store(out{k} + {addr}, {stored}, mask={mask})")
@@ -706,6 +713,17 @@ class _Writer:
             else:
                 self.emit(f"rows = i // {n}")
                 self.emit(f"cols = i % {n}")
+        elif self.grid_stride:
+            self.emit("cols = tl.arange(0, BLOCK_N)[None, :]")
+            self.emit(f"cmask = cols < {n}")
+            for k, op in enumerate(self.region.column_sums):
+                self.emit(f"csum{k} = tl.zeros([1, BLOCK_N], tl.float32)  # {op.name}: this program's rows")
+            self.emit(f"for rb in range(pid, tl.cdiv({r}, BLOCK_M), {self.region.programs}):")
+            self.indent += 1
+            rb = "rb.to(tl.int64)" if wide else "rb"
+            self.emit(f"rows = {rb} * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
+            self.emit(f"rmask = rows < {r}")
+            self.emit("fmask = rmask & cmask")
         else:
             self.emit("rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
             self.emit(f"rmask = rows < {r}")
@@ -718,16 +736,28 @@ class _Writer:
     def body(self) -> None:
         region = self.region
         if self.mode in ("flat", "persistent"):
+            sums = {id(op): k for k, op in enumerate(region.column_sums)}
             for op in region.ops:
                 out = op.outputs[0]
-                if id(op) in self.onehots:
+                if id(op) in sums:
+                    x = self.value(op.args[0])
+                    self.emit(f"csum{sums[id(op)]} += tl.sum(tl.where(fmask, {x}, 0.0), axis=0)[None, :]  # {op.name}")
+                elif id(op) in self.onehots:
                     self.scope[(id(out), 0)] = self.onehot_value(op)
                 elif op.target in fops.REDUCTIONS:
                     self.scope[(id(out), 0)] = self.reduce(op)
                 elif self.kind(out) in (ROW, SCALAR) or op.target in fops.VIEWS:
                     self.value(out)
+            partials = []
             for k, p in enumerate(region.outputs):
-                self.store(k, p)
+                if id(p) in region.partial_of:
+                    partials.append((k, sums[id(region.partial_of[id(p)])]))
+                else:
+                    self.store(k, p)
+            if partials:
+                self.indent = 1
+                for k, j in partials:
+                    self.emit(f"tl.store(out{k} + pid * {self.N} + cols, csum{j}, mask=cmask)")
             return
         # looped: reductions grouped by dependency level share one chunked pass each; row values are
         # computed at the top level between passes; a last pass writes the full-size outputs.
@@ -797,4 +827,5 @@ def generate(region: Region) -> KernelSpec:
         inputs=inputs,
         outputs=outputs,
         configs=_configs(mode, region.R, region.N or 1),
+        programs=region.programs if region.partial_of else None,
     )

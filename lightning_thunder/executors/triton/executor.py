@@ -9,10 +9,12 @@ from typing import Any
 from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.executors.triton.codegen import generate
+from lightning_thunder.executors.triton.colsum import ColumnSum, programs_for
 from lightning_thunder.executors.triton.layout import choose_output_layouts, free_clone
-from lightning_thunder.executors.triton.region import contract, form_regions
+from lightning_thunder.executors.triton.region import Region, contract, form_regions
 from lightning_thunder.executors.triton.runtime import FusedRegion, precompile_all
-from lightning_thunder.trace.trace import BoundOp, Trace, timed_pass
+from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.trace import BoundOp, NameGenerator, Trace, timed_pass
 
 __all__ = ["FusionExecutor"]
 
@@ -54,6 +56,12 @@ class FusionExecutor(Executor):
                 regions = regions[: max(0, self.fuel - self.fused_so_far)]
             self.fused_so_far += len(regions)
             freed = choose_output_layouts(trace, regions)
+            names = trace.name_generator()
+            folded: set[int] = set()
+            for region in regions:
+                folded |= _split_column_sums(trace, region, names, self.name)
+            if folded:
+                trace = trace.derive("column sums folded", ops=[op for op in trace.ops if id(op) not in folded])
             fused: dict[int, BoundOp] = {}
             for region in regions:
                 run = FusedRegion(generate(region), autotune=self.autotune)
@@ -79,6 +87,59 @@ class FusionExecutor(Executor):
             if has_cpu:
                 note += " (CPU tensors are fused only under TRITON_INTERPRET=1)"
         return trace.derive(note, ops=ops, elapsed_ms=timer.ms)
+
+
+def _fake_like(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """An example value of ``shape`` and ``dtype`` on ``like``'s device (a fake tensor when ``like`` is one)."""
+    import torch
+
+    mode = getattr(like, "fake_mode", None)
+    if mode is not None:
+        with mode:
+            return torch.empty(shape, dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _split_column_sums(trace: Trace, region: Region, names: NameGenerator, executor: str) -> set[int]:
+    """Make each column sum of ``region`` a ``[G, N]`` partial-sums output plus a :class:`ColumnSum` op
+    (run right after the region) that finishes it; the views and the cast that only follow the sum are
+    folded into that op. Returns the ids of the folded ops (to drop from the trace)."""
+    import torch
+
+    sums = region.column_sums
+    if not sums:
+        return set()
+    readers: dict[int, list[BoundOp]] = {}
+    for op in trace.ops:
+        for p in op.input_proxies():
+            readers.setdefault(id(p), []).append(op)
+    graph_outputs = {id(p) for p in trace.output_proxies()}
+    region.programs = programs_for(region.device, region.R)
+    folded: set[int] = set()
+    for op in sums:
+        out = op.outputs[0]
+        n = int(out.val.shape[-1])
+        final = out
+        while id(final) not in graph_outputs and len(readers.get(id(final), [])) == 1:
+            nxt = readers[id(final)][0]
+            if nxt.target in fops.VIEWS and nxt.args[0] is final and nxt.outputs[0] is not None:
+                pass
+            elif nxt.target in fops.CASTS and nxt.target is not fops.aten.copy.default and nxt.args[0] is final and (
+                nxt.outputs[0] is not None and nxt.outputs[0].val.dtype.is_floating_point
+            ):
+                pass
+            else:
+                break
+            folded.add(id(nxt))
+            final = nxt.outputs[0]
+            if nxt.target in fops.CASTS:
+                break
+        partial = Proxy(names(f"{out.name}_partial"), _fake_like(out.val, (region.programs, n), torch.float32))
+        region.outputs[region.outputs.index(out)] = partial
+        region.partial_of[id(partial)] = op
+        finish = ColumnSum(names("colsum"), tuple(final.val.shape), final.val.dtype)
+        region.trailing_views.append(BoundOp(finish, (partial,), {}, (final,), executor=executor))
+    return folded
 
 
 def _number_regions(ops: list[BoundOp], fused_ids: set[int]) -> list[BoundOp]:

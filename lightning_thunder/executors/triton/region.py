@@ -35,9 +35,14 @@ from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
 
-__all__ = ["Region", "FULL", "ROW", "COL", "SCALAR", "form_regions", "contract", "external_kind", "join_kinds"]
+__all__ = ["Region", "FULL", "ROW", "COL", "SCALAR", "COLSUM", "column_sum_dims", "form_regions", "contract", "external_kind", "join_kinds"]
 
 FULL, ROW, COL, SCALAR = "full", "row", "col", "scalar"
+#: the kind of a sum over all rows (a weight's gradient): complete only once every program has added its
+#: rows, so nothing in the region may read it; the region writes per-program partial sums (see colsum.py)
+COLSUM = "colsum"
+#: column sums are accumulated by persistent kernels only (rows of at most this many columns)
+COLSUM_MAX_N = 16384
 _RANK = {SCALAR: 0, ROW: 1, COL: 1, FULL: 2}
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOADABLE = (*_FLOAT, torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -94,6 +99,8 @@ class Region:
     outputs: list[Proxy] = field(default_factory=list)
     trailing_views: list[BoundOp] = field(default_factory=list)  # views of outputs, re-run outside
     out_strides: dict[int, tuple[int, ...]] = field(default_factory=dict)  # output proxy id -> strides to store with
+    partial_of: dict[int, BoundOp] = field(default_factory=dict)  # partial-sums output id -> its column-sum op
+    programs: int | None = None  # grid size of a kernel with column sums (a grid-stride loop over rows)
 
     @property
     def name(self) -> str:
@@ -104,6 +111,11 @@ class Region:
     def compute_ops(self) -> int:
         """Ops that move or compute data (not views or constants)."""
         return sum(1 for op in self.ops if op.target not in fops.VIEWS and op.target not in fops.CONSTANTS)
+
+    @property
+    def column_sums(self) -> list[BoundOp]:
+        """The ops that sum a value over all rows (kind :data:`COLSUM`)."""
+        return [op for op in self.ops if self.kinds.get(id(op.outputs[0])) == COLSUM]
 
     @property
     def has_reduction(self) -> bool:
@@ -120,10 +132,23 @@ def _last_dim_arg(op: BoundOp, position: int, keyword: str, default: Any, ndim: 
     return dim % ndim if isinstance(dim, int) and ndim > 0 else None
 
 
+def column_sum_dims(op: BoundOp) -> bool:
+    """Whether ``op`` is ``sum(x, dims)`` over every dimension of ``x`` but the last."""
+    if op.target is not torch.ops.aten.sum.dim_IntList or len(op.args) < 2 or set(op.kwargs) - {"keepdim"}:
+        return False
+    x, dims = op.args[0], op.args[1]
+    if not isinstance(x, Proxy) or not x.is_tensor or not isinstance(dims, (list, tuple)):
+        return False
+    nd = len(x.shape)
+    return nd >= 2 and sorted(d % nd for d in dims) == list(range(nd - 1))
+
+
 def _role(op: BoundOp) -> str | None:
     t = op.target
     if op.is_method or op.unpack or op.outputs[0] is None:
         return None
+    if column_sum_dims(op):
+        return "colreduce"
     try:
         if t in fops.POINTWISE:
             return "pointwise"
@@ -150,6 +175,8 @@ def _check_operands(op: BoundOp, role: str) -> bool:
     out_shape = _static_shape(out)
     if out_shape is None or _numel(out_shape) == 0:
         return False
+    if role == "colreduce":
+        return out.dtype in _FLOAT and op.args[0].val.dtype in _FLOAT and _static_shape(op.args[0].val) is not None
     if role == "iota":
         return out.dim() == 1 and out.dtype in (torch.int64, torch.int32) and fops.iota_params(op) is not None
     int_ok = (role == "view" or (role == "pointwise" and op.target in fops.INT_EXACT)) and out.dtype in (
@@ -322,6 +349,16 @@ class _Former:
         for p in op.input_proxies():  # joining must not create a cycle
             if id(p) not in region.produced and self.depends_on(p, region):
                 return None
+            if region.kinds.get(id(p)) == COLSUM:  # complete only after the kernel: read outside
+                return None
+        if role == "colreduce":
+            x = op.args[0]
+            width = _static_shape(x.val)[-1]
+            if id(x) not in region.produced or region.kinds[id(x)] != FULL or region.widths.get(id(x)) != width:
+                return None
+            if region.N != width or width > COLSUM_MAX_N or _numel(_static_shape(x.val)) != region.R * width:
+                return None
+            return COLSUM, True, width
         if role == "view":
             src = op.args[0]
             if not isinstance(src, Proxy) or id(src) not in region.produced:
@@ -423,6 +460,9 @@ class _Former:
         """Merge ``other`` into ``into`` when their rows agree and no path leaves and re-enters them."""
         if into is other or into.device != other.device or into.R != other.R:
             return False
+        for r in (into, other):
+            if r.column_sums and max(into.N or 0, other.N or 0) != r.N:
+                return False  # column sums need the whole region at their width
         if self._reads_indirectly(into, other) or self._reads_indirectly(other, into):
             return False
         into.N = max(into.N or 0, other.N or 0) or None
