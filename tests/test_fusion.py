@@ -328,6 +328,16 @@ def test_weight_gradients_are_summed_in_the_region(dtype):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_sum_finish_kernel(dtype):
+    from lightning_thunder.executors.triton.colsum import ColumnSum
+
+    partials = torch.randn(150, 70, device=DEVICE)  # more partial rows than one block, ragged columns
+    out = ColumnSum("colsum0", (1, 70), dtype)(partials)
+    assert out.shape == (1, 70) and out.dtype == dtype
+    assert_close(out, partials.double().sum(0, keepdim=True).to(dtype), "column sums")
+
+
 def test_a_column_sum_read_elsewhere_is_finished_unfolded():
     def fn(x, w):
         g = torch.tanh(x) * w  # [rows, 16]
