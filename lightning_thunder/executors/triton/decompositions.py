@@ -17,10 +17,16 @@ _NONE, _MEAN, _SUM = 0, 1, 2
 
 
 def _onehot(self: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``valid`` [N]: target is not ignored, ``onehot`` [N, C]: column == target)."""
-    valid = target != ignore_index
-    safe_target = torch.where(valid, target, 0)
-    onehot = torch.arange(self.shape[-1], device=self.device).unsqueeze(0) == safe_target.unsqueeze(1)
+    """(``valid`` [N, 1]: target is not ignored, ``onehot`` [N, C]: column == target, never true on an
+    ignored row).
+
+    Computed on ``[N, 1]`` (not ``[N]``) targets: a region's grid is rows x columns, and a 1-D value of
+    length N could be either; as a column of N rows the masking joins the loss's kernel.
+    """
+    column = target.unsqueeze(1)
+    valid = column != ignore_index
+    safe_target = torch.where(valid, column, -1)  # -1 matches no class
+    onehot = torch.arange(self.shape[-1], device=self.device).unsqueeze(0) == safe_target
     return valid, onehot
 
 
@@ -33,15 +39,17 @@ def nll_loss_forward(
     valid, onehot = _onehot(self, target, ignore_index)
     if weight is not None:
         self = self * weight.unsqueeze(0)
-    picked = torch.where(onehot, self, 0).sum(-1)
-    result = torch.where(valid, -picked, 0)
+    picked = torch.where(onehot, self, 0).sum(-1, keepdim=True)
+    result = torch.where(valid, -picked, 0).squeeze(1)
     if reduction == _NONE:
         return result, self.new_full((), 0.0)
     if weight is not None:
-        wsum = torch.where(onehot, weight.unsqueeze(0), 0).sum(-1)
+        wsum = torch.where(onehot, weight.unsqueeze(0), 0).sum(-1, keepdim=True)
         total_weight = torch.where(valid, wsum, 0).sum()
     else:
-        total_weight = valid.sum().to(self.dtype)
+        # Counted from the 1-D targets, apart from the loss's kernel: the backward needs the count before
+        # its kernel runs, and recomputing it inside that kernel's inputs would tie the two together.
+        total_weight = (target != ignore_index).sum().to(self.dtype)
     if reduction == _SUM:
         return result.sum(), total_weight
     return result.sum() / total_weight, total_weight
@@ -60,7 +68,7 @@ def nll_loss_backward(
     and scatter); other shapes are not handled."""
     if self.dim() != 2 or target.dim() != 1:
         return NotImplemented
-    valid, onehot = _onehot(self, target, ignore_index)
+    _, onehot = _onehot(self, target, ignore_index)
     if reduction == _MEAN:
         grad = grad_output / total_weight
     elif reduction == _SUM:
@@ -69,5 +77,4 @@ def nll_loss_backward(
         grad = grad_output.unsqueeze(1)
     if weight is not None:
         grad = grad * weight.unsqueeze(0)
-    hit = onehot & valid.unsqueeze(1)
-    return torch.where(hit, -grad, 0).to(self.dtype)
+    return torch.where(onehot, -grad, 0).to(self.dtype)

@@ -179,7 +179,7 @@ def _check_operands(op: BoundOp, role: str) -> bool:
         return out.dtype in _FLOAT and op.args[0].val.dtype in _FLOAT and _static_shape(op.args[0].val) is not None
     if role == "iota":
         return out.dim() == 1 and out.dtype in (torch.int64, torch.int32) and fops.iota_params(op) is not None
-    int_ok = (role == "view" or (role == "pointwise" and op.target in fops.INT_EXACT)) and out.dtype in (
+    int_ok = (role in ("view", "constant") or (role == "pointwise" and op.target in fops.INT_EXACT)) and out.dtype in (
         torch.int64, torch.int32
     )
     if (out.dtype not in (*_FLOAT, torch.bool) and not int_ok) or (role == "reduction" and out.dtype not in _FLOAT):
@@ -311,6 +311,8 @@ class _Former:
             if wide is None:
                 return None
             has_col = True
+        elif ROW in internal and len(out_shape) == 1 and _numel(out_shape) == region.R:
+            has_col = False  # elementwise with a per-row value: a 1-D result (and operand) is per row too
         elif wide is not None and any(
             external_kind(_static_shape(p.val), out_shape, True) in _WIDE for p in externals
         ):
