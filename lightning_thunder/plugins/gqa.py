@@ -28,6 +28,7 @@ __all__ = ["NativeGQA"]
 
 _SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_PROBE_SEQ = 256
 _NATIVE_BACKENDS = (torch.nn.attention.SDPBackend.FLASH_ATTENTION, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
 
 
@@ -74,8 +75,13 @@ def _native_kernel_takes_groups(q: Proxy, k: Proxy, v: Proxy, bound: dict[str, A
     if not all(type(d) is int for s in shapes for d in s):
         return False
     try:
+        # Batch 1 and at most _PROBE_SEQ positions: the choice depends on dtype, head size, head counts,
+        # device and flags, not on the length, and the probe must stay small (a 128k context would
+        # otherwise allocate gigabytes just to ask).
         empty = [
-            torch.empty((1, *s[1:]), dtype=p.dtype, device=p.device, requires_grad=p.requires_grad)
+            torch.empty(
+                (1, s[1], min(s[2], _PROBE_SEQ), s[3]), dtype=p.dtype, device=p.device, requires_grad=p.requires_grad
+            )
             for p, s in zip((q, k, v), shapes)
         ]
         choice = torch.ops.aten._fused_sdp_choice(
