@@ -350,6 +350,28 @@ def test_a_column_sum_read_elsewhere_is_finished_unfolded():
     assert finish.outputs[0].val.dtype == torch.float32 and tuple(finish.outputs[0].shape) == (16,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cat_of_region_outputs_is_written_in_place(dtype):
+    """Heads put back side by side and concatenated (attention's q/k/v gradients before the fused QKV
+    matmul): the regions store their pieces into the cat's result, and the third piece (made outside any
+    region) is copied there by the region of the second, which has the same grid."""
+
+    def qkv(a, b, v, w):
+        B, _, T, _ = a.shape
+        q = torch.tanh(a) * 2  # [B, H, T, D], a region
+        k = torch.sigmoid(b) + 1  # [B, G, T, D], a region with v's grid
+        pieces = [t.transpose(1, 2).reshape(B, T, -1) for t in (q, k, v)]
+        return (torch.cat(pieces, dim=-1) @ w,)
+
+    shapes = [(2, 4, 5, 8), (2, 2, 5, 8), (2, 2, 5, 8), (64, 3)]
+    cf = _check_function(qkv, [torch.randn(s, device=DEVICE, dtype=dtype, requires_grad=True) for s in shapes])
+    forward = lt.last_traces(cf)[-1]
+    names = [op.name for op in forward.ops]
+    assert "aten.cat.default" not in names and "aten.empty.memory_format" in names, forward
+    writers = [op for op in forward.ops if op.subops and tuple(op.outputs[-1].shape) == (2, 5, 64)]
+    assert len(writers) == 2, forward  # each passes the buffer on; the last one's output is the cat's result
+
+
 def test_independent_reductions_over_one_input_share_a_kernel():
     def fn(x):
         return x.sum(-1), (x * x).sum(-1), x.amax(-1)

@@ -10,6 +10,7 @@ from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.executors.triton.codegen import generate
 from lightning_thunder.executors.triton.colsum import ColumnSum, programs_for
+from lightning_thunder.executors.triton.catslices import apply_cat_plans, plan_cat_slices
 from lightning_thunder.executors.triton.layout import choose_output_layouts, free_clone
 from lightning_thunder.executors.triton.region import Region, contract, form_regions
 from lightning_thunder.executors.triton.runtime import FusedRegion, precompile_all
@@ -62,6 +63,7 @@ class FusionExecutor(Executor):
                 folded |= _split_column_sums(trace, region, names, self.name)
             if folded:
                 trace = trace.derive("column sums folded", ops=[op for op in trace.ops if id(op) not in folded])
+            plans = plan_cat_slices(trace, regions, names)
             fused: dict[int, BoundOp] = {}
             for region in regions:
                 run = FusedRegion(generate(region), autotune=self.autotune)
@@ -77,8 +79,10 @@ class FusionExecutor(Executor):
                     subops=tuple(region.ops),
                 )
             ops = contract(trace, fused, regions) if regions else list(trace.ops)
+            if plans:
+                ops = apply_cat_plans(ops, plans, fused, names)
             ops = [free_clone(op) if id(op) in freed else op for op in ops]
-            ops = _number_regions(ops, set(map(id, fused.values())))
+            ops = _number_regions(ops, {id(op) for op in ops if op.subops})
             if any(r.device.type == "cuda" for r in regions):
                 precompile_all([op.target for op in fused.values()])
         note = f"executor {self.name}: {len(regions)} fused regions"

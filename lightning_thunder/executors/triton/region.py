@@ -101,6 +101,7 @@ class Region:
     out_strides: dict[int, tuple[int, ...]] = field(default_factory=dict)  # output proxy id -> strides to store with
     partial_of: dict[int, BoundOp] = field(default_factory=dict)  # partial-sums output id -> its column-sum op
     programs: int | None = None  # grid size of a kernel with column sums (a grid-stride loop over rows)
+    into_buffer: dict[int, tuple] = field(default_factory=dict)  # output id -> (shape, stride, offset) in a cat's result
 
     @property
     def name(self) -> str:

@@ -158,18 +158,26 @@ class FusedRegion:
         return best
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
+        outputs = self.run(inputs)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def run(self, inputs: tuple, into: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Launch the kernel on ``inputs``; output ``k`` is written into ``into[k]`` where given (a slice
+        of a buffer, with the strides the kernel was generated for), else into a new tensor."""
         self.kernel()
         if not all(t.is_contiguous() for arg, t in zip(self.spec.inputs, inputs) if arg.contiguous):
             # The kernel was specialized for contiguous tensors (what the trace said they would be).
             inputs = tuple(t.contiguous() if arg.contiguous else t for arg, t in zip(self.spec.inputs, inputs))
         device = inputs[0].device
+        into = into or {}
         outputs = [
-            torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device) for arg in self.spec.outputs
+            into[k] if k in into else torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device)
+            for k, arg in enumerate(self.spec.outputs)
         ]
         if self._config is None:
             self._config = self._pick(inputs, outputs)
         self._launch(self._config, inputs, outputs)
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return outputs
 
     def __repr__(self) -> str:
         return f"FusedRegion({self.spec.region}, {self.spec.mode}, R={self.spec.R}, N={self.spec.N})"
