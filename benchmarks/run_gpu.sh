@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, in one go, each part under its own time limit.
 # Usage (from the repository root, on a machine with 2 GPUs; OUT defaults to ./gpu_out):
-#   benchmarks/run_gpu.sh [tests] [fsdp] [single]
+#   benchmarks/run_gpu.sh [tests] [fsdp] [single] [kernels]
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-parts=${*:-tests fsdp single}
+parts=${*:-tests fsdp single kernels}
 for part in $parts; do
   case $part in
     tests)
@@ -17,7 +17,10 @@ for part in $parts; do
         --json "$OUT/fsdp.json" 2>&1 | tail -20 | tee "$OUT/fsdp.md" ;;
     single)
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/litgpt_train.py --model Llama-3.2-1B --n-layer 8 \
-        --batch 4 --seq 2048 --dtype bf16 --modes eager,torch.compile,thunder --steps 8 --warmup 3 --timeout 120 \
-        --profile 12 --json "$OUT/litgpt.json" 2>&1 | tail -50 | tee "$OUT/litgpt.md" ;;
+        --batch 4 --seq 2048 --dtype bf16 --modes eager,torch.compile,thunder,thunder+fp8,torchao-fp8 --steps 8 \
+        --warmup 3 --timeout 120 --census 25 --json "$OUT/litgpt.json" 2>&1 | tail -150 | tee "$OUT/litgpt.md" ;;
+    kernels)
+      timeout 240 python3 benchmarks/kernels.py --modes eager,torch.compile,thunder --json "$OUT/kernels.json" 2>&1 \
+        | tail -40 | tee "$OUT/kernels.md" ;;
   esac
 done
