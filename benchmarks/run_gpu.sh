@@ -16,7 +16,7 @@ for part in $parts; do
         --model Llama-3.2-1B --n-layer 8 --batch 4 --seq 2048 --steps 6 --warmup 2 --timeout 150 \
         --json "$OUT/fsdp.json" 2>&1 | tail -20 | tee "$OUT/fsdp.md" ;;
     single)
-      CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/litgpt_train.py --model Llama-3.2-1B --n-layer 8 \
+      CUDA_VISIBLE_DEVICES=0 timeout 420 python3 benchmarks/litgpt_train.py --model Llama-3.2-1B --n-layer 8 \
         --batch 4 --seq 2048 --dtype bf16 --modes eager,torch.compile,thunder,thunder+fp8,torchao-fp8 --steps 8 \
         --warmup 3 --timeout 120 --census 25 --json "$OUT/litgpt.json" 2>&1 | tail -150 | tee "$OUT/litgpt.md" ;;
     kernels)
