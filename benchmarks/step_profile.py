@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     gpu = kernel_time_ms(lambda: step(idx, targets), device, iters=3)
     print(
         f"{args.mode}: step {statistics.median(wall):.1f} ms, host issue {statistics.median(issue):.1f} ms, "
-        f"GPU kernels {gpu:.1f} ms" if gpu is not None else f"{args.mode}: step {statistics.median(wall):.1f} ms"
+        f"GPU kernels {gpu:.1f} ms"
+        if gpu is not None
+        else f"{args.mode}: step {statistics.median(wall):.1f} ms"
     )
     if args.trace:
         from torch.profiler import ProfilerActivity, profile

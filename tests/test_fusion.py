@@ -309,7 +309,9 @@ def test_weight_gradients_are_summed_in_the_region(dtype):
             return (y * self.weight.float() + self.bias.float()).to(x.dtype)
 
     model = Norm().to(dtype)
-    cm = check_module_parity(model, lambda: [torch.randn(3, 37, 48, device=DEVICE, dtype=dtype, requires_grad=True)], plugins=[Fusion()])
+    cm = check_module_parity(
+        model, lambda: [torch.randn(3, 37, 48, device=DEVICE, dtype=dtype, requires_grad=True)], plugins=[Fusion()]
+    )
     backward = lt.last_backward_traces(cm)[-1]
     # Only a sum of a backward input itself (fp32: the bias gradient is the incoming gradient's sum) is
     # left to PyTorch; sums of values the region computes are finished by colsum ops.
@@ -344,7 +346,8 @@ def test_a_column_sum_read_elsewhere_is_finished_unfolded():
         s = g.sum(0)  # a column sum ...
         return (s * 2, s.exp())  # ... read by two ops: finished as is, its readers stay outside
 
-    cf = _check_function(fn, [torch.randn(23, 16, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)])
+    x, w = torch.randn(23, 16, device=DEVICE, requires_grad=True), torch.randn(16, device=DEVICE, requires_grad=True)
+    cf = _check_function(fn, [x, w])
     forward = lt.last_traces(cf)[-1]
     (finish,) = [op for op in forward.ops if op.name.startswith("colsum")]
     assert finish.outputs[0].val.dtype == torch.float32 and tuple(finish.outputs[0].shape) == (16,)

@@ -82,9 +82,13 @@ def test_repeats_read_elsewhere_are_kept():
 @pytest.mark.parametrize("module", [_Attention(mask=True), _Attention(repeats_dim=2)], ids=["attn-mask", "other-dim"])
 def test_calls_it_cannot_rewrite_are_left_alone(module):
     if module.repeats_dim == 2:  # repeating the sequence dim is not GQA: shapes must still work
+
         def make():
-            return [torch.randn(2, 3, 10, 8, requires_grad=True), torch.randn(2, 3, 5, 8, requires_grad=True),
-                    torch.randn(2, 3, 5, 8, requires_grad=True)]
+            return [
+                torch.randn(2, 3, 10, 8, requires_grad=True),
+                torch.randn(2, 3, 5, 8, requires_grad=True),
+                torch.randn(2, 3, 5, 8, requires_grad=True),
+            ]
     else:
         make = _qkv
     plugin = NativeGQA()

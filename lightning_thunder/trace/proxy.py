@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Proxy", "ConstRef", "short_dtype", "describe_value"]
+__all__ = ["Proxy", "ConstRef", "short_dtype", "describe_value", "empty_example"]
 
 _DTYPE_SHORT = {
     torch.float32: "f32",
@@ -131,3 +131,13 @@ class ConstRef:
 
     def __repr__(self) -> str:
         return f"<ConstRef {self.name}>"
+
+
+def empty_example(like: Any, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
+    """An example value of ``shape`` and ``dtype`` on ``like``'s device, for a proxy a pass creates: a fake
+    tensor of ``like``'s fake mode when ``like`` is one, else a meta tensor."""
+    mode = getattr(like, "fake_mode", None)
+    if mode is not None:
+        with mode:
+            return torch.empty(shape, dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device="meta")

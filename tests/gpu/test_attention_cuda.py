@@ -19,8 +19,16 @@ def test_llama_style_block_with_default_plugins_bf16():
     from litgpt import GPT, Config
 
     config = Config.from_name(
-        "Llama-3.2-1B", n_layer=2, n_embd=512, n_head=8, n_query_groups=2, head_size=64, intermediate_size=1024,
-        padded_vocab_size=4096, vocab_size=4096, block_size=512,
+        "Llama-3.2-1B",
+        n_layer=2,
+        n_embd=512,
+        n_head=8,
+        n_query_groups=2,
+        head_size=64,
+        intermediate_size=1024,
+        padded_vocab_size=4096,
+        vocab_size=4096,
+        block_size=512,
     )
     torch.manual_seed(0)
     model = GPT(config).to(device="cuda", dtype=torch.bfloat16)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lightning_thunder.executors.triton.region import FULL, Region
-from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.proxy import Proxy, empty_example
 from lightning_thunder.trace.trace import BoundOp, NameGenerator, Trace
 
 __all__ = ["CatPlan", "IntoBuffer", "apply_cat_plans", "plan_cat_slices"]
@@ -39,14 +39,6 @@ class CatPlan:
     cat: BoundOp
     removed: set[int] = field(default_factory=set)  # ids of the cat and of the view chains into it
     writers: list[Region] = field(default_factory=list)  # regions storing a piece (each once)
-
-
-def _fake_like(like: Any, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
-    mode = getattr(like, "fake_mode", None)
-    if mode is not None:
-        with mode:
-            return torch.empty(shape, dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def _undo(op: BoundOp, x: torch.Tensor) -> torch.Tensor | None:
@@ -74,7 +66,11 @@ def _chain(piece: Proxy, producer: dict[int, BoundOp], readers: dict[int, list[B
         op = producer.get(id(p))
         if op is None or op.unpack or not op.args or not isinstance(op.args[0], Proxy):
             break
-        if op.target not in _VIEWS and op.target not in _COPIES and op.target not in (aten.transpose.int, aten.permute.default):
+        if (
+            op.target not in _VIEWS
+            and op.target not in _COPIES
+            and op.target not in (aten.transpose.int, aten.permute.default)
+        ):
             break
         if op.target is aten.clone.default and set(op.kwargs) - {"memory_format"}:
             break
@@ -126,7 +122,9 @@ def plan_cat_slices(trace: Trace, regions: list[Region], names: NameGenerator) -
         shape = tuple(out.shape)
         if not all(type(d) is int for d in shape) or dim % len(shape) != len(shape) - 1 or not out.val.is_contiguous():
             continue
-        plan = _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, regions, position, names, taken)
+        plan = _plan_one(
+            cat, pieces, shape, producer, readers, outputs, region_of_output, regions, position, names, taken
+        )
         if plan is not None:
             plans.append(plan)
             taken |= {id(r) for r in plan.writers}
@@ -177,7 +175,7 @@ def _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, 
             region = _host_for(base, writers, producer, position)
             if region is None:
                 return None
-            target = Proxy(names(f"{base.name}_copy"), _fake_like(base.val, vshape, base.val.dtype))
+            target = Proxy(names(f"{base.name}_copy"), empty_example(base.val, vshape, base.val.dtype))
             copy = BoundOp(aten.clone.default, (base,), {}, (target,))
             region.ops.append(copy)
             region.kinds[id(target)] = FULL
@@ -240,7 +238,9 @@ class IntoBuffer:
     def __call__(self, *args: torch.Tensor) -> Any:
         *inputs, buffer = args
         base = buffer.storage_offset()
-        into = {k: buffer.as_strided(shape, stride, base + offset) for k, (shape, stride, offset) in self.writes.items()}
+        into = {
+            k: buffer.as_strided(shape, stride, base + offset) for k, (shape, stride, offset) in self.writes.items()
+        }
         outs = self.fused.run(tuple(inputs), into)
         kept = [outs[k] for k in self.keep]
         return (*kept, buffer) if kept else buffer
@@ -249,7 +249,9 @@ class IntoBuffer:
         return f"IntoBuffer({self.fused!r})"
 
 
-def apply_cat_plans(ops: list[BoundOp], plans: list[CatPlan], fused: dict[int, BoundOp], names: NameGenerator) -> list[BoundOp]:
+def apply_cat_plans(
+    ops: list[BoundOp], plans: list[CatPlan], fused: dict[int, BoundOp], names: NameGenerator
+) -> list[BoundOp]:
     """Rewrite the contracted ``ops``: allocate each planned ``cat``'s result before its first writer,
     thread it through the writers (in their order in ``ops``), drop the ``cat`` and the view chains."""
     removed = set().union(*(p.removed for p in plans)) if plans else set()
@@ -272,7 +274,9 @@ def apply_cat_plans(ops: list[BoundOp], plans: list[CatPlan], fused: dict[int, B
             nxt = out if k == len(writer_ops) - 1 else Proxy(names(f"{out.name}_buffer"), val)
             new_outs = [all_outs[i] for i in keep] + [nxt]
             replace[id(op)] = op.replace(
-                target=IntoBuffer(op.target, writes, keep), args=(*op.args, buf), outputs=tuple(new_outs),
+                target=IntoBuffer(op.target, writes, keep),
+                args=(*op.args, buf),
+                outputs=tuple(new_outs),
                 unpack=len(new_outs) > 1,
             )
             buf = nxt

@@ -456,7 +456,9 @@ class _Writer:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             return x == 0
         op = self.producer.get(id(x)) if isinstance(x, Proxy) else None
-        return op is not None and op.target in fops.CONSTANTS and op.target not in fops.COLUMN_MOVES and fops.CONSTANTS[op.target](op) == 0
+        if op is None or op.target not in fops.CONSTANTS or op.target in fops.COLUMN_MOVES:
+            return False
+        return fops.CONSTANTS[op.target](op) == 0
 
     def _is_column_index(self, x: Any) -> int | None:
         """The width of ``x`` when it is (a view of) an in-region ``arange(width)``."""
@@ -779,7 +781,9 @@ class _Writer:
             self.store(k, p)
 
 
-def _tensor_args(prefix: str, proxies: list[Proxy], strides: dict[int, tuple[int, ...]] | None = None) -> list[TensorArg]:
+def _tensor_args(
+    prefix: str, proxies: list[Proxy], strides: dict[int, tuple[int, ...]] | None = None
+) -> list[TensorArg]:
     args = []
     for k, p in enumerate(proxies):
         shape = tuple(p.val.shape)

@@ -8,13 +8,13 @@ from typing import Any
 
 from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.triton import ops as fops
+from lightning_thunder.executors.triton.catslices import apply_cat_plans, plan_cat_slices
 from lightning_thunder.executors.triton.codegen import generate
 from lightning_thunder.executors.triton.colsum import ColumnSum, programs_for
-from lightning_thunder.executors.triton.catslices import apply_cat_plans, plan_cat_slices
 from lightning_thunder.executors.triton.layout import choose_output_layouts, free_clone
 from lightning_thunder.executors.triton.region import Region, contract, form_regions
 from lightning_thunder.executors.triton.runtime import FusedRegion, precompile_all
-from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.proxy import Proxy, empty_example
 from lightning_thunder.trace.trace import BoundOp, NameGenerator, Trace, timed_pass
 
 __all__ = ["FusionExecutor"]
@@ -93,17 +93,6 @@ class FusionExecutor(Executor):
         return trace.derive(note, ops=ops, elapsed_ms=timer.ms)
 
 
-def _fake_like(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    """An example value of ``shape`` and ``dtype`` on ``like``'s device (a fake tensor when ``like`` is one)."""
-    import torch
-
-    mode = getattr(like, "fake_mode", None)
-    if mode is not None:
-        with mode:
-            return torch.empty(shape, dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
 def _split_column_sums(trace: Trace, region: Region, names: NameGenerator, executor: str) -> set[int]:
     """Make each column sum of ``region`` a ``[G, N]`` partial-sums output plus a :class:`ColumnSum` op
     (run right after the region) that finishes it; the views and the cast that only follow the sum are
@@ -138,7 +127,7 @@ def _split_column_sums(trace: Trace, region: Region, names: NameGenerator, execu
             final = nxt.outputs[0]
             if nxt.target in fops.CASTS:
                 break
-        partial = Proxy(names(f"{out.name}_partial"), _fake_like(out.val, (region.programs, n), torch.float32))
+        partial = Proxy(names(f"{out.name}_partial"), empty_example(out.val, (region.programs, n), torch.float32))
         region.outputs[region.outputs.index(out)] = partial
         region.partial_of[id(partial)] = op
         finish = ColumnSum(names("colsum"), tuple(final.val.shape), final.val.dtype)

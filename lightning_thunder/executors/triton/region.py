@@ -35,7 +35,10 @@ from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
 
-__all__ = ["Region", "FULL", "ROW", "COL", "SCALAR", "COLSUM", "column_sum_dims", "form_regions", "contract", "external_kind", "join_kinds"]
+__all__ = [
+    "Region", "FULL", "ROW", "COL", "SCALAR", "COLSUM", "column_sum_dims", "form_regions", "contract", "external_kind",
+    "join_kinds",
+]
 
 FULL, ROW, COL, SCALAR = "full", "row", "col", "scalar"
 #: the kind of a sum over all rows (a weight's gradient): complete only once every program has added its
@@ -101,7 +104,7 @@ class Region:
     out_strides: dict[int, tuple[int, ...]] = field(default_factory=dict)  # output proxy id -> strides to store with
     partial_of: dict[int, BoundOp] = field(default_factory=dict)  # partial-sums output id -> its column-sum op
     programs: int | None = None  # grid size of a kernel with column sums (a grid-stride loop over rows)
-    into_buffer: dict[int, tuple] = field(default_factory=dict)  # output id -> (shape, stride, offset) in a cat's result
+    into_buffer: dict[int, tuple] = field(default_factory=dict)  # output id -> (shape, stride, offset) in a cat result
 
     @property
     def name(self) -> str:
