@@ -375,6 +375,28 @@ def test_cat_of_region_outputs_is_written_in_place(dtype):
     assert len(writers) == 2, forward  # each passes the buffer on; the last one's output is the cat's result
 
 
+def test_cat_in_place_only_when_the_pieces_are_read_by_the_cat_alone():
+    def read_twice(a, b, w):
+        q = torch.tanh(a) * 2
+        k = torch.sigmoid(b) + 1
+        c = torch.cat([q.transpose(1, 2).reshape(2, 5, -1), k.transpose(1, 2).reshape(2, 5, -1)], -1)
+        return (c @ w, q.sum())  # q is read again: its region cannot hand its memory to the cat
+
+    def outside_first(a, v, w):  # the first piece is an input, copied by the region of the second
+        q = torch.tanh(a) * 2
+        c = torch.cat([v.transpose(1, 2).reshape(2, 5, -1), q.transpose(1, 2).reshape(2, 5, -1)], -1)
+        return (c @ w,)
+
+    cases = [
+        (read_twice, [(2, 4, 5, 8), (2, 2, 5, 8), (48, 3)], True),
+        (outside_first, [(2, 4, 5, 8)] * 2 + [(64, 3)], False),
+    ]
+    for fn, shapes, keeps_cat in cases:
+        cf = _check_function(fn, [torch.randn(s, device=DEVICE, requires_grad=True) for s in shapes])
+        names = [op.name for op in lt.last_traces(cf)[-1].ops]
+        assert ("aten.cat.default" in names) == keeps_cat, names
+
+
 def test_independent_reductions_over_one_input_share_a_kernel():
     def fn(x):
         return x.sum(-1), (x * x).sum(-1), x.amax(-1)
@@ -407,7 +429,9 @@ def test_final_trace_shows_regions_and_sources_are_retrievable():
     x = torch.randn(4, 8, device=DEVICE, requires_grad=True)
     cf(x, torch.randn(8, 8, device=DEVICE)).sum().backward()
     final = lt.last_traces(cf)[-1].python()
-    assert re.search(r"# fusion0: \d ops: aten.tanh.default, (aten.detach.default, )?aten.mul.Tensor, aten.add.Tensor", final), final
+    assert re.search(
+        r"# fusion0: \d ops: aten.tanh.default, (aten.detach.default, )?aten.mul.Tensor, aten.add.Tensor", final
+    ), final
     assert "= fusion0(x)" in final and "[triton]" in final
     sources = lt.kernel_sources(cf)
     assert {"forward/fusion0", "forward/fusion1"} <= set(sources)
@@ -466,7 +490,10 @@ def _corpus():
 
     cases = {
         "mlp": (lambda: tm.MLP(), lambda: [torch.randn(6, 16, requires_grad=True)]),
-        "mlp-bf16": (lambda: tm.MLP().to(torch.bfloat16), lambda: [torch.randn(6, 16, dtype=torch.bfloat16, requires_grad=True)]),
+        "mlp-bf16": (
+            lambda: tm.MLP().to(torch.bfloat16),
+            lambda: [torch.randn(6, 16, dtype=torch.bfloat16, requires_grad=True)],
+        ),
         "cnn-train": (lambda: tm.CNN(), lambda: [torch.randn(4, 3, 12, 12, requires_grad=True)]),
         "buffers": (lambda: tm.Counter(), lambda: [torch.randn(5, 4, requires_grad=True)]),
         "attention": (lambda: tm.Attention(), lambda: [torch.randn(2, 5, 16, requires_grad=True)]),
