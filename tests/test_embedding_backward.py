@@ -161,3 +161,9 @@ def test_supported_requirements():
     if DEVICE == "cpu":
         os.environ["TRITON_INTERPRET"] = "0"  # restored by conftest's _restore_environment
         assert not supported(grad, idx, 6, -1, False)
+
+
+def test_precompile_needs_cuda():
+    from lightning_thunder.executors.kernels.embedding_backward import precompile
+
+    assert precompile(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), 10, -1) is None

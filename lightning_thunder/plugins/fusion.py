@@ -3,18 +3,55 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from lightning_thunder.executors.base import Executor, OpExecutor
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.trace import Trace
 
 __all__ = ["Fusion", "EMBEDDING_MAX_TOKENS"]
 
 #: the embedding-gradient kernel scans the token indices once per distinct index (quadratic in the
 #: tokens, from L2): up to this many tokens it beats PyTorch's sort (H200: 8192 tokens 0.33 vs 0.50 ms)
 EMBEDDING_MAX_TOKENS = 16384
+
+
+_precompiler: ThreadPoolExecutor | None = None
+
+
+class _EmbeddingExecutor(OpExecutor):
+    """Claims ``embedding_dense_backward`` and starts compiling its Triton kernel in the background right
+    away (while the rest of the graph compiles and the first forward runs), not at the first backward."""
+
+    def claim(self, trace: Trace) -> Trace:
+        global _precompiler
+        claimed = super().claim(trace)
+        for op in claimed.ops:
+            if op.executor != self.name:
+                continue
+            values = [a.val if isinstance(a, Proxy) else a for a in op.args]
+            if getattr(values[0], "device", torch.device("cpu")).type != "cuda":
+                continue
+            from lightning_thunder.executors.kernels.embedding_backward import precompile
+
+            try:
+                compile_kernel = precompile(values[0], values[1], values[2], values[3])
+            except Exception:  # noqa: BLE001 - only a head start is lost: the kernel compiles at first launch
+                compile_kernel = None
+            if compile_kernel is not None:
+                _precompiler = _precompiler or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lt-precompile")
+                _precompiler.submit(_quietly, compile_kernel)
+        return claimed
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - only a head start is lost: the kernel compiles at its first launch
+        pass
 
 
 def _embedding_claimable(op) -> bool:
@@ -55,7 +92,7 @@ class Fusion(Plugin):
         from lightning_thunder.executors.kernels.embedding_backward import embedding_dense_backward
 
         op = torch.ops.aten.embedding_dense_backward.default
-        self.embedding = OpExecutor("embedding", {op: embedding_dense_backward}, {op: _embedding_claimable})
+        self.embedding = _EmbeddingExecutor("embedding", {op: embedding_dense_backward}, {op: _embedding_claimable})
 
     @property
     def fuel(self) -> int | None:

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["embedding_dense_backward", "supported"]
+__all__ = ["embedding_dense_backward", "precompile", "supported"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -176,6 +176,37 @@ def supported(
     return indices.numel() <= _MAX_TOKENS
 
 
+def _launch_parameters(grad_output: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int):
+    """``(grad_output as read, scalar args, meta-parameters, grid)`` of the kernel launch."""
+    D = grad_output.shape[-1]
+    T = indices.numel()
+    if indices.dim() == 2:
+        S = indices.shape[1]
+        stride_b, stride_s, stride_d = grad_output.stride()
+    else:  # read as [1, T, D]
+        grad = grad_output.reshape(T, D)
+        S, stride_b, (stride_s, stride_d) = T, 0, grad.stride()
+        grad_output = grad
+    block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
+    tile_t = max(1, min(32, _TILE_ELEMS // block_d))
+    stages = _pipeline_stages(grad_output.device, tile_t * block_d * grad_output.element_size())
+    args = (T, D, S, stride_b, stride_s, stride_d, num_weights, padding_idx)
+    meta = {"SCAN_T": _SCAN_T, "TILE_T": tile_t, "STAGES": stages, "BLOCK_D": block_d, "num_warps": _NUM_WARPS}
+    return grad_output, args, meta, (T, triton.cdiv(D, block_d))
+
+
+def precompile(grad_output: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int):
+    """A function that compiles the kernel for these arguments without running it (example values are
+    enough: shapes, strides, dtypes), so the first backward need not wait for Triton; ``None`` off CUDA.
+    The launch parameters are worked out now; the returned function only calls Triton (it may run on
+    another thread)."""
+    if grad_output.device.type != "cuda" or indices.numel() == 0 or grad_output.shape[-1] == 0:
+        return None
+    grad, args, meta, _ = _launch_parameters(grad_output, indices, num_weights, padding_idx)
+    dtypes = (grad.dtype, indices.dtype, grad.dtype)
+    return lambda: _embedding_dense_backward_kernel.warmup(*dtypes, *args, grid=(1,), **meta)
+
+
 def embedding_dense_backward(
     grad_output: torch.Tensor,
     indices: torch.Tensor,
@@ -208,6 +239,11 @@ def embedding_dense_backward(
     T = indices.numel()
     if T == 0 or D == 0 or num_weights == 0:
         return out
+    idx = indices.reshape(T)  # a copy only if the indices are not contiguous-viewable
+    grad_output, args, meta, grid = _launch_parameters(grad_output, indices, num_weights, padding_idx)
+    # Launch 2 of 2: one program per (token, column block); see the module docstring.
+    _embedding_dense_backward_kernel[grid](grad_output, idx, out, *args, **meta)
+    return out
     idx = indices.reshape(T)  # a copy only if the indices are not contiguous-viewable
     if indices.dim() == 2:
         S = indices.shape[1]
