@@ -10,6 +10,13 @@ Three kernel shapes, chosen from the region:
   and walks them in ``BLOCK_N`` column chunks: one pass per level of dependent reductions (reductions
   that do not depend on each other share a pass), then a last pass that writes the full-size outputs.
 
+A ``persistent`` region that also sums values over all of its rows (a weight's gradient, see colsum.py)
+runs a fixed grid of programs, each looping over its share of the row blocks and accumulating the
+column sums in registers; it writes one row of partial sums per program.
+
+A sum over the columns of ``where(arange == t, v, 0)`` (a loss picking each row's target) is not a pass
+over the row: it is ``v`` evaluated at column ``t`` (:class:`ColAt`), one load per row.
+
 A value that varies along columns is computed for the tile's columns ``cols``; ``cat``, ``slice`` and
 ``slice_backward`` along the last dimension ask for their operands at shifted columns (``cols + s``),
 so a value may be emitted once per shift it is needed at. Values narrower than the grid are masked
