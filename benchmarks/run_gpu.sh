@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md, in one go, each part under its own time limit.
 # Usage (from the repository root, on a machine with 2 GPUs; OUT defaults to ./gpu_out):
-#   benchmarks/run_gpu.sh [tests] [fsdp] [single] [kernels]
+#   benchmarks/run_gpu.sh [tests] [fsdp] [single] [kernels] [profile]
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-parts=${*:-tests fsdp single kernels}
+parts=${*:-tests fsdp single kernels profile}
 for part in $parts; do
   case $part in
     tests)
@@ -22,5 +22,10 @@ for part in $parts; do
     kernels)
       timeout 240 python3 benchmarks/kernels.py --modes eager,torch.compile,thunder --json "$OUT/kernels.json" 2>&1 \
         | tail -40 | tee "$OUT/kernels.md" ;;
+    profile)
+      for mode in thunder thunder+fp8; do
+        CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/step_profile.py --mode "$mode" --n-layer 8 --breakdown 20 \
+          2>&1 | grep -v "^USDT\|warn" | tail -50 | tee "$OUT/profile_$mode.md"
+      done ;;
   esac
 done

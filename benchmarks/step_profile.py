@@ -7,13 +7,18 @@ the host), the summed GPU kernel time, and optionally writes a Chrome trace (CPU
 gaps with ``chrome://tracing`` or Perfetto.
 
     python benchmarks/step_profile.py --mode thunder --model Llama-3.2-1B --n-layer 8 --trace step.json.gz
+    python benchmarks/step_profile.py --mode thunder+fp8 --n-layer 8 --breakdown 20   # where the time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import gzip
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +27,72 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from litgpt_train import DTYPES, MODES, build_config, make_step_fn  # noqa: E402
 from measure import kernel_time_ms, synchronize  # noqa: E402
+
+
+def kernel_family(name: str) -> str:
+    """A short family name for a GPU kernel (generated kernels by generator, library kernels by library)."""
+    for prefix, family in (
+        ("fused_", "lightning_thunder fusion regions"),
+        ("triton_", "torch.compile (Inductor) kernels"),
+        ("nvjet", "cuBLAS matmuls"),
+        ("Memset", "memsets"),
+        ("Memcpy", "memcpys"),
+    ):
+        if name.startswith(prefix):
+            return family
+    if "sdpa" in name or "cudnn" in name or "flash" in name:
+        return "attention (cuDNN/flash)"
+    if "multi_tensor_apply" in name:
+        return "optimizer (multi-tensor)"
+    return name.split("<")[0].split("(")[0].removeprefix("void ")[:60]
+
+
+def breakdown(trace_path: str, rows: int) -> str:
+    """GPU time of one step by kernel family and by the CPU op that launched each kernel, from a Chrome
+    trace (``prof.export_chrome_trace``), plus the GPU's idle time inside the step."""
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    if not gpu:
+        return "no GPU events (CPU run)"
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    cpu_ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in cpu_ops]
+
+    def launcher(kernel: dict) -> str:
+        launch = launches.get(kernel["args"].get("correlation"))
+        if launch is None:
+            return "?"
+        best = None
+        for k in range(bisect.bisect_right(starts, launch["ts"]) - 1, -1, -1):
+            op = cpu_ops[k]
+            if op["tid"] == launch["tid"] and op["ts"] + op["dur"] >= launch["ts"] + launch["dur"]:
+                best = op if best is None or op["dur"] < best["dur"] else best
+            if launch["ts"] - op["ts"] > 5e5:  # 0.5 s back is far enough
+                break
+        return best["name"] if best else "(no op: generated kernel or library call)"
+
+    by_family: dict[str, list[float]] = {}
+    by_op: dict[str, list[float]] = {}
+    for k in gpu:
+        for table, key in ((by_family, kernel_family(k["name"])), (by_op, launcher(k))):
+            entry = table.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += k["dur"]
+    intervals = sorted((k["ts"], k["ts"] + k["dur"]) for k in gpu)
+    busy, end = 0.0, intervals[0][0]
+    for a, b in intervals:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    span = intervals[-1][1] - intervals[0][0]
+    lines = [f"GPU busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span ({len(gpu)} kernels/memsets/memcpys)"]
+    for title, table in (("kernel family", by_family), ("launched by", by_op)):
+        lines.append(f"\n| {title} | launches | GPU ms |\n| --- | ---: | ---: |")
+        for key, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:rows]:
+            lines.append(f"| {key} | {n} | {us / 1e3:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one step here (.json or .json.gz)")
+    p.add_argument("--breakdown", type=int, default=0, help="print this many rows of GPU time by kernel family and op")
     args = p.parse_args(argv)
     from litgpt import GPT
 
@@ -64,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         if gpu is not None
         else f"{args.mode}: step {statistics.median(wall):.1f} ms"
     )
-    if args.trace:
+    if args.trace or args.breakdown:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -72,8 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         with profile(activities=activities) as prof:
             step(idx, targets)
             synchronize(device)
-        prof.export_chrome_trace(args.trace)
-        print(f"trace written to {args.trace}")
+        path = args.trace or str(Path(tempfile.mkdtemp()) / "step.json")
+        prof.export_chrome_trace(path)
+        if args.trace:
+            print(f"trace written to {args.trace}")
+        if args.breakdown:
+            print(breakdown(path, args.breakdown))
 
 
 if __name__ == "__main__":

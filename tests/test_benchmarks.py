@@ -47,3 +47,22 @@ def test_kernels_benchmark_on_cpu(tmp_path):
     assert "| rmsnorm | thunder |" in out
     results = json.loads(out_json.read_text())["results"]
     assert all("error" not in r for r in results), [r for r in results if "error" in r]
+
+
+def test_step_profile_breakdown_of_a_trace(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_profile import breakdown, kernel_family
+
+    events = [
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50, "tid": 1},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 5, "tid": 1, "args": {"correlation": 7}},
+        {"cat": "kernel", "name": "nvjet_sm90_tst_x", "ts": 100, "dur": 40, "args": {"correlation": 7}},
+        {"cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 60, "dur": 5, "tid": 1, "args": {"correlation": 8}},
+        {"cat": "kernel", "name": "fused_abc", "ts": 150, "dur": 10, "args": {"correlation": 8}},
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    text = breakdown(str(path), 5)
+    assert "GPU busy 0.1 ms of a 0.1 ms span (2 kernels" in text
+    assert "| cuBLAS matmuls | 1 | 0.04 |" in text and "| aten::mm | 1 | 0.04 |" in text
+    assert kernel_family("fused_abc") == "lightning_thunder fusion regions"
