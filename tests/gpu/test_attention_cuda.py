@@ -1,6 +1,7 @@
 """Attention with the default plugins on a CUDA GPU: grouped keys/values read natively (NativeGQA), the
-query and the attention gradients stored in the order they are read back, the norm-weight gradients
-summed in the regions, the embedding gradient's Triton kernel; all held against eager. Skipped without CUDA."""
+query and the attention gradients stored in the order they are read back (the q/k/v gradients straight
+into one buffer), the norm-weight gradients summed in the regions, the embedding gradient's Triton kernel;
+all held against eager. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -42,4 +43,6 @@ def test_llama_style_block_with_default_plugins_bf16():
         assert not [op for op in trace.ops if op.name == "aten.clone.default"], trace
         assert not [op for op in trace.ops if op.name == "aten.repeat_interleave.self_int"], trace
     assert sum(1 for op in backward.ops if op.name.startswith("colsum")) == 2 * config.n_layer + 1, backward
+    # the q/k/v gradients are stored straight into the input of the QKV weight's matmuls (no cat kernel)
+    assert not [op for op in backward.ops if op.name == "aten.cat.default"], backward
     assert lt.compile_stats(cm).executor_counts.get("embedding") == 1
