@@ -244,35 +244,3 @@ def embedding_dense_backward(
     # Launch 2 of 2: one program per (token, column block); see the module docstring.
     _embedding_dense_backward_kernel[grid](grad_output, idx, out, *args, **meta)
     return out
-    idx = indices.reshape(T)  # a copy only if the indices are not contiguous-viewable
-    if indices.dim() == 2:
-        S = indices.shape[1]
-        stride_b, stride_s, stride_d = grad_output.stride()
-    else:  # read as [1, T, D]
-        grad = grad_output.reshape(T, D)
-        S, stride_b, (stride_s, stride_d) = T, 0, grad.stride()
-        grad_output = grad
-    block_d = min(triton.next_power_of_2(D), _MAX_BLOCK_D)
-    tile_t = max(1, min(32, _TILE_ELEMS // block_d))
-    stages = _pipeline_stages(grad_output.device, tile_t * block_d * grad_output.element_size())
-    grid = (T, triton.cdiv(D, block_d))
-    # Launch 2 of 2: one program per (token, column block); see the module docstring.
-    _embedding_dense_backward_kernel[grid](
-        grad_output,
-        idx,
-        out,
-        T,
-        D,
-        S,
-        stride_b,
-        stride_s,
-        stride_d,
-        num_weights,
-        padding_idx,
-        SCAN_T=_SCAN_T,
-        TILE_T=tile_t,
-        STAGES=stages,
-        BLOCK_D=block_d,
-        num_warps=_NUM_WARPS,
-    )
-    return out
