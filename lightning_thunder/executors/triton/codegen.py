@@ -424,12 +424,17 @@ class _Writer:
             total = f"tl.sum({masked}, axis=1)[:, None]"
         else:
             total = f"tl.reduce({masked}, 1, _{combine}_nan)[:, None]"
-        if is_mean:
+        return self.emit_reduced(op, total)
+
+    def emit_reduced(self, op: BoundOp, total: str, note: str = "") -> str:
+        """Emit reduction ``op``'s result from ``total`` (its combined value): divided by the reduced size
+        for a mean, rounded to a 16-bit result dtype. Returns the variable."""
+        if fops.REDUCTIONS[op.target][1]:  # a mean
             total = f"({total} / {float(op.args[0].val.shape[-1])!r})"
         if op.outputs[0].val.dtype in _LOW:
             total = fops.cast(total, op.outputs[0].val.dtype)
         name = self.new("red")
-        self.emit(f"{name} = {total}  # {op.name}")
+        self.emit(f"{name} = {total}  # {op.name}{note}")
         return name
 
     def _through_views(self, p: Any) -> Any:
@@ -532,11 +537,7 @@ class _Writer:
         self.emit(f"{col} = {index}.to(tl.int32)")
         at = self.value(x, ColAt(col))
         total = f"tl.where(({col} >= 0) & ({col} < {width}), {at}, 0.0)"
-        if op.outputs[0].val.dtype in _LOW:
-            total = fops.cast(total, op.outputs[0].val.dtype)
-        name = self.new("red")
-        self.emit(f"{name} = {total}  # {op.name} (one-hot: the summand at column {col})")
-        return name
+        return self.emit_reduced(op, total, f" (one-hot: the summand at column {col})")
 
     def reduction_levels(self) -> dict[int, int]:
         """op id -> pass number for each reduction: 1 + the highest pass of the reductions it reads
@@ -616,25 +617,15 @@ class _Writer:
                 self.emit(f"{acc} = _{combine}_nan({acc}, {masked})")
         self.close_loop()
         for sum_op, max_op, m_acc, s_acc in online:
-            m_row, s_row = self.new("red"), self.new("red")
-            self.emit(f"{m_row} = tl.reduce({m_acc}, 1, _max_nan)[:, None]  # {max_op.name} (online)")
+            m_row = self.emit_reduced(max_op, f"tl.reduce({m_acc}, 1, _max_nan)[:, None]", " (online)")
             live = f'({m_acc} != float("-inf"))'
             total = f"tl.sum({s_acc} * tl.where({live}, tl.exp({m_acc} - {m_row}), 0.0), axis=1)[:, None]"
-            if sum_op.outputs[0].val.dtype in _LOW:
-                total = fops.cast(total, sum_op.outputs[0].val.dtype)
-            self.emit(f"{s_row} = {total}  # {sum_op.name} (online)")
+            s_row = self.emit_reduced(sum_op, total, " (online)")
             self.top[(id(max_op.outputs[0]), 0)] = m_row
             self.top[(id(sum_op.outputs[0]), 0)] = s_row
         for op, acc, combine, _ in accs:
-            _, is_mean = fops.REDUCTIONS[op.target]
             total = f"tl.sum({acc}, axis=1)[:, None]" if combine == "sum" else f"tl.reduce({acc}, 1, _{combine}_nan)[:, None]"
-            if is_mean:
-                total = f"({total} / {float(op.args[0].val.shape[-1])!r})"
-            if op.outputs[0].val.dtype in _LOW:
-                total = fops.cast(total, op.outputs[0].val.dtype)
-            name = self.new("red")
-            self.emit(f"{name} = {total}  # {op.name}")
-            self.top[(id(op.outputs[0]), 0)] = name
+            self.top[(id(op.outputs[0]), 0)] = self.emit_reduced(op, total)
 
     def open_loop(self) -> None:
         self.emit(f"for c0 in range(0, {self.N}, BLOCK_N):")
