@@ -42,6 +42,17 @@ def test_hand_built_trace_prints_and_runs():
     assert repr(trace) == src
 
 
+def test_readers_map_each_proxy_to_the_ops_reading_it():
+    x = Proxy("x", torch.empty(2, 3))
+    t0, t1, t2 = (Proxy(f"t{k}", torch.empty(2, 3)) for k in range(3))
+    relu = BoundOp(aten.relu.default, (x,), outputs=(t0,))
+    add = BoundOp(aten.add.Tensor, (x, t0), outputs=(t1,))
+    mul = BoundOp(aten.mul.Tensor, (t1, t1), outputs=(t2,))
+    readers = Trace("demo", [x], [relu, add, mul], (t2,)).readers()
+    assert readers[id(x)] == [relu, add] and readers[id(t1)] == [mul]  # an op reading twice counts once
+    assert readers[id(t2)] == []
+
+
 def test_boxed_callable_clears_its_argument_list():
     x = Proxy("x", torch.empty(3))
     t0 = Proxy("t0", torch.empty(3))

@@ -8,6 +8,7 @@ whole history of a compilation can be kept and printed stage by stage.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -238,6 +239,14 @@ class Trace:
     def name_generator(self) -> NameGenerator:
         """A :class:`NameGenerator` that avoids the names of this trace."""
         return NameGenerator(self.names())
+
+    def readers(self) -> defaultdict[int, list[BoundOp]]:
+        """Proxy id -> the ops that read it, in trace order (an unread proxy maps to ``[]``)."""
+        readers: defaultdict[int, list[BoundOp]] = defaultdict(list)
+        for op in self.ops:
+            for p in op.input_proxies():
+                readers[id(p)].append(op)
+        return readers
 
     def output_proxies(self) -> list[Proxy]:
         """The proxies in the output structure."""

@@ -59,8 +59,9 @@ class FusionExecutor(Executor):
             freed = choose_output_layouts(trace, regions)
             names = trace.name_generator()
             folded: set[int] = set()
+            readers = trace.readers()
             for region in regions:
-                folded |= _split_column_sums(trace, region, names, self.name)
+                folded |= _split_column_sums(trace, readers, region, names, self.name)
             if folded:
                 trace = trace.derive("column sums folded", ops=[op for op in trace.ops if id(op) not in folded])
             plans = plan_cat_slices(trace, regions, names)
@@ -93,7 +94,9 @@ class FusionExecutor(Executor):
         return trace.derive(note, ops=ops, elapsed_ms=timer.ms)
 
 
-def _split_column_sums(trace: Trace, region: Region, names: NameGenerator, executor: str) -> set[int]:
+def _split_column_sums(
+    trace: Trace, readers: dict[int, list[BoundOp]], region: Region, names: NameGenerator, executor: str
+) -> set[int]:
     """Make each column sum of ``region`` a ``[G, N]`` partial-sums output plus a :class:`ColumnSum` op
     (run right after the region) that finishes it; the views and the cast that only follow the sum are
     folded into that op. Returns the ids of the folded ops (to drop from the trace)."""
@@ -102,10 +105,6 @@ def _split_column_sums(trace: Trace, region: Region, names: NameGenerator, execu
     sums = region.column_sums
     if not sums:
         return set()
-    readers: dict[int, list[BoundOp]] = {}
-    for op in trace.ops:
-        for p in op.input_proxies():
-            readers.setdefault(id(p), []).append(op)
     graph_outputs = {id(p) for p in trace.output_proxies()}
     region.programs = programs_for(region.device, region.R)
     folded: set[int] = set()

@@ -17,7 +17,6 @@ and the copy of ``o`` becomes free as well.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 
@@ -100,10 +99,7 @@ def choose_output_layouts(trace: Trace, regions: list[Region]) -> set[int]:
     Sets ``region.out_strides[id(y)]`` and returns the ids of the ``clone`` ops that become free
     (to be replaced with :func:`free_clone`).
     """
-    readers: dict[int, list[BoundOp]] = defaultdict(list)
-    for op in trace.ops:
-        for p in op.input_proxies():
-            readers[id(p)].append(op)
+    readers = trace.readers()
     graph_outputs = {id(p) for p in trace.output_proxies()}
     freed: set[int] = set()
     for region in regions:
