@@ -50,6 +50,16 @@ class MonitorCallback(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._context: RunContext | None = None
+        self._last_logged_step = -1
+
+    def _due_for_logging(self, context: RunContext, step: int, every_n_steps: int | None) -> bool:
+        """Whether ``step`` is a logging step (every ``every_n_steps``, or the loop's own interval when
+        ``None``) not logged yet; if so, it counts as logged from now on."""
+        every = context.log_every_n_steps(every_n_steps)
+        if step > 0 and step != self._last_logged_step and step % every == 0:
+            self._last_logged_step = step
+            return True
+        return False
 
     # ------------------------------------------------------------------ binding to a loop
     def on_after_setup(self, fabric: Fabric, module: nn.Module) -> None:

@@ -79,7 +79,6 @@ class CompileReport(MonitorCallback):
         self._reported = (0, 0)  # graph breaks, recompiles already printed
         self._written_graphs = -1
         self._trace_dir: Path | None = None
-        self._last_logged_step = -1
 
     # ------------------------------------------------------------------------------------ hooks
     def _on_validation_end(self, context: RunContext) -> None:
@@ -122,9 +121,7 @@ class CompileReport(MonitorCallback):
             self._written_graphs = self.stats.graphs
         self.metrics = self._metrics()
         step = context.step(self._batches)
-        every = context.log_every_n_steps(self.log_every_n_steps)
-        if step > 0 and step != self._last_logged_step and step % every == 0:
-            self._last_logged_step = step
+        if self._due_for_logging(context, step, self.log_every_n_steps):
             context.log_metrics(self.metrics, step)
             self.history.append((step, dict(self.metrics)))
 

@@ -124,7 +124,6 @@ class MemoryMonitor(MonitorCallback):
         #: Where the plot was written (after training).
         self.plot_path: Path | None = None
         self._batches = 0
-        self._last_logged_step = -1
         self._optimizers: list[torch.optim.Optimizer] = []
 
     # ------------------------------------------------------------------------------------ hooks
@@ -148,9 +147,7 @@ class MemoryMonitor(MonitorCallback):
         step = context.step(self._batches)
         if self.breakdown and self.breakdown_bytes is None and context.is_trainer and step >= 1:
             self._take_breakdown(context, context.optimizers)
-        every = context.log_every_n_steps(self.log_every_n_steps)
-        if step > 0 and step != self._last_logged_step and step % every == 0:
-            self._last_logged_step = step
+        if self._due_for_logging(context, step, self.log_every_n_steps):
             self._log_step(context, step)
         if self.progress_bar:
             context.show_in_progress_bar(self.progress_bar_metrics)

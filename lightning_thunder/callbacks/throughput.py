@@ -160,7 +160,6 @@ class ThroughputMonitor(MonitorCallback):
         self._global: Throughput | None = None
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
         self._last: list[float] | None = None
-        self._last_logged_step = -1
 
     # ------------------------------------------------------------------------------------ hooks
     def _on_train_start(self, context: RunContext) -> None:
@@ -225,9 +224,7 @@ class ThroughputMonitor(MonitorCallback):
         self.metrics = self._compute()
 
         step = context.step(self._batches)
-        every = context.log_every_n_steps(self.log_every_n_steps)
-        if step > 0 and step != self._last_logged_step and step % every == 0:
-            self._last_logged_step = step
+        if self._due_for_logging(context, step, self.log_every_n_steps):
             context.log_metrics(self.metrics, step)
             self.history.append((step, dict(self.metrics)))
         if self.progress_bar:

@@ -119,16 +119,14 @@ def plan_cat_slices(trace: Trace, regions: list[Region], names: NameGenerator) -
         shape = tuple(out.shape)
         if not all(type(d) is int for d in shape) or dim % len(shape) != len(shape) - 1 or not out.val.is_contiguous():
             continue
-        plan = _plan_one(
-            cat, pieces, shape, producer, readers, outputs, region_of_output, regions, position, names, taken
-        )
+        plan = _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, position, names, taken)
         if plan is not None:
             plans.append(plan)
             taken |= {id(r) for r in plan.writers}
     return plans
 
 
-def _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, regions, position, names, taken):
+def _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, position, names, taken):
     out = cat.outputs[0]
     buffer = torch.empty(shape, dtype=out.val.dtype, device="meta")
     found: list[tuple[Proxy, tuple, tuple, int, Region | None]] = []  # base, view shape/stride/offset, region
