@@ -96,6 +96,40 @@ def fsdp_mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
     return None
 
 
+def compile_and_shard(
+    module: nn.Module,
+    options: Any,
+    mesh: Any,
+    precision_plugin: Any,
+    plugins: Sequence[Plugin] | None,
+    compile_options: Mapping[str, Any],
+) -> nn.Module:
+    """``thunder_fsdp``'s model setup, shared by the Fabric and Trainer strategies: compile every block
+    (the detected or given ``options.block_cls``) with the same plugin instances, so all blocks share one
+    backend and one graph, then let the FSDP plugin put activation checkpointing inside the compiled
+    blocks (before their first call) and shard each block, then the root (torchtitan's order).
+
+    Args:
+        options: the strategy's validated FSDP options (``block_cls``, ``reshard_after_forward``,
+            ``cpu_offload``, ``activation_checkpointing``).
+        mesh: the data-parallel device mesh.
+        precision_plugin: Lightning's precision plugin (its mixed-precision policy; ThunderFP8's plugin).
+    """
+    from lightning_thunder.plugins.blocks import compile_blocks, find_block_class
+
+    block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
+    fsdp = FSDP(
+        mesh=mesh,
+        block_cls=block_cls,
+        mp_policy=fsdp_mixed_precision(precision_plugin.precision),
+        reshard_after_forward=options.reshard_after_forward,
+        cpu_offload=options.cpu_offload,
+        activation_checkpointing=options.activation_checkpointing,
+    )
+    compile_blocks(module, with_precision_plugins(plugins, precision_plugin), block_cls=block_cls, **compile_options)
+    return fsdp.transform_module(module)
+
+
 def compile_submodules(
     module: nn.Module, plugins: Sequence[Plugin] | None, options: Mapping[str, Any], strategy: str
 ) -> list[str]:

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_thunder.api import compile as thunder_compile
 from lightning_thunder.plugins.base import Plugin
-from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_block_class
+from lightning_thunder.plugins.blocks import BlockClass
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.strategies.checkpoint import AtomicFabricSave
 from lightning_thunder.strategies.common import (
@@ -37,7 +37,7 @@ from lightning_thunder.strategies.common import (
     check_plugins,
     check_single_device,
     check_unsharded,
-    fsdp_mixed_precision,
+    compile_and_shard,
     with_precision_plugins,
 )
 from lightning_thunder.strategies.optimizers import (
@@ -192,24 +192,11 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
         super().setup_environment()
 
     def _parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        # torchtitan's order: activation checkpointing inside each block's compiled graph, FSDP around it.
-        # compile_blocks gives every block the same plugin instances -> one backend, one graph for all blocks;
-        # the FSDP plugin then wraps the original modules' forward in checkpointing (before the first call, so the
-        # compiled graph contains it) and shards each block, then the root.
+        # Compile the blocks, then checkpoint and shard them (torchtitan's order; see compile_and_shard).
         check_unsharded(module, "thunder_fsdp")
-        options = self.fsdp  # the validated options; this model gets its own plugin instance
-        block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
-        fsdp = FSDP(
-            mesh=device_mesh["data_parallel"],
-            block_cls=block_cls,
-            mp_policy=fsdp_mixed_precision(self.precision.precision),
-            reshard_after_forward=options.reshard_after_forward,
-            cpu_offload=options.cpu_offload,
-            activation_checkpointing=options.activation_checkpointing,
+        return compile_and_shard(
+            module, self.fsdp, device_mesh["data_parallel"], self.precision, self.plugins, self.compile_options
         )
-        plugins = with_precision_plugins(self.plugins, self.precision)
-        compile_blocks(module, plugins, block_cls=block_cls, **self.compile_options)
-        return fsdp.transform_module(module)
 
     @override
     def setup_module_and_optimizers(

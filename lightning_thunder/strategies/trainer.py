@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_thunder.plugins.base import Plugin
-from lightning_thunder.plugins.blocks import BlockClass, compile_blocks, find_block_class
+from lightning_thunder.plugins.blocks import BlockClass
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.strategies.checkpoint import AtomicTrainerSave
 from lightning_thunder.strategies.common import (
@@ -40,8 +40,8 @@ from lightning_thunder.strategies.common import (
     check_compile_options,
     check_plugins,
     check_unsharded,
+    compile_and_shard,
     compile_submodules,
-    fsdp_mixed_precision,
     gradient_sync_disabled,
     with_precision_plugins,
 )
@@ -174,19 +174,10 @@ class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
     def _parallelize(self, module: pl.LightningModule) -> None:
         # Same order as the Fabric strategy: compile every block (one shared graph), then the FSDP plugin puts
         # activation checkpointing inside the compiled blocks and shards them and the root.
-        options = self.fsdp  # the validated options; this model gets its own plugin instance
-        block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
-        fsdp = FSDP(
-            mesh=self.device_mesh["data_parallel"],
-            block_cls=block_cls,
-            mp_policy=fsdp_mixed_precision(self.precision_plugin.precision),
-            reshard_after_forward=options.reshard_after_forward,
-            cpu_offload=options.cpu_offload,
-            activation_checkpointing=options.activation_checkpointing,
+        compile_and_shard(
+            module, self.fsdp, self.device_mesh["data_parallel"], self.precision_plugin, self.plugins,
+            self.compile_options,
         )
-        plugins = with_precision_plugins(self.plugins, self.precision_plugin)
-        compile_blocks(module, plugins, block_cls=block_cls, **self.compile_options)
-        fsdp.transform_module(module)
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
         # (embeddings, head) around them too.
         from torch.distributed.fsdp import register_fsdp_forward_method
