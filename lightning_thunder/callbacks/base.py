@@ -27,6 +27,8 @@ batch=batch, batch_idx=i)``.
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +53,21 @@ class MonitorCallback(Callback):
         super().__init__()
         self._context: RunContext | None = None
         self._last_logged_step = -1
+
+    def _write_plot_at_end(self, log_dir: Path | None, filename: str) -> None:
+        """When plotting is on (``self.plot``), write ``self.write_plot`` to ``log_dir / filename`` and keep
+        the path in ``self.plot_path``; without a log directory, warn that the plot was not written."""
+        if not self.plot:
+            return
+        name = type(self).__name__
+        if log_dir is None:
+            warnings.warn(
+                f"{name}: no log directory, so {filename} was not written; give Fabric a logger or pass "
+                f"{name}(log_dir=...)",
+                stacklevel=3,
+            )
+        else:
+            self.plot_path = self.write_plot(log_dir / filename)
 
     def _due_for_logging(self, context: RunContext, step: int, every_n_steps: int | None) -> bool:
         """Whether ``step`` is a logging step (every ``every_n_steps``, or the loop's own interval when

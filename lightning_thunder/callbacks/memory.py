@@ -10,7 +10,6 @@ is logged instead (it is logged on CUDA runs too, for host memory).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -161,15 +160,7 @@ class MemoryMonitor(MonitorCallback):
         if not context.is_global_zero:
             return
         context.print(self.summary())
-        if self.plot:
-            if log_dir is None:
-                warnings.warn(
-                    "MemoryMonitor: no log directory, so memory.png was not written; give Fabric a logger or pass "
-                    "MemoryMonitor(log_dir=...)",
-                    stacklevel=2,
-                )
-            else:
-                self.plot_path = self.write_plot(log_dir / "memory.png")
+        self._write_plot_at_end(log_dir, "memory.png")
 
     # ------------------------------------------------------------------------------------ pieces
     def _local(self, device: torch.device) -> list[float]:

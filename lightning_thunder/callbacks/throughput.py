@@ -235,15 +235,7 @@ class ThroughputMonitor(MonitorCallback):
         if not context.is_global_zero or self._device is None:
             return
         context.print(self.summary())
-        if self.plot:
-            if log_dir is None:
-                warnings.warn(
-                    "ThroughputMonitor: no log directory, so throughput.png was not written; give Fabric a logger "
-                    "or pass ThroughputMonitor(log_dir=...)",
-                    stacklevel=2,
-                )
-            else:
-                self.plot_path = self.write_plot(log_dir / "throughput.png")
+        self._write_plot_at_end(log_dir, "throughput.png")
 
     # ------------------------------------------------------------------------------------ pieces
     def _start(self, context: RunContext) -> None:
