@@ -95,6 +95,29 @@ def breakdown(trace_path: str, rows: int) -> str:
     return "\n".join(lines)
 
 
+def host_profile(fn, device: torch.device, rows: int, steps: int = 3) -> str:
+    """The functions that take the host's time during ``steps`` calls of ``fn`` (cProfile, by own time), to
+    find what keeps the GPU waiting when the host issue time is close to the step time."""
+    import cProfile
+    import io
+    import pstats
+
+    synchronize(device)
+    profiler = cProfile.Profile()
+    # The backward runs on the autograd engine's device thread, which cProfile does not see: run it on this one.
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        for _ in range(steps):
+            fn()
+        profiler.disable()
+    synchronize(device)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return out.getvalue()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="thunder", choices=MODES)
@@ -107,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one step here (.json or .json.gz)")
     p.add_argument("--breakdown", type=int, default=0, help="print this many rows of GPU time by kernel family and op")
+    p.add_argument(
+        "--host-profile", type=int, default=0, help="print this many functions by host (Python) time over 3 steps (cProfile)"
+    )
     args = p.parse_args(argv)
     from litgpt import GPT
 
@@ -136,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         if gpu is not None
         else f"{args.mode}: step {statistics.median(wall):.1f} ms"
     )
+    if args.host_profile:
+        print(host_profile(lambda: step(idx, targets), device, args.host_profile))
     if args.trace or args.breakdown:
         from torch.profiler import ProfilerActivity, profile
 

@@ -37,7 +37,8 @@ def _spread(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("transpose", [False, True], ids=["plain", "with_transpose"])
 @pytest.mark.parametrize(
     "shape, layout",
-    [((37, 150), "contiguous"), ((150, 37), "transposed_view"), ((64, 128), "contiguous"), ((5, 123), "contiguous")],
+    [((37, 150), "contiguous"), ((150, 37), "transposed_view"), ((64, 128), "contiguous"), ((5, 123), "contiguous"),
+     ((200, 300), "contiguous")],  # 12 tiles: the tensorwise amax programs loop over several tiles each
 )
 def test_kernel_matches_reference_bit_for_bit(fp8_dtype, rowwise, transpose, shape, layout):
     x = _spread(*shape, torch.bfloat16)

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lightning_thunder.executors.launch import Launcher
+
 __all__ = ["embedding_dense_backward", "precompile", "supported"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -176,6 +178,9 @@ def supported(
     return indices.numel() <= _MAX_TOKENS
 
 
+_LAUNCH = Launcher(_embedding_dense_backward_kernel)
+
+
 def _launch_parameters(grad_output: torch.Tensor, indices: torch.Tensor, num_weights: int, padding_idx: int):
     """``(grad_output as read, scalar args, meta-parameters, grid)`` of the kernel launch."""
     D = grad_output.shape[-1]
@@ -242,5 +247,5 @@ def embedding_dense_backward(
     idx = indices.reshape(T)  # a copy only if the indices are not contiguous-viewable
     grad_output, args, meta, grid = _launch_parameters(grad_output, indices, num_weights, padding_idx)
     # Launch 2 of 2: one program per (token, column block); see the module docstring.
-    _embedding_dense_backward_kernel[grid](grad_output, idx, out, *args, **meta)
+    _LAUNCH(grid, grad_output, idx, out, *args, **meta)
     return out

@@ -13,8 +13,12 @@ one row)::
 so ``x_i ~= q_i * scale_inv_G`` and the largest element of each group lands on ``MAX``.
 
 A group-wide maximum must be known before any element is scaled, so the work is two passes over
-``x`` (one launch each): :func:`_fp8_amax_kernel` reduces ``|x|`` over tiles and combines the tile
-maxima with atomic max; :func:`_fp8_cast_kernel` scales, clamps and casts, writing the FP8 tensor
+``x`` (one launch each). Tensorwise, :func:`_fp8_amax_partial_kernel` runs a fixed number of programs
+(a few per SM), each reducing ``|x|`` over the tiles ``pid, pid + P, ...`` to one partial maximum, and
+the cast pass reduces those ``P`` partials again in every program: no atomics on one address, no
+zero-filled buffer (one launch fewer), deterministic. Rowwise, :func:`_fp8_amax_kernel` combines tile
+maxima per row (and per column) with atomic max into a zeroed buffer. :func:`_fp8_cast_kernel` then
+scales, clamps and casts, writing the FP8 tensor
 row-major and, on request, also transposed (``q^T``, contiguous), which is the layout the backward
 matmuls need (``torch._scaled_mm`` wants its second operand column-major). For the rowwise recipe
 the transposed copy is scaled per row of ``x^T`` (per column of ``x``), so both layouts are scaled
@@ -34,6 +38,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from lightning_thunder.executors.launch import Launcher
 
 __all__ = ["fp8_quantize_triton", "FP8_FORMATS", "EPS"]
 
@@ -82,6 +88,32 @@ def _fp8_amax_kernel(
 
 
 @triton.jit
+def _fp8_amax_partial_kernel(
+    x_ptr,  # [R, C] input, any strides
+    partial_ptr,  # fp32 [P]: one maximum of |x| per program (P = the grid)
+    R,
+    C,
+    stride_r,
+    stride_c,
+    TILES_C,  # tiles along the columns
+    N_TILES,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program ``pid`` of ``P``: the maximum of ``|x|`` over tiles ``pid, pid + P, ...`` (row-major tile order,
+    so programs running together read neighbouring segments of the same rows)."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for t in range(pid, N_TILES, tl.num_programs(0)):
+        rows = (t // TILES_C) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (t % TILES_C) * BLOCK_C + tl.arange(0, BLOCK_C)
+        offsets = rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+        x = tl.load(x_ptr + offsets, mask=(rows < R)[:, None] & (cols < C)[None, :], other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+    tl.store(partial_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
 def _div(numerator, denominator):
     """``numerator / denominator`` in fp32, correctly rounded (``/`` may be approximate on the GPU), so the
     scales equal PyTorch's bit for bit."""
@@ -105,7 +137,7 @@ def _fp8_cast_kernel(
     x_ptr,  # [R, C] input, any strides
     q_ptr,  # [R, C] FP8 output, contiguous
     q_t_ptr,  # [C, R] FP8 output (x^T quantized), contiguous; unused unless TRANSPOSE
-    amax_ptr,  # [1] or [R] fp32 from _fp8_amax_kernel
+    amax_ptr,  # fp32: [P] partial maxima (tensorwise), or [R] row maxima (rowwise)
     amax_t_ptr,  # [C] fp32 per-column amax (ROWWISE and TRANSPOSE)
     scale_inv_ptr,  # [1] or [R] fp32 output: 1 / scale
     scale_inv_t_ptr,  # [1] or [C] fp32 output: 1 / scale of the transposed copy
@@ -113,6 +145,7 @@ def _fp8_cast_kernel(
     C,
     stride_r,
     stride_c,
+    P,  # tensorwise: how many partial maxima amax_ptr holds
     FP8_MAX: tl.constexpr,
     EPS: tl.constexpr,
     MANTISSA: tl.constexpr,
@@ -121,6 +154,7 @@ def _fp8_cast_kernel(
     ROWWISE: tl.constexpr,
     TRANSPOSE: tl.constexpr,
     ROUND_IN_FP32: tl.constexpr,  # interpreter: round to the FP8 grid before the cast (see module doc)
+    BLOCK_P: tl.constexpr,  # a power of two >= P
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -146,7 +180,8 @@ def _fp8_cast_kernel(
         if pid_c == 0:
             tl.store(scale_inv_ptr + rows, _div(1.0, scale), mask=row_ok)
     else:
-        amax = tl.load(amax_ptr)
+        partials = tl.load(amax_ptr + tl.arange(0, BLOCK_P), mask=tl.arange(0, BLOCK_P) < P, other=0.0)
+        amax = tl.max(partials, axis=0)
         scale = _div(FP8_MAX, tl.maximum(amax, EPS))
         y = x * scale
         if (pid_r == 0) & (pid_c == 0):
@@ -174,6 +209,24 @@ def _fp8_cast_kernel(
         tl.store(q_t_ptr + cols64[None, :] * R + rows64[:, None], q_t, mask=mask)
 
 
+_AMAX = Launcher(_fp8_amax_kernel)
+_AMAX_PARTIAL = Launcher(_fp8_amax_partial_kernel)
+_CAST = Launcher(_fp8_cast_kernel)
+_sm_counts: dict[int, int] = {}
+
+
+def _max_partials(device: torch.device) -> int:
+    """Programs of the tensorwise amax pass: 4 per SM (8 warps each: enough loads in flight to stream at
+    full bandwidth); 3 under the interpreter, so CPU tests run the loop over several tiles per program."""
+    if device.type != "cuda":
+        return 3
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * count
+
+
 def fp8_quantize_triton(
     x: torch.Tensor, fp8_dtype: torch.dtype, rowwise: bool, transpose: bool
 ) -> tuple[torch.Tensor, ...]:
@@ -196,34 +249,48 @@ def fp8_quantize_triton(
         raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
     fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
     R, C = x.shape
-    # Allocate: amax buffers (zero: atomic max of non-negative values), outputs, inverse scales.
-    n_amax = (R if rowwise else 1) + (C if rowwise and transpose else 0)
-    amax_all = torch.zeros(n_amax, device=x.device, dtype=torch.float32)
-    amax = amax_all[: R if rowwise else 1]
-    amax_t = amax_all[R:] if rowwise and transpose else amax
-    q = torch.empty((R, C), device=x.device, dtype=fp8_dtype)
-    q_t = torch.empty((C, R), device=x.device, dtype=fp8_dtype) if transpose else q
-    scale_inv = torch.empty((R, 1) if rowwise else (), device=x.device, dtype=torch.float32)
-    scale_inv_t = (
-        torch.empty((C, 1) if rowwise else (), device=x.device, dtype=torch.float32) if transpose else scale_inv
-    )
+    device = x.device
+    q = torch.empty((R, C), device=device, dtype=fp8_dtype)
+    q_t = torch.empty((C, R), device=device, dtype=fp8_dtype) if transpose else q
+    tiles_c, tiles_r = triton.cdiv(C, _BLOCK_C), triton.cdiv(R, _BLOCK_R)
+    if rowwise:
+        # amax buffers (zero: atomic max of non-negative values), then the inverse scales.
+        n_amax = R + (C if transpose else 0)
+        amax_all = torch.zeros(n_amax, device=device, dtype=torch.float32)
+        amax, amax_t = amax_all[:R], (amax_all[R:] if transpose else amax_all)
+        scale_inv = torch.empty((R, 1), device=device, dtype=torch.float32)
+        scale_inv_t = torch.empty((C, 1), device=device, dtype=torch.float32) if transpose else scale_inv
+        n_partials = 1
+    else:
+        # One fp32 workspace: P partial maxima, then the two inverse scales (0-d views).
+        n_partials = max(1, min(tiles_r * tiles_c, _max_partials(device)))
+        workspace = torch.empty(n_partials + 2, device=device, dtype=torch.float32)
+        amax = amax_t = workspace
+        scale_inv, scale_inv_t = workspace[n_partials], workspace[n_partials + 1]
+        if not transpose:
+            scale_inv_t = scale_inv
     if x.numel() == 0:
         scale_inv.fill_(1.0 / (fp8_max / EPS))
         scale_inv_t.fill_(1.0 / (fp8_max / EPS))
         return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
-    # Launch: one program per 64 x 128 tile (grid axis 0: column blocks), amax pass then cast pass.
-    grid = (triton.cdiv(C, _BLOCK_C), triton.cdiv(R, _BLOCK_R))
+    grid = (tiles_c, tiles_r)  # cast pass (and rowwise amax pass): one program per 64 x 128 tile
     if grid[1] > 65535:  # CUDA's limit on the second grid dimension
         raise ValueError(f"fp8_quantize_triton supports at most {65535 * _BLOCK_R} rows, got {R}")
     stride_r, stride_c = x.stride()
-    _fp8_amax_kernel[grid](
-        x, amax, amax_t, R, C, stride_r, stride_c,
-        ROWWISE=rowwise, COLUMNS=rowwise and transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
-    )
-    _fp8_cast_kernel[grid](
-        x, q, q_t, amax, amax_t, scale_inv, scale_inv_t, R, C, stride_r, stride_c,
+    if rowwise:
+        _AMAX(
+            grid, x, amax, amax_t, R, C, stride_r, stride_c,
+            ROWWISE=True, COLUMNS=transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+        )
+    else:
+        _AMAX_PARTIAL(
+            (n_partials,), x, amax, R, C, stride_r, stride_c, tiles_c, tiles_r * tiles_c,
+            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+        )
+    _CAST(
+        grid, x, q, q_t, amax, amax_t, scale_inv, scale_inv_t, R, C, stride_r, stride_c, n_partials,
         FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype,
         ROWWISE=rowwise, TRANSPOSE=transpose, ROUND_IN_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+        BLOCK_P=triton.next_power_of_2(n_partials), BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
     )
     return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)

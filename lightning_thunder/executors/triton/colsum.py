@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lightning_thunder.executors.launch import Launcher
+
 __all__ = ["ColumnSum", "programs_for"]
 
 # Each program finishes BLOCK_N columns, reading the G partial rows BLOCK_G at a time: N / 32 programs
@@ -58,6 +60,9 @@ def _column_sum_kernel(part, out, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.const
     tl.store(out + cols, total.to(out.dtype.element_ty), mask=cmask)
 
 
+_COLUMN_SUM = Launcher(_column_sum_kernel)
+
+
 class ColumnSum:
     """Finish a column sum: ``out = partials.sum(0)`` cast to ``dtype`` and shaped ``shape``.
 
@@ -79,7 +84,7 @@ class ColumnSum:
             raise AssertionError(f"{self.__name__}: {N} column sums for an output of shape {self.shape}")
         rtne = self.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
         grid = (triton.cdiv(N, _BLOCK_N),)
-        _column_sum_kernel[grid](partials, out, G, N, BLOCK_G=_BLOCK_G, BLOCK_N=_BLOCK_N, RTNE_BF16=rtne, num_warps=4)
+        _COLUMN_SUM(grid, partials, out, G, N, BLOCK_G=_BLOCK_G, BLOCK_N=_BLOCK_N, RTNE_BF16=rtne, num_warps=4)
         return out
 
     def __repr__(self) -> str:

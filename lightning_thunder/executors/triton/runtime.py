@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_thunder.executors.triton.codegen import KernelSpec
+from lightning_thunder.executors.launch import Launcher
 
 __all__ = ["FusedRegion", "cache_dir", "load_kernel_module", "precompile_all"]
 
@@ -97,6 +98,7 @@ class FusedRegion:
         self.__qualname__ = spec.region
         self.autotune = autotune
         self._kernel: Callable | None = None
+        self._launcher: Launcher | None = None
         self._config: dict[str, int] | None = None
 
     @property
@@ -109,6 +111,7 @@ class FusedRegion:
         if self._kernel is None:
             module = load_kernel_module(self.spec.kernel_name, self.spec.source)
             self._kernel = getattr(module, self.spec.kernel_name)
+            self._launcher = Launcher(self._kernel)
         return self._kernel
 
     def precompile(self) -> None:
@@ -131,7 +134,7 @@ class FusedRegion:
             args.append(t)
             args += [t.stride(j) for j in arg.stride_dims]
         meta = {k: v for k, v in config.items() if k != "num_warps"}
-        self._kernel[self.spec.grid(config)](*args, num_warps=config["num_warps"], **meta)
+        self._launcher(self.spec.grid(config), *args, num_warps=config["num_warps"], **meta)
 
     def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
         configs = self.spec.configs
