@@ -41,3 +41,14 @@ def test_launch_key_separates_what_triton_specializes_on():
     assert _arg_key(None) != _arg_key(False)
     assert _arg_key(2**40) != _arg_key(2**40 + 16)
     assert _arg_key(1.5) == _arg_key(2.5)  # floats are runtime fp32 arguments, not specialized
+
+
+def test_an_empty_hook_chain_is_not_an_installed_hook():
+    from lightning_thunder.executors.launch import _hook_set
+
+    class Chain:  # the shape of Triton's knobs.HookChain
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert not _hook_set(None) and not _hook_set(Chain([]))
+    assert _hook_set(Chain([print])) and _hook_set(print)

@@ -36,13 +36,18 @@ import torch
 
 __all__ = ["Launcher"]
 
+def _hook_set(hook: Any) -> bool:
+    # Recent Triton keeps hooks in a `HookChain` (never None; empty when its `calls` list is).
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _launch_hooks_installed() -> bool:
     try:
         from triton import knobs
     except ImportError:  # an older Triton: no knobs, never take the direct path
         return True
     runtime = knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
 #: Launch keys recorded per kernel at most (shapes that keep changing would otherwise grow the table).

@@ -262,11 +262,12 @@ def fp8_quantize_triton(
         scale_inv_t = torch.empty((C, 1), device=device, dtype=torch.float32) if transpose else scale_inv
         n_partials = 1
     else:
-        # One fp32 workspace: P partial maxima, then the two inverse scales (0-d views).
+        # One fp32 workspace: the two inverse scales (0-d views 16 bytes apart: cuBLAS rejects scale pointers
+        # that are not 16-byte aligned), then the P partial maxima.
         n_partials = max(1, min(tiles_r * tiles_c, _max_partials(device)))
-        workspace = torch.empty(n_partials + 2, device=device, dtype=torch.float32)
-        amax = amax_t = workspace
-        scale_inv, scale_inv_t = workspace[n_partials], workspace[n_partials + 1]
+        workspace = torch.empty(8 + n_partials, device=device, dtype=torch.float32)
+        amax = amax_t = workspace[8:]
+        scale_inv, scale_inv_t = workspace[0], workspace[4]
         if not transpose:
             scale_inv_t = scale_inv
     if x.numel() == 0:
