@@ -262,14 +262,12 @@ def fp8_quantize_triton(
         scale_inv_t = torch.empty((C, 1), device=device, dtype=torch.float32) if transpose else scale_inv
         n_partials = 1
     else:
-        # One fp32 workspace: the two inverse scales (0-d views 16 bytes apart: cuBLAS rejects scale pointers
-        # that are not 16-byte aligned), then the P partial maxima.
+        # P partial maxima, and the inverse scales each in its own tensor: outputs of a custom op may not
+        # alias one another (so no views of one workspace), and cuBLAS wants 16-byte aligned scale pointers.
         n_partials = max(1, min(tiles_r * tiles_c, _max_partials(device)))
-        workspace = torch.empty(8 + n_partials, device=device, dtype=torch.float32)
-        amax = amax_t = workspace[8:]
-        scale_inv, scale_inv_t = workspace[0], workspace[4]
-        if not transpose:
-            scale_inv_t = scale_inv
+        amax = amax_t = torch.empty(n_partials, device=device, dtype=torch.float32)
+        scale_inv = torch.empty((), device=device, dtype=torch.float32)
+        scale_inv_t = torch.empty((), device=device, dtype=torch.float32) if transpose else scale_inv
     if x.numel() == 0:
         scale_inv.fill_(1.0 / (fp8_max / EPS))
         scale_inv_t.fill_(1.0 / (fp8_max / EPS))
