@@ -81,13 +81,20 @@ def breakdown(trace_path: str, rows: int) -> str:
             entry[0] += 1
             entry[1] += k["dur"]
     intervals = sorted((k["ts"], k["ts"] + k["dur"]) for k in gpu)
-    busy, end = 0.0, intervals[0][0]
+    start = intervals[0][0]
+    span = max(b for _, b in intervals) - start
+    busy, end = 0.0, start
+    idle_by_tenth = [0.0] * 10  # GPU idle time in each tenth of the step: where the host fell behind
     for a, b in intervals:
+        if a > end:
+            idle_by_tenth[min(9, int(10 * (end - start) / span))] += a - end
         if b > end:
             busy += b - max(a, end)
             end = b
-    span = intervals[-1][1] - intervals[0][0]
-    lines = [f"GPU busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span ({len(gpu)} kernels/memsets/memcpys)"]
+    lines = [
+        f"GPU busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span ({len(gpu)} kernels/memsets/memcpys)",
+        "GPU idle ms by tenth of the span: " + " ".join(f"{us / 1e3:.2f}" for us in idle_by_tenth),
+    ]
     for title, table in (("kernel family", by_family), ("launched by", by_op)):
         lines.append(f"\n| {title} | launches | GPU ms |\n| --- | ---: | ---: |")
         for key, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[:rows]:

@@ -64,5 +64,7 @@ def test_step_profile_breakdown_of_a_trace(tmp_path):
     path.write_text(json.dumps({"traceEvents": events}))
     text = breakdown(str(path), 5)
     assert "GPU busy 0.1 ms of a 0.1 ms span (2 kernels" in text
+    # The 10 us gap between the kernels starts two thirds into the 60 us span: the seventh tenth.
+    assert "GPU idle ms by tenth of the span: 0.00 0.00 0.00 0.00 0.00 0.00 0.01 0.00 0.00 0.00" in text
     assert "| cuBLAS matmuls | 1 | 0.04 |" in text and "| aten::mm | 1 | 0.04 |" in text
     assert kernel_family("fused_abc") == "lightning_thunder fusion regions"
