@@ -441,6 +441,28 @@ def test_final_trace_shows_regions_and_sources_are_retrievable():
     assert stats.executor_counts["triton"] >= 6 and stats.fusion_regions >= 3
 
 
+def _two_identical_blocks(x, w1, w2):
+    for w in (w1, w2):  # the same ops on other values: each block's region differs only in its comments
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+        x = torch.tanh(x) @ w.diag()
+    return x
+
+
+def test_identical_regions_share_one_kernel():
+    x = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    w1, w2 = (torch.randn(16, device=DEVICE, requires_grad=True) for _ in range(2))
+    cf = _check_function(_two_identical_blocks, [x, w1, w2], expect_regions=2)
+    sources = lt.kernel_sources(cf)
+    names = {key: re.search(r"def (fused_[0-9a-f]{16})\(", src).group(1) for key, src in sources.items()}
+    forward = [names[k] for k in sorted(names) if k.startswith("forward/")]
+    # One kernel for both blocks' forward regions (compiled and autotuned once), though the sources differ
+    # in the comments that name each block's values.
+    assert len(forward) == 2 and forward[0] == forward[1], names
+    first, second = (sources[k] for k in sorted(sources) if k.startswith("forward/"))
+    assert first != second
+
+
 def test_unfusible_ops_stay_on_torch():
     def fn(x):
         y = torch.exp(x) * 2

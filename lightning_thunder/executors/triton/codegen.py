@@ -816,7 +816,10 @@ def generate(region: Region) -> KernelSpec:
     writer.header(params)
     writer.body()
     body = "\n".join(writer.lines)
-    digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+    # Named by the code alone, not the comments (they name each layer's own values and source lines): the
+    # same region in every layer of a model is one kernel, compiled and autotuned once.
+    code = "\n".join(line for line in writer.lines if not line.lstrip().startswith("#"))
+    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
     kernel_name = f"fused_{digest}"
     source = f"{_PRELUDE}\n\n@triton.jit\n" + body.replace("def KERNEL(", f"def {kernel_name}(", 1) + "\n"
     return KernelSpec(
