@@ -331,6 +331,34 @@ def test_weight_gradients_are_summed_in_the_region(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_bias_gradient_splits_the_columns(dtype):
+    """A bias gradient over more than COLUMN_TILE_MIN_N columns (an MLP's intermediate size) is summed by
+    programs that each take a block of columns; a norm over as many columns (a reduction along the row)
+    keeps whole rows per program. Both match eager."""
+    from lightning_thunder.executors.triton.codegen import COLUMN_TILE_MIN_N
+
+    n = COLUMN_TILE_MIN_N + 52  # ragged against the 512-column blocks
+    bias = torch.randn(n, device=DEVICE, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 19, n, device=DEVICE, dtype=dtype, requires_grad=True)
+
+    def bias_gelu(x, b):
+        return F.gelu(x + b, approximate="tanh")
+
+    cf = _check_function(bias_gelu, [x, bias])
+    sources = [s for k, s in lt.kernel_sources(cf).items() if k.startswith("backward/fusion")]
+    assert len(sources) == 1 and "tl.program_id(1) * BLOCK_N" in sources[0], sources
+
+    def norm_weight(x, w):  # the weight's gradient sums a value of the region that a row reduction feeds
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+    cf = _check_function(norm_weight, [x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()])
+    sources = [s for k, s in lt.kernel_sources(cf).items() if k.startswith("backward/fusion")]
+    with_sums = [s for s in sources if "csum0" in s]
+    assert with_sums and not any("tl.program_id(1)" in s for s in with_sums), sources
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_column_sum_finish_kernel(dtype):
     from lightning_thunder.executors.triton.colsum import ColumnSum
 

@@ -73,3 +73,9 @@ def test_second_process_skips_triton_compilation(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         counts.append(len(list(Path(tmp_path, "triton").rglob("*.cubin"))))
     assert counts[0] >= 1 and counts[1] == counts[0], counts  # nothing compiled the second time
+
+
+def test_wide_bias_gradient_with_split_columns_bf16():
+    # The bias gradient over 16384 columns: a column-tiled grid-stride kernel (codegen.column_tiled).
+    x, b = _inputs((4096, 16384), (16384,))
+    _check_function(lambda x, b: F.gelu(x + b, approximate="tanh"), [x, b])

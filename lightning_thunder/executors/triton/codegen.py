@@ -117,10 +117,13 @@ class KernelSpec:
     outputs: list[TensorArg]
     configs: list[dict[str, int]] = field(default_factory=list)
     programs: int | None = None  # fixed grid of a kernel with column sums
+    column_tiled: bool = False  # a kernel with column sums that also splits the columns (grid axis 1)
 
-    def grid(self, config: dict[str, int]) -> tuple[int]:
+    def grid(self, config: dict[str, int]) -> tuple[int, ...]:
         """The launch grid for ``config``."""
         if self.programs is not None:
+            if self.column_tiled:
+                return (self.programs, math.ceil(self.N / config["BLOCK_N"]))
             return (self.programs,)
         if self.mode == "flat":
             return (math.ceil(self.R * self.N / config["BLOCK"]),)
@@ -131,8 +134,35 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _configs(mode: str, R: int, N: int) -> list[dict[str, int]]:
+#: Regions with column sums and rows wider than this split the columns across programs when they can
+#: (see :func:`column_tiled`); narrower ones keep whole rows in one program (RMSNorm gradients).
+COLUMN_TILE_MIN_N = 2048
+
+
+def column_tiled(region: Region) -> bool:
+    """Whether a region with column sums splits its columns across a second grid axis: rows wider than
+    :data:`COLUMN_TILE_MIN_N`, and nothing in the region needs whole rows (no reductions over the columns
+    besides the column sums, no moves along the columns, no column index).
+
+    A whole row of 16384 columns in one program (a bias gradient over an MLP's intermediate size) keeps
+    tiles and the column accumulators far beyond the registers; with the columns split, each program
+    accumulates ``BLOCK_N`` columns over its share of the rows. (The code generator also requires every
+    output but the partial sums to be stored per element or per column.)"""
+    if not region.partial_of or (region.N or 0) <= COLUMN_TILE_MIN_N:
+        return False
+    sums = {id(op) for op in region.column_sums}
+    for op in region.ops:
+        if id(op) in sums:
+            continue
+        if op.target in fops.REDUCTIONS or op.target in fops.COLUMN_MOVES or op.target in fops.IOTA:
+            return False
+    return True
+
+
+def _configs(mode: str, R: int, N: int, tiled: bool = False) -> list[dict[str, int]]:
     """Candidate launch configurations, the heuristic choice first (at most two: autotuning compiles each)."""
+    if tiled:  # column-tiled grid-stride kernels: 4096-8192 elements per tile
+        return [{"BLOCK_M": 8, "BLOCK_N": 512, "num_warps": 4}, {"BLOCK_M": 16, "BLOCK_N": 512, "num_warps": 8}]
     if mode == "flat":
         total = R * N
         if total <= 1 << 16:
@@ -193,6 +223,11 @@ class _Writer:
         self.onehots = self.onehot_sums()
         # Column sums: a grid-stride loop over row blocks (see colsum.py); its body is one level deeper.
         self.grid_stride = bool(region.partial_of)
+        # Split columns only if every full-size output is stored per column (per-row values would be
+        # written by each column block).
+        self.column_tiled = column_tiled(region) and all(
+            self.storage_kind(p) in (FULL, COL) for p in region.outputs if id(p) not in region.partial_of
+        )
         self.base_indent = 2 if self.grid_stride else 1
         self.first = "(rb == 0)" if self.grid_stride else "(pid == 0)"
 
@@ -714,7 +749,10 @@ class _Writer:
                 self.emit(f"rows = i // {n}")
                 self.emit(f"cols = i % {n}")
         elif self.grid_stride:
-            self.emit("cols = tl.arange(0, BLOCK_N)[None, :]")
+            if self.column_tiled:  # axis 1 picks the columns; every op is per column (see column_tiled)
+                self.emit("cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]")
+            else:
+                self.emit("cols = tl.arange(0, BLOCK_N)[None, :]")
             self.emit(f"cmask = cols < {n}")
             for k, op in enumerate(self.region.column_sums):
                 self.emit(f"csum{k} = tl.zeros([1, BLOCK_N], tl.float32)  # {op.name}: this program's rows")
@@ -831,6 +869,7 @@ def generate(region: Region) -> KernelSpec:
         N=region.N or 1,
         inputs=inputs,
         outputs=outputs,
-        configs=_configs(mode, region.R, region.N or 1),
+        configs=_configs(mode, region.R, region.N or 1, writer.column_tiled),
         programs=region.programs if region.partial_of else None,
+        column_tiled=writer.column_tiled,
     )
