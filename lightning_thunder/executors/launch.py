@@ -36,6 +36,7 @@ import torch
 
 __all__ = ["Launcher"]
 
+
 def _hook_set(hook: Any) -> bool:
     # Recent Triton keeps hooks in a `HookChain` (never None; empty when its `calls` list is).
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -106,7 +107,12 @@ class Launcher:
                 self._direct = False
                 self._kernels.clear()
         kernel = self.fn[tuple(grid)](*args, **meta)
-        if entry is None and self._direct and len(self._kernels) < _MAX_RECORDED and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        if (
+            entry is None
+            and self._direct
+            and len(self._kernels) < _MAX_RECORDED
+            and all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata"))
+        ):
             tail = []
             for name, default in self._params[len(args) :]:
                 if name in meta:
