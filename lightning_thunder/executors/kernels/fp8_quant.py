@@ -59,18 +59,18 @@ _BLOCK_R, _BLOCK_C, _NUM_WARPS = 64, 128, 8
 @triton.jit
 def _fp8_amax_kernel(
     x_ptr,  # [R, C] input, any strides
-    amax_ptr,  # fp32, zero-initialized: [1] (tensorwise) or [R] (rowwise)
-    amax_t_ptr,  # fp32, zero-initialized: [C] per-column amax (rowwise with the transposed copy)
+    amax_ptr,  # fp32 [R], zero-initialized: per-row amax
+    amax_t_ptr,  # fp32 [C], zero-initialized: per-column amax (with the transposed copy)
     R,
     C,
     stride_r,  # elements to move one row
     stride_c,  # elements to move one column
-    ROWWISE: tl.constexpr,  # amax per row (else one for the tensor)
     COLUMNS: tl.constexpr,  # also amax per column (rowwise scaling of x^T)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Tile maxima of ``|x|`` combined into ``amax`` (and ``amax_t``) with atomic max (values are >= 0)."""
+    """Rowwise: tile maxima of ``|x|`` combined per row into ``amax`` (and per column into ``amax_t``) with
+    atomic max (values are >= 0). Tensorwise uses :func:`_fp8_amax_partial_kernel`."""
     # Axis 0 walks the columns: programs that run together read neighbouring segments of the same rows.
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -79,12 +79,9 @@ def _fp8_amax_kernel(
     offsets = rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
     x = tl.load(x_ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     a = tl.abs(x.to(tl.float32))
-    if ROWWISE:
-        tl.atomic_max(amax_ptr + rows, tl.max(a, axis=1), mask=row_ok)
-        if COLUMNS:
-            tl.atomic_max(amax_t_ptr + cols, tl.max(a, axis=0), mask=col_ok)
-    else:
-        tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
+    tl.atomic_max(amax_ptr + rows, tl.max(a, axis=1), mask=row_ok)
+    if COLUMNS:
+        tl.atomic_max(amax_t_ptr + cols, tl.max(a, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -279,7 +276,7 @@ def fp8_quantize_triton(
     if rowwise:
         _AMAX(
             grid, x, amax, amax_t, R, C, stride_r, stride_c,
-            ROWWISE=True, COLUMNS=transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+            COLUMNS=transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
         )
     else:
         _AMAX_PARTIAL(
