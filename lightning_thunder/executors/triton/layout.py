@@ -78,18 +78,31 @@ def _permuted_strides(shape: tuple[int, ...], perm: list[int]) -> tuple[int, ...
     return tuple(stride)
 
 
+def _permuted_clones(
+    view: BoundOp, source: Proxy, readers: dict[int, list[BoundOp]], graph_outputs: set[int]
+) -> tuple[list[int], list[BoundOp]] | None:
+    """``(perm, clones)`` when ``view`` is a transpose/permute of ``source`` whose result is read only by
+    contiguous clones (and is no graph output)."""
+    perm = _permutation(view, source)
+    z = view.outputs[0]
+    if perm is None or z is None or id(z) in graph_outputs:
+        return None
+    clones = readers[id(z)]
+    if not clones or not all(_is_contiguous_clone(c, z) for c in clones):
+        return None
+    return perm, clones
+
+
 def _head_merging_clones(o: Proxy, readers: dict[int, list[BoundOp]], graph_outputs: set[int]) -> list[BoundOp] | None:
     """The contiguous clones of ``o.transpose(1, 2)`` when that is all that reads ``o`` (besides detach)."""
     clones: list[BoundOp] = []
     for r in readers[id(o)]:
         if r.target in _PASSIVE:
             continue
-        if _permutation(r, o) != [0, 2, 1, 3] or r.outputs[0] is None or id(r.outputs[0]) in graph_outputs:
+        found = _permuted_clones(r, o, readers, graph_outputs)
+        if found is None or found[0] != [0, 2, 1, 3]:
             return None
-        z = r.outputs[0]
-        if not readers[id(z)] or not all(_is_contiguous_clone(c, z) for c in readers[id(z)]):
-            return None
-        clones += readers[id(z)]
+        clones += found[1]
     return clones or None
 
 
@@ -109,14 +122,10 @@ def choose_output_layouts(trace: Trace, regions: list[Region]) -> set[int]:
             shape = tuple(y.shape)
             if len(shape) < 2 or not all(type(d) is int for d in shape) or not y.val.is_contiguous():
                 continue
-            view = readers[id(y)][0]
-            perm = _permutation(view, y)
-            if perm is None or perm == list(range(len(shape))) or view.outputs[0] is None:
+            found = _permuted_clones(readers[id(y)][0], y, readers, graph_outputs)
+            if found is None or found[0] == list(range(len(shape))):
                 continue
-            z = view.outputs[0]
-            clones = readers[id(z)]
-            if id(z) in graph_outputs or not clones or not all(_is_contiguous_clone(c, z) for c in clones):
-                continue
+            perm, clones = found
             region.out_strides[id(y)] = _permuted_strides(shape, perm)
             freed.update(id(c) for c in clones)
     for region in regions:
