@@ -53,6 +53,15 @@ def test_readers_map_each_proxy_to_the_ops_reading_it():
     assert readers[id(t2)] == []
 
 
+def test_producers_map_each_made_proxy_to_its_op():
+    x = Proxy("x", torch.empty(2, 3))
+    t0, t1 = (Proxy(f"t{k}", torch.empty(2, 3)) for k in range(2))
+    relu = BoundOp(aten.relu.default, (x,), outputs=(t0,))
+    neg = BoundOp(aten.neg.default, (t0,), outputs=(t1,))
+    producers = Trace("demo", [x], [relu, neg], (t1,)).producers()
+    assert producers == {id(t0): relu, id(t1): neg}  # the trace input has no producer
+
+
 def test_boxed_callable_clears_its_argument_list():
     x = Proxy("x", torch.empty(3))
     t0 = Proxy("t0", torch.empty(3))

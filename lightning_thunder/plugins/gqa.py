@@ -112,7 +112,7 @@ class NativeGQA(Plugin):
 
     def transform_torch_trace(self, trace: Trace) -> Trace:
         """Pass un-repeated keys and values to SDPA with ``enable_gqa=True`` where a native kernel takes them."""
-        producer = {id(p): op for op in trace.ops for p in op.output_proxies()}
+        producer = trace.producers()
         ops: list[BoundOp] = []
         count = 0
         for op in trace.ops:
@@ -141,10 +141,7 @@ class NativeGQA(Plugin):
             return trace
         self.rewritten += count
         # The repeats are now unused unless something else reads them; drop the unused ones.
-        used = {id(p) for op in ops for p in op.input_proxies()}
-        from lightning_thunder.trace.tree import iter_leaves
-
-        used |= {id(p) for p in iter_leaves(trace.output) if isinstance(p, Proxy)}
+        used = {id(p) for op in ops for p in op.input_proxies()} | {id(p) for p in trace.output_proxies()}
         ops = [op for op in ops if _repeated_heads(op) is None or any(id(p) in used for p in op.output_proxies())]
         return trace.derive(f"plugin NativeGQA: {count} attention call(s) take grouped keys/values", ops=ops)
 

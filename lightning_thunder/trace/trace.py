@@ -248,6 +248,10 @@ class Trace:
                 readers[id(p)].append(op)
         return readers
 
+    def producers(self) -> dict[int, BoundOp]:
+        """Proxy id -> the op that makes it (trace inputs and constants have none)."""
+        return {id(p): op for op in self.ops for p in op.output_proxies()}
+
     def output_proxies(self) -> list[Proxy]:
         """The proxies in the output structure."""
         return [leaf for leaf in iter_leaves(self.output) if isinstance(leaf, Proxy)]

@@ -100,7 +100,7 @@ def _depends_on(p: Proxy, targets: set[int], producer: dict[int, BoundOp], limit
 def plan_cat_slices(trace: Trace, regions: list[Region], names: NameGenerator) -> list[CatPlan]:
     """Find the ``cat`` ops whose pieces regions can store in place, and set those regions up to do so
     (slice strides and offsets in ``region.into_buffer``; copy ops added to host regions)."""
-    producer = {id(p): op for op in trace.ops for p in op.output_proxies()}
+    producer = trace.producers()
     readers = trace.readers()
     outputs = {id(p) for p in trace.output_proxies()}
     region_of_output = {id(p): r for r in regions for p in r.outputs if id(p) not in r.partial_of}

@@ -518,11 +518,7 @@ class _Former:
                 return False
             if out_shape[-1] != src.shape[-1] or _numel(out_shape) != src.shape[-1]:
                 return False
-            if self.first_consumer.get(id(src)) is not q or id(src_op) in self.region_of:
-                return False
-            if self._try_join(region, src_op, "iota") is None:
-                return False
-            if not self._pull(region, src, q, depth + 1):
+            if not self._pull(region, src, q, depth + 1):  # the index first (q must be its first reader)
                 return False
         elif any(id(x) in region.produced or self.producer_region.get(id(x)) is not None for x in q.input_proxies()):
             return False  # only producers whose own inputs come from outside every region
