@@ -6,6 +6,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from lightning_thunder.executors.base import Executor
 from lightning_thunder.executors.triton import ops as fops
 from lightning_thunder.executors.triton.catslices import apply_cat_plans, plan_cat_slices
@@ -60,8 +62,9 @@ class FusionExecutor(Executor):
             names = trace.name_generator()
             folded: set[int] = set()
             readers = trace.readers()
+            graph_outputs = {id(p) for p in trace.output_proxies()}
             for region in regions:
-                folded |= _split_column_sums(trace, readers, region, names, self.name)
+                folded |= _split_column_sums(readers, graph_outputs, region, names, self.name)
             if folded:
                 trace = trace.derive("column sums folded", ops=[op for op in trace.ops if id(op) not in folded])
             plans = plan_cat_slices(trace, regions, names)
@@ -95,36 +98,35 @@ class FusionExecutor(Executor):
 
 
 def _split_column_sums(
-    trace: Trace, readers: dict[int, list[BoundOp]], region: Region, names: NameGenerator, executor: str
+    readers: dict[int, list[BoundOp]],
+    graph_outputs: set[int],
+    region: Region,
+    names: NameGenerator,
+    executor: str,
 ) -> set[int]:
     """Make each column sum of ``region`` a ``[G, N]`` partial-sums output plus a :class:`ColumnSum` op
     (run right after the region) that finishes it; the views and the cast that only follow the sum are
     folded into that op. Returns the ids of the folded ops (to drop from the trace)."""
-    import torch
-
     sums = region.column_sums
     if not sums:
         return set()
-    graph_outputs = {id(p) for p in trace.output_proxies()}
     region.programs = programs_for(region.device, region.R)
     folded: set[int] = set()
     for op in sums:
         out = op.outputs[0]
         n = int(out.val.shape[-1])
         final = out
+        # Fold the views, then at most one floating-point cast, that are the sum's only readers.
         while id(final) not in graph_outputs and len(readers.get(id(final), [])) == 1:
             nxt = readers[id(final)][0]
-            if nxt.target in fops.VIEWS and nxt.args[0] is final and nxt.outputs[0] is not None:
-                pass
-            elif nxt.target in fops.CASTS and nxt.target is not fops.aten.copy.default and nxt.args[0] is final and (
-                nxt.outputs[0] is not None and nxt.outputs[0].val.dtype.is_floating_point
-            ):
-                pass
-            else:
+            is_cast = nxt.target in fops.CASTS and nxt.target is not fops.aten.copy.default
+            if not (nxt.target in fops.VIEWS or is_cast) or nxt.args[0] is not final or nxt.outputs[0] is None:
+                break
+            if is_cast and not nxt.outputs[0].val.dtype.is_floating_point:
                 break
             folded.add(id(nxt))
             final = nxt.outputs[0]
-            if nxt.target in fops.CASTS:
+            if is_cast:
                 break
         partial = Proxy(names(f"{out.name}_partial"), empty_example(out.val, (region.programs, n), torch.float32))
         region.outputs[region.outputs.index(out)] = partial
