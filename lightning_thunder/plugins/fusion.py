@@ -22,6 +22,11 @@ EMBEDDING_MAX_TOKENS = 16384
 _precompiler: ThreadPoolExecutor | None = None
 
 
+def _example_args(op) -> list:
+    """``op``'s positional arguments with each proxy replaced by its example value."""
+    return [a.val if isinstance(a, Proxy) else a for a in op.args]
+
+
 class _EmbeddingExecutor(OpExecutor):
     """Claims ``embedding_dense_backward`` and starts compiling its Triton kernel in the background right
     away (while the rest of the graph compiles and the first forward runs), not at the first backward."""
@@ -32,7 +37,7 @@ class _EmbeddingExecutor(OpExecutor):
         for op in claimed.ops:
             if op.executor != self.name:
                 continue
-            values = [a.val if isinstance(a, Proxy) else a for a in op.args]
+            values = _example_args(op)
             if getattr(values[0], "device", torch.device("cpu")).type != "cuda":
                 continue
             from lightning_thunder.executors.kernels.embedding_backward import precompile
@@ -57,7 +62,7 @@ def _quietly(fn) -> None:
 def _embedding_claimable(op) -> bool:
     from lightning_thunder.executors.kernels.embedding_backward import supported
 
-    values = [a.val if isinstance(a, Proxy) else a for a in op.args]
+    values = _example_args(op)
     if len(values) != 5 or op.kwargs or not isinstance(values[1], torch.Tensor):
         return False
     tokens = math.prod(values[1].shape)
