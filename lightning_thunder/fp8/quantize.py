@@ -1,4 +1,4 @@
-"""FP8 quantization as two PyTorch custom ops, so traces show where amax, scale and cast happen.
+"""FP8 quantization as PyTorch custom ops, so traces show where amax, scale and cast happen.
 
 ``torch.ops.lightning_thunder.fp8_quantize(x, dtype, rowwise) -> (q, scale_inv)`` and
 ``torch.ops.lightning_thunder.fp8_quantize_with_transpose(x, dtype, rowwise) -> (q, scale_inv, q_t,
@@ -10,7 +10,17 @@ scale_inv_t)`` quantize a 2-D tensor with dynamic scales::
     scale_inv = 1 / scale                      x ~= q * scale_inv
 
 ``..._with_transpose`` also returns ``x^T`` quantized (contiguous, scaled per row of ``x^T`` when
-``rowwise``): the layout the backward matmuls read. On CUDA the ops run the two-pass Triton kernel
+``rowwise``): the layout the backward matmuls read.
+
+Tensorwise, :func:`quantize` and :func:`quantize_with_transpose` record the two passes as two ops, so a
+fusion region that computes ``x`` can take over the first::
+
+    partials = fp8_amax(x)                                   [P] fp32 partial maxima of |x|
+    q, scale_inv[, q_t, scale_inv_t] = fp8_cast[_with_transpose](x, partials, dtype)
+
+``fp8_amax`` alone runs a pass over ``x``; inside a fusion region (the RMSNorm or SwiGLU that produces
+``x``) each program folds the maximum of what it stores into the partials instead, and the separate
+read of ``x`` disappears. Either way ``max(partials) = max |x|``, so the scales and FP8 values are the same. On CUDA the ops run the two-pass Triton kernel
 of :mod:`lightning_thunder.executors.kernels.fp8_quant`; elsewhere :func:`quantize_reference`, the same
 math in PyTorch (the two agree bit for bit; tests check it). References: Micikevicius et al., "FP8
 Formats for Deep Learning" (arXiv:2209.05433); torchao.float8's dynamic scaling.
@@ -20,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_thunder.executors.kernels.fp8_quant import EPS, FP8_FORMATS
+from lightning_thunder.executors.kernels.fp8_quant import EPS, FP8_FORMATS, amax_partial_count
 
 __all__ = [
     "E4M3",
@@ -35,6 +45,12 @@ __all__ = [
     "fp8_quantize_with_transpose_op",
     "fp8_quantize_kernel",
     "fp8_quantize_with_transpose_kernel",
+    "fp8_amax_op",
+    "fp8_cast_op",
+    "fp8_cast_with_transpose_op",
+    "fp8_amax_kernel",
+    "fp8_cast_kernel",
+    "fp8_cast_with_transpose_kernel",
 ]
 
 #: Forward operands (activations, weights): 4 exponent bits, 3 mantissa bits, largest value 448.
@@ -133,16 +149,96 @@ def _(
     return q, scale_inv, q_t, scale_inv_t
 
 
+def _amax_partials(x: torch.Tensor) -> torch.Tensor:
+    _check(x, E4M3)
+    if x.is_cuda:
+        from lightning_thunder.executors.kernels.fp8_quant import fp8_amax_partials_triton
+
+        return fp8_amax_partials_triton(x)
+    partials = torch.zeros(amax_partial_count(x.device), device=x.device, dtype=torch.float32)
+    if x.numel():
+        partials[0] = x.detach().float().abs().amax()
+    return partials
+
+
+def _cast_from_partials(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, transpose: bool
+) -> tuple[torch.Tensor, ...]:
+    _check(x, dtype)
+    if x.is_cuda:
+        from lightning_thunder.executors.kernels.fp8_quant import fp8_cast_triton
+
+        return fp8_cast_triton(x, partials, dtype, transpose)
+    x32 = x.float().contiguous()
+    scale = _scale(partials.max(), dtype)
+    q = _cast(x32, scale, dtype)
+    scale_inv = scale.reciprocal()
+    return (q, scale_inv, q.t().contiguous(), scale_inv.clone()) if transpose else (q, scale_inv)
+
+
+@torch.library.custom_op("lightning_thunder::fp8_amax", mutates_args=())
+def fp8_amax_op(x: torch.Tensor) -> torch.Tensor:
+    """Partial maxima of ``|x|`` (fp32 ``[P]``, ``max`` of them = ``amax(|x|)``): the first pass of tensorwise
+    quantization, which a fusion region producing ``x`` may compute instead (see the module docstring)."""
+    return _amax_partials(x)
+
+
+@fp8_amax_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    _check(x, E4M3)
+    return x.new_empty((amax_partial_count(x.device),), dtype=torch.float32)
+
+
+@torch.library.custom_op("lightning_thunder::fp8_cast", mutates_args=())
+def fp8_cast_op(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale_inv)``: ``x`` scaled by ``MAX / max(partials)`` and cast to ``dtype`` (tensorwise)."""
+    return _cast_from_partials(x, partials, dtype, transpose=False)  # type: ignore[return-value]
+
+
+@fp8_cast_op.register_fake
+def _(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(x, dtype)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("lightning_thunder::fp8_cast_with_transpose", mutates_args=())
+def fp8_cast_with_transpose_op(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale_inv, q_t, scale_inv_t)``: :func:`fp8_cast_op` of ``x`` and of ``x^T`` in one read of ``x``."""
+    return _cast_from_partials(x, partials, dtype, transpose=True)  # type: ignore[return-value]
+
+
+@fp8_cast_with_transpose_op.register_fake
+def _(
+    x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(x, dtype)
+    R, C = x.shape
+    return (
+        x.new_empty((R, C), dtype=dtype),
+        x.new_empty((), dtype=torch.float32),
+        x.new_empty((C, R), dtype=dtype),
+        x.new_empty((), dtype=torch.float32),
+    )
+
+
 def quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale_inv)`` for a 2-D ``x`` (the ``lightning_thunder::fp8_quantize`` op)."""
+    """``(q, scale_inv)`` for a 2-D ``x``: the ``fp8_amax`` and ``fp8_cast`` ops (tensorwise), or the
+    ``lightning_thunder::fp8_quantize`` op (rowwise)."""
+    if not rowwise:
+        return torch.ops.lightning_thunder.fp8_cast(x, torch.ops.lightning_thunder.fp8_amax(x), dtype)
     return torch.ops.lightning_thunder.fp8_quantize(x, dtype, rowwise)
 
 
 def quantize_with_transpose(
     x: torch.Tensor, dtype: torch.dtype, rowwise: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, scale_inv, q_t, scale_inv_t)`` for a 2-D ``x`` (the ``lightning_thunder::fp8_quantize_with_transpose``
-    op)."""
+    """``(q, scale_inv, q_t, scale_inv_t)`` for a 2-D ``x``: the ``fp8_amax`` and ``fp8_cast_with_transpose``
+    ops (tensorwise), or the ``lightning_thunder::fp8_quantize_with_transpose`` op (rowwise)."""
+    if not rowwise:
+        partials = torch.ops.lightning_thunder.fp8_amax(x)
+        return torch.ops.lightning_thunder.fp8_cast_with_transpose(x, partials, dtype)
     return torch.ops.lightning_thunder.fp8_quantize_with_transpose(x, dtype, rowwise)
 
 
@@ -160,3 +256,19 @@ def fp8_quantize_kernel(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> t
 def fp8_quantize_with_transpose_kernel(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, ...]:
     """What runs ``fp8_quantize_with_transpose`` in final traces (``[fp8]``); see :func:`fp8_quantize_kernel`."""
     return _run(x, dtype, rowwise, transpose=True)
+
+
+def fp8_amax_kernel(x: torch.Tensor) -> torch.Tensor:
+    """What runs ``fp8_amax`` in final traces where no fusion region took it over (``[fp8]``): the partial-max
+    Triton kernel on CUDA, the reference elsewhere."""
+    return _amax_partials(x)
+
+
+def fp8_cast_kernel(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What runs ``fp8_cast`` in final traces (``[fp8]``); see :func:`fp8_amax_kernel`."""
+    return _cast_from_partials(x, partials, dtype, transpose=False)
+
+
+def fp8_cast_with_transpose_kernel(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What runs ``fp8_cast_with_transpose`` in final traces (``[fp8]``); see :func:`fp8_amax_kernel`."""
+    return _cast_from_partials(x, partials, dtype, transpose=True)

@@ -29,7 +29,13 @@ from lightning_thunder.executors.base import Executor, OpExecutor
 from lightning_thunder.fp8.config import check_fp8_hardware, check_recipe
 from lightning_thunder.fp8.linear import fp8_linear
 from lightning_thunder.fp8.module import restore_linears
-from lightning_thunder.fp8.quantize import fp8_quantize_kernel, fp8_quantize_with_transpose_kernel
+from lightning_thunder.fp8.quantize import (
+    fp8_amax_kernel,
+    fp8_cast_kernel,
+    fp8_cast_with_transpose_kernel,
+    fp8_quantize_kernel,
+    fp8_quantize_with_transpose_kernel,
+)
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
@@ -144,6 +150,9 @@ class FP8(Plugin):
             {
                 torch.ops.lightning_thunder.fp8_quantize.default: fp8_quantize_kernel,
                 torch.ops.lightning_thunder.fp8_quantize_with_transpose.default: fp8_quantize_with_transpose_kernel,
+                torch.ops.lightning_thunder.fp8_amax.default: fp8_amax_kernel,
+                torch.ops.lightning_thunder.fp8_cast.default: fp8_cast_kernel,
+                torch.ops.lightning_thunder.fp8_cast_with_transpose.default: fp8_cast_with_transpose_kernel,
             },
         )
 

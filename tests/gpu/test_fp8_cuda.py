@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import lightning_thunder as lt
 from lightning_thunder.fp8 import E4M3, E5M2, fp8_linear, quantize_reference
-from lightning_thunder.plugins import FP8
+from lightning_thunder.plugins import FP8, Fusion
 
 _CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 pytestmark = pytest.mark.skipif(
@@ -88,7 +88,10 @@ def test_compiled_traces_run_scaled_mm_and_the_quantization_kernels():
     forward = lt.last_traces(cm)[-1].python()
     backward = lt.last_backward_traces(cm)[-1].python()
     assert forward.count("aten._scaled_mm.default(") == 2
-    assert forward.count("fp8_quantize_with_transpose_kernel(") == 4 and "[fp8]" in forward
+    # Four quantizations (x, W1, GELU output, W2); the GELU region computes its output's amax itself.
+    assert forward.count("fp8_cast_with_transpose_kernel(") == 4 and "[fp8]" in forward
+    assert forward.count("fp8_amax_kernel(") == 3 and forward.count("lightning_thunder.fp8_amax.default") == 1
+    assert backward.count("fp8_amax_kernel(") == 1 and backward.count("lightning_thunder.fp8_amax.default") == 1
     assert backward.count("aten._scaled_mm.default(") == 4 and "torch.float8_e5m2" in backward
     with torch.no_grad():
         ref = model(x)
@@ -227,3 +230,28 @@ def test_thunder_fsdp_with_thunder_fp8_on_two_gpus(monkeypatch):
         assert torch.isfinite(losses).all() and losses[-3:].mean() < losses[:3].mean()
         assert res["converted"] == ["attn.qkv", "attn.proj", "mlp.fc_1", "mlp.fc_2", "mlp.proj"]
         assert res["scaled_mm"]
+
+
+@pytest.mark.parametrize("case", ["persistent", "flat", "column_sum"])
+def test_fused_amax_at_llm_sizes_quantizes_exactly(case):
+    """The fusion region's partial maxima (atomics from thousands of programs, autotuned grid) give the same FP8
+    tensors and scales as the reference quantization of the region's own output, at 8192 x 2048 bf16."""
+    from tests.fp8.test_fused_amax import _bits, _norm_then_quantize, _scaled_with_bias_sum, _swiglu_then_quantize
+
+    fn, shapes = {
+        "persistent": (_norm_then_quantize, [(4, 2048, 2048), (2048,)]),
+        "flat": (_swiglu_then_quantize, [(4, 2048, 2048), (4, 2048, 2048)]),
+        "column_sum": (_scaled_with_bias_sum, [(4, 2048, 2048), (2048,)]),
+    }[case]
+    torch.manual_seed(0)
+    args = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
+    compiled = lt.compile(fn, plugins=[Fusion()])
+    for _ in range(2):  # the first call autotunes (launches each config several times into the same partials)
+        outs = compiled(*[a * 3 for a in args])
+    trace = lt.last_traces(compiled)[-1].python()
+    assert "fp8_amax.default(" not in trace and "lightning_thunder.fp8_amax.default" in trace
+    h = outs[0]
+    quantized = [o for o in outs[1:] if not (o.dim() == 1 and o.dtype == torch.float32)]
+    expected = quantize_reference(h, quantized[0].dtype, False, len(quantized) == 4)
+    for got, want in zip(quantized, expected, strict=True):
+        assert torch.equal(_bits(got), _bits(want))

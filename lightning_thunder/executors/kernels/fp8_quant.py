@@ -41,7 +41,14 @@ import triton.language as tl
 
 from lightning_thunder.executors.launch import Launcher
 
-__all__ = ["fp8_quantize_triton", "FP8_FORMATS", "EPS"]
+__all__ = [
+    "fp8_quantize_triton",
+    "fp8_amax_partials_triton",
+    "fp8_cast_triton",
+    "amax_partial_count",
+    "FP8_FORMATS",
+    "EPS",
+]
 
 #: Lower bound of amax in the scale computation (amax = 0 would give an infinite scale).
 EPS = 1e-12
@@ -212,9 +219,14 @@ _CAST = Launcher(_fp8_cast_kernel)
 _sm_counts: dict[int, int] = {}
 
 
-def _max_partials(device: torch.device) -> int:
-    """Programs of the tensorwise amax pass: 4 per SM (8 warps each: enough loads in flight to stream at
-    full bandwidth); 3 under the interpreter, so CPU tests run the loop over several tiles per program."""
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def amax_partial_count(device: torch.device) -> int:
+    """How many partial maxima a tensorwise amax produces on ``device`` (the length of
+    :func:`fp8_amax_partials_triton`'s result): 4 per SM on CUDA (8 warps each: enough loads in flight to
+    stream at full bandwidth); 3 elsewhere, so CPU tests run the loop over several tiles per program."""
     if device.type != "cuda":
         return 3
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -222,6 +234,68 @@ def _max_partials(device: torch.device) -> int:
     if count is None:
         count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return 4 * count
+
+
+def _check_2d(x: torch.Tensor, fp8_dtype: torch.dtype | None = None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"FP8 quantization expects a 2-D tensor, got shape {tuple(x.shape)}")
+    if fp8_dtype is not None and fp8_dtype not in FP8_FORMATS:
+        raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
+
+
+def fp8_amax_partials_triton(x: torch.Tensor) -> torch.Tensor:
+    """The first pass of tensorwise quantization: ``P`` = :func:`amax_partial_count` partial maxima of ``|x|``
+    (fp32 ``[P]``; their maximum is ``amax(|x|)``; programs without tiles write 0)."""
+    _check_2d(x)
+    R, C = x.shape
+    n_partials = amax_partial_count(x.device)
+    partials = torch.empty(n_partials, device=x.device, dtype=torch.float32)
+    tiles = triton.cdiv(R, _BLOCK_R) * triton.cdiv(C, _BLOCK_C)
+    _AMAX_PARTIAL(
+        (n_partials,), x, partials, R, C, x.stride(0), x.stride(1), triton.cdiv(C, _BLOCK_C), tiles,
+        BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+    )
+    return partials
+
+
+def _grid(R: int, C: int) -> tuple[int, int]:
+    grid = (triton.cdiv(C, _BLOCK_C), triton.cdiv(R, _BLOCK_R))  # one program per 64 x 128 tile
+    if grid[1] > 65535:  # CUDA's limit on the second grid dimension
+        raise ValueError(f"FP8 quantization supports at most {65535 * _BLOCK_R} rows, got {R}")
+    return grid
+
+
+def fp8_cast_triton(
+    x: torch.Tensor, partials: torch.Tensor, fp8_dtype: torch.dtype, transpose: bool
+) -> tuple[torch.Tensor, ...]:
+    """The second pass of tensorwise quantization: the scale from ``max(partials)`` (any fp32 ``[P]`` whose
+    maximum is ``amax(|x|)``: :func:`fp8_amax_partials_triton`'s, or partial maxima a fusion region wrote),
+    then the saturating cast. Returns ``(q, scale_inv)`` or, with ``transpose``, ``(q, scale_inv, q_t,
+    scale_inv_t)``; every output is its own tensor (custom-op outputs may not alias; cuBLAS wants 16-byte
+    aligned scale pointers)."""
+    _check_2d(x, fp8_dtype)
+    fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+    R, C = x.shape
+    device = x.device
+    q = torch.empty((R, C), device=device, dtype=fp8_dtype)
+    scale_inv = torch.empty((), device=device, dtype=torch.float32)
+    if transpose:
+        q_t = torch.empty((C, R), device=device, dtype=fp8_dtype)
+        scale_inv_t = torch.empty((), device=device, dtype=torch.float32)
+    else:
+        q_t, scale_inv_t = q, scale_inv
+    if x.numel() == 0:
+        scale_inv.fill_(1.0 / (fp8_max / EPS))
+        scale_inv_t.fill_(1.0 / (fp8_max / EPS))
+    else:
+        n_partials = partials.numel()
+        _CAST(
+            _grid(R, C), x, q, q_t, partials, partials, scale_inv, scale_inv_t, R, C, x.stride(0), x.stride(1),
+            n_partials, FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype,
+            ROWWISE=False, TRANSPOSE=transpose, ROUND_IN_FP32=_interpret(), BLOCK_P=triton.next_power_of_2(n_partials),
+            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+        )
+    return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
 
 
 def fp8_quantize_triton(
@@ -240,53 +314,33 @@ def fp8_quantize_triton(
         ``(q, scale_inv)``, or ``(q, scale_inv, q_t, scale_inv_t)`` with ``transpose``; ``q`` is ``[R, C]``
         contiguous and ``x ~= q * scale_inv``.
     """
-    if x.dim() != 2:
-        raise ValueError(f"fp8_quantize_triton expects a 2-D tensor, got shape {tuple(x.shape)}")
-    if fp8_dtype not in FP8_FORMATS:
-        raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
+    _check_2d(x, fp8_dtype)
+    if not rowwise:
+        return fp8_cast_triton(x, fp8_amax_partials_triton(x), fp8_dtype, transpose)
     fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
     R, C = x.shape
     device = x.device
     q = torch.empty((R, C), device=device, dtype=fp8_dtype)
     q_t = torch.empty((C, R), device=device, dtype=fp8_dtype) if transpose else q
-    tiles_c, tiles_r = triton.cdiv(C, _BLOCK_C), triton.cdiv(R, _BLOCK_R)
-    if rowwise:
-        # amax buffers (zero: atomic max of non-negative values), then the inverse scales.
-        n_amax = R + (C if transpose else 0)
-        amax_all = torch.zeros(n_amax, device=device, dtype=torch.float32)
-        amax, amax_t = amax_all[:R], (amax_all[R:] if transpose else amax_all)
-        scale_inv = torch.empty((R, 1), device=device, dtype=torch.float32)
-        scale_inv_t = torch.empty((C, 1), device=device, dtype=torch.float32) if transpose else scale_inv
-        n_partials = 1
-    else:
-        # P partial maxima, and the inverse scales each in its own tensor: outputs of a custom op may not
-        # alias one another (so no views of one workspace), and cuBLAS wants 16-byte aligned scale pointers.
-        n_partials = max(1, min(tiles_r * tiles_c, _max_partials(device)))
-        amax = amax_t = torch.empty(n_partials, device=device, dtype=torch.float32)
-        scale_inv = torch.empty((), device=device, dtype=torch.float32)
-        scale_inv_t = torch.empty((), device=device, dtype=torch.float32) if transpose else scale_inv
+    # amax buffers (zero: atomic max of non-negative values), then the inverse scales.
+    amax_all = torch.zeros(R + (C if transpose else 0), device=device, dtype=torch.float32)
+    amax, amax_t = amax_all[:R], (amax_all[R:] if transpose else amax_all)
+    scale_inv = torch.empty((R, 1), device=device, dtype=torch.float32)
+    scale_inv_t = torch.empty((C, 1), device=device, dtype=torch.float32) if transpose else scale_inv
     if x.numel() == 0:
         scale_inv.fill_(1.0 / (fp8_max / EPS))
         scale_inv_t.fill_(1.0 / (fp8_max / EPS))
         return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
-    grid = (tiles_c, tiles_r)  # cast pass (and rowwise amax pass): one program per 64 x 128 tile
-    if grid[1] > 65535:  # CUDA's limit on the second grid dimension
-        raise ValueError(f"fp8_quantize_triton supports at most {65535 * _BLOCK_R} rows, got {R}")
+    grid = _grid(R, C)
     stride_r, stride_c = x.stride()
-    if rowwise:
-        _AMAX(
-            grid, x, amax, amax_t, R, C, stride_r, stride_c,
-            COLUMNS=transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
-        )
-    else:
-        _AMAX_PARTIAL(
-            (n_partials,), x, amax, R, C, stride_r, stride_c, tiles_c, tiles_r * tiles_c,
-            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
-        )
+    _AMAX(
+        grid, x, amax, amax_t, R, C, stride_r, stride_c,
+        COLUMNS=transpose, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+    )
     _CAST(
-        grid, x, q, q_t, amax, amax_t, scale_inv, scale_inv_t, R, C, stride_r, stride_c, n_partials,
+        grid, x, q, q_t, amax, amax_t, scale_inv, scale_inv_t, R, C, stride_r, stride_c, 1,
         FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype,
-        ROWWISE=rowwise, TRANSPOSE=transpose, ROUND_IN_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1",
-        BLOCK_P=triton.next_power_of_2(n_partials), BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
+        ROWWISE=True, TRANSPOSE=transpose, ROUND_IN_FP32=_interpret(),
+        BLOCK_P=1, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
     )
     return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)

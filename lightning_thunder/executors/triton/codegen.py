@@ -95,6 +95,7 @@ class TensorArg:
     stride_dims: list[int]  # dims with a stride argument (empty when contiguous)
     stride: tuple[int, ...] = ()  # outputs: the strides to allocate with
     contiguous: bool = False
+    zeroed: bool = False  # outputs: allocated filled with zeros (partial maxima the kernel folds in with atomics)
 
     def stride_expr(self, j: int) -> str:
         """The source for the stride of dimension ``j``."""
@@ -221,12 +222,16 @@ class _Writer:
         self.producer = {id(op.outputs[0]): op for op in region.ops}
         self.depth: dict[int, int] = {}
         self.onehots = self.onehot_sums()
+        # fp8_amax ops: output id -> op (each program folds the maximum of |x| over its tile into a slot)
+        self.absmax = {id(op.outputs[0]): op for op in region.absmax_ops}
         # Column sums: a grid-stride loop over row blocks (see colsum.py); its body is one level deeper.
         self.grid_stride = bool(region.partial_of)
         # Split columns only if every full-size output is stored per column (per-row values would be
         # written by each column block).
         self.column_tiled = column_tiled(region) and all(
-            self.storage_kind(p) in (FULL, COL) for p in region.outputs if id(p) not in region.partial_of
+            self.storage_kind(p) in (FULL, COL)
+            for p in region.outputs
+            if id(p) not in region.partial_of and id(p) not in self.absmax
         )
         self.base_indent = 2 if self.grid_stride else 1
         self.first = "(rb == 0)" if self.grid_stride else "(pid == 0)"
@@ -729,6 +734,19 @@ class _Writer:
             return
         self.emit(f"tl.store(out{k} + {addr}, {stored}, mask={mask})")
 
+    def fold_absmax(self, op: BoundOp) -> None:
+        """``fp8_amax(x)``: the maximum of ``|x|`` over this program's tile, folded with an atomic max into slot
+        ``pid % P`` of the zeroed ``[P]`` output (``x`` as stored: its value rounded to its dtype)."""
+        out = op.outputs[0]
+        if out not in self.region.outputs:
+            return  # nothing reads the partial maxima
+        k = self.region.outputs.index(out)
+        x = op.args[0]
+        slots = int(out.val.shape[0])
+        masked = f"tl.where({self.mask(FULL, self.region.widths[id(x)])}, tl.abs({self.value(x)}), 0.0)"
+        tile_max = f"tl.max({masked}, axis=0)" if self.mode == "flat" else f"tl.max(tl.max({masked}, axis=1), axis=0)"
+        self.emit(f"tl.atomic_max(out{k} + pid % {slots}, {tile_max}, sem='relaxed')  # {op.name}: |{x.name}|")
+
     # ----------------------------------------------------------------------------- kernels
     def header(self, params: list[str]) -> None:
         r, n = self.R, self.N
@@ -780,6 +798,8 @@ class _Writer:
                 if id(op) in sums:
                     x = self.value(op.args[0])
                     self.emit(f"csum{sums[id(op)]} += tl.sum(tl.where(fmask, {x}, 0.0), axis=0)[None, :]  # {op.name}")
+                elif id(out) in self.absmax:
+                    self.fold_absmax(op)
                 elif id(op) in self.onehots:
                     self.scope[(id(out), 0)] = self.onehot_value(op)
                 elif op.target in fops.REDUCTIONS:
@@ -790,13 +810,15 @@ class _Writer:
             for k, p in enumerate(region.outputs):
                 if id(p) in region.partial_of:
                     partials.append((k, sums[id(region.partial_of[id(p)])]))
-                else:
+                elif id(p) not in self.absmax:
                     self.store(k, p)
             if partials:
                 self.indent = 1
                 for k, j in partials:
                     self.emit(f"tl.store(out{k} + pid * {self.N} + cols, csum{j}, mask=cmask)")
             return
+        if self.absmax:
+            raise AssertionError("fp8_amax in a looped kernel: region formation keeps it to rows of <= 16384 columns")
         # looped: reductions grouped by dependency level share one chunked pass each; row values are
         # computed at the top level between passes; a last pass writes the full-size outputs.
         levels = self.reduction_levels()
@@ -845,6 +867,8 @@ def generate(region: Region) -> KernelSpec:
     writer = _Writer(region, mode)
     inputs = _tensor_args("in", region.inputs)
     outputs = _tensor_args("out", region.outputs, region.out_strides)
+    for arg, p in zip(outputs, region.outputs):
+        arg.zeroed = id(p) in writer.absmax
     writer.args = {a.name: a for a in inputs + outputs}
     params = []
     for arg in inputs + outputs:

@@ -36,7 +36,7 @@ from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
 
 __all__ = [
-    "Region", "FULL", "ROW", "COL", "SCALAR", "COLSUM", "column_sum_dims", "form_regions", "contract", "external_kind",
+    "Region", "FULL", "ROW", "COL", "SCALAR", "COLSUM", "ABSMAX", "column_sum_dims", "form_regions", "contract", "external_kind",
     "join_kinds",
 ]
 
@@ -44,6 +44,10 @@ FULL, ROW, COL, SCALAR = "full", "row", "col", "scalar"
 #: the kind of a sum over all rows (a weight's gradient): complete only once every program has added its
 #: rows, so nothing in the region may read it; the region writes per-program partial sums (see colsum.py)
 COLSUM = "colsum"
+#: the kind of partial maxima of ``|x|`` over a whole value (``fp8_amax``, the first pass of FP8 quantization):
+#: each program folds the maximum of its tile into one of ``P`` slots with an atomic max, so like a column sum
+#: it is complete only after the kernel; the region's output starts zeroed (see codegen ``absmax``)
+ABSMAX = "absmax"
 #: column sums are accumulated by persistent kernels only (rows of at most this many columns)
 COLSUM_MAX_N = 16384
 _RANK = {SCALAR: 0, ROW: 1, COL: 1, FULL: 2}
@@ -122,6 +126,11 @@ class Region:
         return [op for op in self.ops if self.kinds.get(id(op.outputs[0])) == COLSUM]
 
     @property
+    def absmax_ops(self) -> list[BoundOp]:
+        """The ``fp8_amax`` ops folded into the region (kind :data:`ABSMAX`)."""
+        return [op for op in self.ops if self.kinds.get(id(op.outputs[0])) == ABSMAX]
+
+    @property
     def has_reduction(self) -> bool:
         """Whether any op reduces over the columns."""
         return any(op.target in fops.REDUCTIONS for op in self.ops)
@@ -153,6 +162,8 @@ def _role(op: BoundOp) -> str | None:
         return None
     if column_sum_dims(op):
         return "colreduce"
+    if fops.is_absmax_partials(t):
+        return "absmax"
     try:
         if t in fops.POINTWISE:
             return "pointwise"
@@ -181,6 +192,12 @@ def _check_operands(op: BoundOp, role: str) -> bool:
         return False
     if role == "colreduce":
         return out.dtype in _FLOAT and op.args[0].val.dtype in _FLOAT and _static_shape(op.args[0].val) is not None
+    if role == "absmax":
+        x = op.args[0] if op.args else None
+        return (
+            isinstance(x, Proxy) and x.is_tensor and x.val.dtype in _FLOAT and out.dtype == torch.float32
+            and out.dim() == 1 and _static_shape(x.val) is not None and x.val.device == out.device
+        )
     if role == "iota":
         return out.dim() == 1 and out.dtype in (torch.int64, torch.int32) and fops.iota_params(op) is not None
     int_ok = (role in ("view", "constant") or (role == "pointwise" and op.target in fops.INT_EXACT)) and out.dtype in (
@@ -349,13 +366,23 @@ class _Former:
 
     def _try_join(self, region: Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:
         """(kind, has_col, width) if ``op`` can join ``region``; ``None`` otherwise."""
+        fit = self._fit(region, op, role)
+        if fit is not None and region.absmax_ops:
+            wider = fit[2] if fit[0] in _WIDE else None
+            if role == "reduction":
+                wider = _static_shape(op.args[0].val)[-1]
+            if wider is not None and wider > (region.N or 0):
+                return None  # partial maxima cover the region's full width: it may not grow
+        return fit
+
+    def _fit(self, region: Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:
         out_shape = _static_shape(op.outputs[0].val)
         if op.outputs[0].val.device != region.device:
             return None
         for p in op.input_proxies():  # joining must not create a cycle
             if id(p) not in region.produced and self.depends_on(p, region):
                 return None
-            if region.kinds.get(id(p)) == COLSUM:  # complete only after the kernel: read outside
+            if region.kinds.get(id(p)) in (COLSUM, ABSMAX):  # complete only after the kernel: read outside
                 return None
         if role == "colreduce":
             x = op.args[0]
@@ -365,6 +392,13 @@ class _Former:
             if region.N != width or width > COLSUM_MAX_N or _numel(_static_shape(x.val)) != region.R * width:
                 return None
             return COLSUM, True, width
+        if role == "absmax":  # over a full-width value the region computes (never over a loaded input)
+            x = op.args[0]
+            if id(x) not in region.produced or region.kinds[id(x)] != FULL or region.widths.get(id(x)) != region.N:
+                return None
+            if _numel(_static_shape(x.val)) != region.R * region.N or region.N > COLSUM_MAX_N:
+                return None
+            return ABSMAX, False, None
         if role == "view":
             src = op.args[0]
             if not isinstance(src, Proxy) or id(src) not in region.produced:
@@ -467,8 +501,8 @@ class _Former:
         if into is other or into.device != other.device or into.R != other.R:
             return False
         for r in (into, other):
-            if r.column_sums and max(into.N or 0, other.N or 0) != r.N:
-                return False  # column sums need the whole region at their width
+            if (r.column_sums or r.absmax_ops) and max(into.N or 0, other.N or 0) != r.N:
+                return False  # column sums and partial maxima need the whole region at their width
         if self._reads_indirectly(into, other) or self._reads_indirectly(other, into):
             return False
         into.N = max(into.N or 0, other.N or 0) or None

@@ -174,7 +174,11 @@ class FusedRegion:
         device = inputs[0].device
         into = into or {}
         outputs = [
-            into[k] if k in into else torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device)
+            into[k]
+            if k in into
+            else torch.zeros(arg.shape, dtype=arg.dtype, device=device)
+            if arg.zeroed
+            else torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device)
             for k, arg in enumerate(self.spec.outputs)
         ]
         if self._config is None:
