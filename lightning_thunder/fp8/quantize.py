@@ -51,6 +51,7 @@ __all__ = [
     "fp8_amax_kernel",
     "fp8_cast_kernel",
     "fp8_cast_with_transpose_kernel",
+    "fp8_quantize_group_kernel",
 ]
 
 #: Forward operands (activations, weights): 4 exponent bits, 3 mantissa bits, largest value 448.
@@ -272,3 +273,18 @@ def fp8_cast_kernel(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype)
 def fp8_cast_with_transpose_kernel(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """What runs ``fp8_cast_with_transpose`` in final traces (``[fp8]``); see :func:`fp8_amax_kernel`."""
     return _cast_from_partials(x, partials, dtype, transpose=True)
+
+
+def fp8_quantize_group_kernel(*tensors: torch.Tensor, dtype: torch.dtype, transpose: bool) -> tuple[torch.Tensor, ...]:
+    """Tensorwise quantization of several 2-D contiguous tensors in one call: what runs the weights' ``fp8_amax`` +
+    ``fp8_cast[_with_transpose]`` pairs of a forward trace, grouped by the FP8 plugin (``[fp8]``). Returns the
+    outputs of each tensor's cast op, one tensor after another, flat; the values are those of the separate ops.
+    On CUDA three launches for all tensors (:mod:`~lightning_thunder.executors.kernels.fp8_group_quant`);
+    elsewhere the reference, tensor by tensor."""
+    if tensors and tensors[0].is_cuda:
+        from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+
+        groups = fp8_quantize_group_triton(list(tensors), dtype, transpose)
+    else:
+        groups = [_cast_from_partials(t, _amax_partials(t), dtype, transpose) for t in tensors]
+    return tuple(out for group in groups for out in group)

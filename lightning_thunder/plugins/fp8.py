@@ -33,6 +33,7 @@ from lightning_thunder.fp8.quantize import (
     fp8_amax_kernel,
     fp8_cast_kernel,
     fp8_cast_with_transpose_kernel,
+    fp8_quantize_group_kernel,
     fp8_quantize_kernel,
     fp8_quantize_with_transpose_kernel,
 )
@@ -40,7 +41,7 @@ from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
 
-__all__ = ["FP8", "LinearInfo", "default_filter", "fp8_compatible", "OUTPUT_HEAD_NAMES"]
+__all__ = ["FP8", "LinearInfo", "default_filter", "fp8_compatible", "group_weight_quantizations", "OUTPUT_HEAD_NAMES"]
 
 #: Module names (the last part of the qualified name) :func:`default_filter` treats as the output head.
 OUTPUT_HEAD_NAMES = ("lm_head", "output")
@@ -109,6 +110,76 @@ def _linear_operands(op: BoundOp) -> tuple[Any, Any, Any] | None:
     return x, weight, bias
 
 
+def group_weight_quantizations(trace: Trace, executor: str) -> Trace:
+    """Replace the tensorwise quantizations of graph inputs (the weights: ``fp8_amax(w)`` read only by
+    ``fp8_cast[_with_transpose](w, partials, dtype)``) by one :func:`~lightning_thunder.fp8.quantize.fp8_quantize_group_kernel`
+    op per input dtype, FP8 dtype and layout, placed where the first of them was.
+
+    Each weight quantized on its own costs two launches and a handful of allocations of host time inside the
+    layer that uses it, where the host, not the GPU, sets the pace of an FP8 forward; grouped, the forward
+    starts with three launches that quantize every weight. The values are the same bit for bit. Only 2-D
+    contiguous inputs are grouped, and only groups of two or more.
+    """
+    amax_op = torch.ops.lightning_thunder.fp8_amax.default
+    casts = {
+        torch.ops.lightning_thunder.fp8_cast.default: False,
+        torch.ops.lightning_thunder.fp8_cast_with_transpose.default: True,
+    }
+    inputs = {id(p) for p in trace.inputs}
+    graph_outputs = {id(p) for p in trace.output_proxies()}
+    readers = trace.readers()
+    groups: dict[tuple, list[tuple[BoundOp, BoundOp]]] = {}
+    for op in trace.ops:
+        if op.executor or op.is_method or op.target is not amax_op:
+            continue
+        w, partials = op.args[0], op.outputs[0]
+        if not (isinstance(w, Proxy) and id(w) in inputs and w.is_tensor and w.val.dim() == 2 and w.val.is_contiguous()):
+            continue
+        users = readers.get(id(partials), [])
+        if partials is None or id(partials) in graph_outputs or len(users) != 1:
+            continue
+        cast = users[0]
+        if cast.executor or cast.is_method or cast.target not in casts or len(cast.args) < 2:
+            continue
+        if cast.args[0] is not w or cast.args[1] is not partials:
+            continue
+        fp8_dtype = cast.args[2] if len(cast.args) > 2 else cast.kwargs.get("dtype")
+        key = (w.val.dtype, w.val.device, fp8_dtype, casts[cast.target])
+        groups.setdefault(key, []).append((op, cast))
+    groups = {key: members for key, members in groups.items() if len(members) > 1}
+    if not groups:
+        return trace
+    replaced: dict[int, BoundOp | None] = {}
+    for (_, _, fp8_dtype, transpose), members in groups.items():
+        outputs = tuple(p for _, cast in members for p in cast.outputs)
+        grouped = BoundOp(
+            fp8_quantize_group_kernel,
+            tuple(amax.args[0] for amax, _ in members),
+            {"dtype": fp8_dtype, "transpose": transpose},
+            outputs,
+            unpack=True,
+            executor=executor,
+            meta=members[0][0].meta,
+        )
+        replaced[id(members[0][0])] = grouped
+        for k, (amax, cast) in enumerate(members):
+            if k:
+                replaced[id(amax)] = None
+            replaced[id(cast)] = None
+    ops = [replaced.get(id(op), op) for op in trace.ops]
+    sizes = ", ".join(str(len(m)) for m in groups.values())
+    return trace.derive(f"FP8: weight quantizations grouped ({sizes})", ops=[op for op in ops if op is not None])
+
+
+class _FP8Executor(OpExecutor):
+    """The ``fp8`` executor: groups the weights' quantizations (:func:`group_weight_quantizations`), then runs
+    the quantization ops with their kernels."""
+
+    def claim(self, trace: Trace) -> Trace:
+        """Group, then claim the remaining quantization ops."""
+        return super().claim(group_weight_quantizations(trace, self.name))
+
+
 class FP8(Plugin):
     """Run the matmuls of linear layers in FP8: forward in e4m3, gradients in e5m2, dynamic scales.
 
@@ -145,7 +216,7 @@ class FP8(Plugin):
         self.filter = filter
         self.converted: list[str] = []
         self.kept: list[str] = []
-        self._executor = OpExecutor(
+        self._executor = _FP8Executor(
             "fp8",
             {
                 torch.ops.lightning_thunder.fp8_quantize.default: fp8_quantize_kernel,

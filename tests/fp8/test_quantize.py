@@ -112,3 +112,33 @@ def test_kernel_outputs_share_no_storage(rowwise):
     outs = fp8_quantize_triton(_spread(40, 96, torch.bfloat16), E4M3, rowwise, True)
     storages = [t.untyped_storage().data_ptr() for t in outs]
     assert len(set(storages)) == len(storages)
+
+
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["plain", "with_transpose"])
+def test_grouped_kernel_matches_the_single_tensor_kernel_bit_for_bit(fp8_dtype, transpose):
+    """Several weights of different shapes (ragged tiles, an empty one) quantized in one call equal each one
+    quantized alone; every scale view is 16-byte aligned (cuBLAS)."""
+    from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+
+    torch.manual_seed(0)
+    shapes = [(70, 130), (16, 32), (0, 48), (128, 256), (5, 7)]
+    tensors = [_spread(r, c, torch.bfloat16) for r, c in shapes]
+    grouped = fp8_quantize_group_triton(tensors, fp8_dtype, transpose)
+    for t, got in zip(tensors, grouped, strict=True):
+        want = fp8_quantize_triton(t, fp8_dtype, False, transpose)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(_bits(a), _bits(b)), f"{tuple(t.shape)}: grouped quantization differs"
+        assert all(s.data_ptr() % 16 == 0 for s in got[1::2])
+
+
+def test_grouped_kernel_rejects_what_it_cannot_address():
+    from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+
+    a = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="2-D contiguous tensors of one dtype"):
+        fp8_quantize_group_triton([a, a.t()], E4M3, True)
+    with pytest.raises(ValueError, match="2-D contiguous tensors of one dtype"):
+        fp8_quantize_group_triton([a, a.to(torch.bfloat16)], E4M3, True)

@@ -88,9 +88,10 @@ def test_compiled_traces_run_scaled_mm_and_the_quantization_kernels():
     forward = lt.last_traces(cm)[-1].python()
     backward = lt.last_backward_traces(cm)[-1].python()
     assert forward.count("aten._scaled_mm.default(") == 2
-    # Four quantizations (x, W1, GELU output, W2); the GELU region computes its output's amax itself.
-    assert forward.count("fp8_cast_with_transpose_kernel(") == 4 and "[fp8]" in forward
-    assert forward.count("fp8_amax_kernel(") == 3 and forward.count("lightning_thunder.fp8_amax.default") == 1
+    # Four quantizations: x, the GELU output (whose region computes the amax itself), and W1 and W2 together.
+    assert forward.count("fp8_cast_with_transpose_kernel(") == 2 and "[fp8]" in forward
+    assert forward.count("fp8_amax_kernel(") == 1 and forward.count("lightning_thunder.fp8_amax.default") == 1
+    assert forward.count("fp8_quantize_group_kernel(") == 1
     assert backward.count("fp8_amax_kernel(") == 1 and backward.count("lightning_thunder.fp8_amax.default") == 1
     assert backward.count("aten._scaled_mm.default(") == 4 and "torch.float8_e5m2" in backward
     with torch.no_grad():
@@ -255,3 +256,21 @@ def test_fused_amax_at_llm_sizes_quantizes_exactly(case):
     expected = quantize_reference(h, quantized[0].dtype, False, len(quantized) == 4)
     for got, want in zip(quantized, expected, strict=True):
         assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_grouped_weight_quantization_matches_one_by_one_bit_for_bit(fp8_dtype):
+    """The three-launch quantization of a Llama layer's weights equals quantizing each weight alone."""
+    from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+    from lightning_thunder.executors.kernels.fp8_quant import fp8_quantize_triton
+
+    torch.manual_seed(0)
+    shapes = [(3072, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192), (48, 80)]
+    weights = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * (k + 1) for k, s in enumerate(shapes)]
+    for _ in range(2):  # the second call reuses the cached tables
+        grouped = fp8_quantize_group_triton(weights, fp8_dtype, True)
+    for w, got in zip(weights, grouped, strict=True):
+        want = fp8_quantize_triton(w, fp8_dtype, False, True)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.data_ptr() % 16 == 0
+            assert torch.equal(a.view(torch.uint8) if a.dtype == fp8_dtype else a, b.view(torch.uint8) if b.dtype == fp8_dtype else b)

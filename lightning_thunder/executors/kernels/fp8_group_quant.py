@@ -1,0 +1,222 @@
+"""Tensorwise FP8 quantization of many tensors in three launches: the weights of a whole forward at once.
+
+Quantizing each weight on its own costs two kernel launches, five allocations and the Python around
+them (about 60 µs of host time on an H100 host); a Llama-3.2-1B forward has 40 weights, so the host
+spends ~2.4 ms on it while the GPU, whose FP8 matmuls are fast, waits. The weights are graph inputs,
+known when the forward starts, so one call quantizes all of them (the same math as
+:mod:`~lightning_thunder.executors.kernels.fp8_quant`, bit for bit)::
+
+    amax[g]          = max |w_g|                  one program per 64 x 128 tile of any w_g, atomic max per g
+    q_g (, q_g^T)    = fp8(clamp(w_g * MAX / max(amax[g], EPS)))       one program per tile again
+    scale_inv[g]     = 1 / scale[g]
+
+Each program finds its tensor through small device tables (tile -> tensor, tensor -> first tile, rows,
+columns, input address, output offset) built once per set of weights (same addresses and shapes: the
+parameters an optimizer updates in place) and cached. The outputs are views of three allocations (all
+``q``, all ``q^T``, all scales at 16-byte aligned offsets, as cuBLAS wants). The tensors must be 2-D
+and contiguous (parameters are).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from lightning_thunder.executors.kernels.fp8_quant import (
+    _BLOCK_C,
+    _BLOCK_R,
+    _NUM_WARPS,
+    EPS,
+    FP8_FORMATS,
+    _div,
+    _interpret,
+    _round_to_fp8_grid,
+)
+from lightning_thunder.executors.launch import Launcher
+
+__all__ = ["fp8_quantize_group_triton"]
+
+#: Floats between two scales in the scales buffer: 16 bytes, cuBLAS's alignment for scale pointers.
+_SCALE_STRIDE = 4
+
+
+@triton.jit
+def _tile_of(pid, tile_tensor_ptr, first_tile_ptr, rows_ptr, cols_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tensor ``g`` of tile ``pid``, that tensor's shape, and the tile's row and column indices."""
+    g = tl.load(tile_tensor_ptr + pid)
+    local = pid - tl.load(first_tile_ptr + g)
+    R = tl.load(rows_ptr + g)
+    C = tl.load(cols_ptr + g)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    rows = (local // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (local % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return g, R, C, rows, cols
+
+
+@triton.jit
+def _fp8_group_amax_kernel(
+    tile_tensor_ptr,  # int32 [T]: the tensor of each tile
+    first_tile_ptr,  # int32 [G]: each tensor's first tile
+    rows_ptr,  # int32 [G]
+    cols_ptr,  # int32 [G]
+    src_ptr,  # int64 [G]: each tensor's address
+    amax_ptr,  # fp32 [G], zeroed: max |w_g| (atomic max of non-negative values)
+    IN_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One tile's maximum of ``|w_g|``, folded into ``amax[g]``."""
+    g, R, C, rows, cols = _tile_of(tl.program_id(0), tile_tensor_ptr, first_tile_ptr, rows_ptr, cols_ptr, BLOCK_R, BLOCK_C)
+    src = tl.load(src_ptr + g).to(tl.pointer_type(IN_DTYPE))
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(src + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    tl.atomic_max(amax_ptr + g, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _fp8_group_cast_kernel(
+    tile_tensor_ptr,
+    first_tile_ptr,
+    rows_ptr,
+    cols_ptr,
+    src_ptr,
+    offset_ptr,  # int64 [G]: each tensor's first element in q_ptr / q_t_ptr
+    amax_ptr,  # fp32 [G]
+    q_ptr,  # FP8 [sum of sizes]: every q_g, row-major
+    q_t_ptr,  # FP8 [sum of sizes]: every q_g^T, row-major (unused unless TRANSPOSE)
+    scale_inv_ptr,  # fp32 [G * 2 * SCALE_STRIDE]: scale_inv of q_g at 2g * SCALE_STRIDE, of q_g^T after it
+    IN_DTYPE: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    EPS: tl.constexpr,
+    MANTISSA: tl.constexpr,
+    MIN_EXP: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ROUND_IN_FP32: tl.constexpr,
+    SCALE_STRIDE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One tile of ``q_g = fp8(clamp(w_g * scale_g))`` (and of ``q_g^T``); tile 0 of each tensor writes its scales."""
+    pid = tl.program_id(0)
+    g, R, C, rows, cols = _tile_of(pid, tile_tensor_ptr, first_tile_ptr, rows_ptr, cols_ptr, BLOCK_R, BLOCK_C)
+    src = tl.load(src_ptr + g).to(tl.pointer_type(IN_DTYPE))
+    offset = tl.load(offset_ptr + g)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(src + rows64[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = _div(FP8_MAX, tl.maximum(tl.load(amax_ptr + g), EPS))
+    y = tl.minimum(tl.maximum(x * scale, -FP8_MAX), FP8_MAX)
+    if ROUND_IN_FP32:
+        y = _round_to_fp8_grid(y, MANTISSA, MIN_EXP)
+    q = y.to(OUT_DTYPE, fp_downcast_rounding="rtne")
+    tl.store(q_ptr + offset + rows64[:, None] * C + cols[None, :], q, mask=mask)
+    if TRANSPOSE:
+        tl.store(q_t_ptr + offset + cols.to(tl.int64)[None, :] * R + rows64[:, None], q, mask=mask)
+    if pid == tl.load(first_tile_ptr + g):
+        tl.store(scale_inv_ptr + 2 * g * SCALE_STRIDE, _div(1.0, scale))
+        if TRANSPOSE:
+            tl.store(scale_inv_ptr + (2 * g + 1) * SCALE_STRIDE, _div(1.0, scale))
+
+
+_AMAX = Launcher(_fp8_group_amax_kernel)
+_CAST = Launcher(_fp8_group_cast_kernel)
+_TL_IN = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+class _Tables:
+    """The device tables of one set of tensors (see the module docstring) and where each output starts."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        device = tensors[0].device
+        tiles = [triton.cdiv(t.shape[0], _BLOCK_R) * triton.cdiv(t.shape[1], _BLOCK_C) for t in tensors]
+        first, offsets, total_tiles, total = [], [], 0, 0
+        for t, n in zip(tensors, tiles):
+            first.append(total_tiles)
+            offsets.append(total)
+            total_tiles += n
+            total += t.numel()
+        self.tiles, self.numel, self.offsets = total_tiles, total, offsets
+        ints = {"dtype": torch.int32, "device": device}
+        self.first_tile = torch.tensor(first, **ints)
+        self.tile_tensor = torch.repeat_interleave(torch.arange(len(tensors), **ints), torch.tensor(tiles, device=device))
+        self.rows = torch.tensor([t.shape[0] for t in tensors], **ints)
+        self.cols = torch.tensor([t.shape[1] for t in tensors], **ints)
+        longs = {"dtype": torch.int64, "device": device}
+        self.src = torch.tensor([t.data_ptr() for t in tensors], **longs)
+        self.offset = torch.tensor(offsets, **longs)
+
+
+_TABLES: OrderedDict[tuple, _Tables] = OrderedDict()
+_MAX_TABLES = 16  # sets of weights remembered (one per compiled forward, usually)
+
+
+def _tables(tensors: list[torch.Tensor]) -> _Tables:
+    key = tuple((t.data_ptr(), t.shape, t.dtype, t.device) for t in tensors)
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = _TABLES[key] = _Tables(tensors)
+        if len(_TABLES) > _MAX_TABLES:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return tables
+
+
+def fp8_quantize_group_triton(
+    tensors: list[torch.Tensor], fp8_dtype: torch.dtype, transpose: bool
+) -> list[tuple[torch.Tensor, ...]]:
+    """Tensorwise FP8 quantization of each of ``tensors`` (2-D, contiguous, one dtype and device), in three
+    launches (a zero fill, the amax pass, the cast pass).
+
+    Returns, per tensor, ``(q, scale_inv)`` or, with ``transpose``, ``(q, scale_inv, q_t, scale_inv_t)``:
+    the values :func:`~lightning_thunder.executors.kernels.fp8_quant.fp8_quantize_triton` returns, bit for bit
+    (``q``, ``q_t`` and the scales are views of shared buffers).
+    """
+    if not tensors:
+        return []
+    first = tensors[0]
+    if fp8_dtype not in FP8_FORMATS:
+        raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
+    for t in tensors:
+        if t.dim() != 2 or not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(
+                "fp8_quantize_group_triton takes 2-D contiguous tensors of one dtype and device; got "
+                f"{tuple(t.shape)} {t.dtype} on {t.device} (contiguous={t.is_contiguous()}) beside {first.dtype} "
+                f"on {first.device}"
+            )
+    if first.dtype not in _TL_IN:
+        raise ValueError(f"fp8_quantize_group_triton quantizes {list(_TL_IN)}, got {first.dtype}")
+    fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+    device = first.device
+    tables = _tables(tensors)
+    q_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype)
+    q_t_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype) if transpose else q_all
+    scales = torch.empty(len(tensors) * 2 * _SCALE_STRIDE, device=device, dtype=torch.float32)
+    amax = torch.zeros(len(tensors), device=device, dtype=torch.float32)
+    if tables.tiles:
+        common = (tables.tile_tensor, tables.first_tile, tables.rows, tables.cols, tables.src)
+        _AMAX((tables.tiles,), *common, amax, IN_DTYPE=_TL_IN[first.dtype], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+              num_warps=_NUM_WARPS)
+        _CAST(
+            (tables.tiles,), *common, tables.offset, amax, q_all, q_t_all, scales, IN_DTYPE=_TL_IN[first.dtype],
+            FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype, TRANSPOSE=transpose,
+            ROUND_IN_FP32=_interpret(), SCALE_STRIDE=_SCALE_STRIDE, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+            num_warps=_NUM_WARPS,
+        )
+    out = []
+    for g, (t, offset) in enumerate(zip(tensors, tables.offsets)):
+        R, C = t.shape
+        if t.numel() == 0:  # no tile wrote the scales: those of an all-zero tensor
+            scales[2 * g * _SCALE_STRIDE : (2 * g + 2) * _SCALE_STRIDE].fill_(1.0 / (fp8_max / EPS))
+        q = q_all[offset : offset + t.numel()].view(R, C)
+        scale_inv = scales[2 * g * _SCALE_STRIDE]
+        if transpose:
+            q_t = q_t_all[offset : offset + t.numel()].view(C, R)
+            out.append((q, scale_inv, q_t, scales[(2 * g + 1) * _SCALE_STRIDE]))
+        else:
+            out.append((q, scale_inv))
+    return out
