@@ -279,12 +279,18 @@ def fp8_quantize_group_kernel(*tensors: torch.Tensor, dtype: torch.dtype, transp
     """Tensorwise quantization of several 2-D contiguous tensors in one call: what runs the weights' ``fp8_amax`` +
     ``fp8_cast[_with_transpose]`` pairs of a forward trace, grouped by the FP8 plugin (``[fp8]``). Returns the
     outputs of each tensor's cast op, one tensor after another, flat; the values are those of the separate ops.
-    On CUDA three launches for all tensors (:mod:`~lightning_thunder.executors.kernels.fp8_group_quant`);
-    elsewhere the reference, tensor by tensor."""
+    On CUDA three launches for all tensors (:mod:`~lightning_thunder.executors.kernels.fp8_group_quant`; a tensor
+    that kernel cannot address, such as a misaligned view, is quantized on its own); elsewhere the reference,
+    tensor by tensor."""
     if tensors and tensors[0].is_cuda:
-        from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+        from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton, groupable
 
-        groups = fp8_quantize_group_triton(list(tensors), dtype, transpose)
+        together = [t for t in tensors if groupable(t)]
+        quantized = dict(zip(map(id, together), fp8_quantize_group_triton(together, dtype, transpose)))
+        groups = [
+            quantized[id(t)] if id(t) in quantized else _cast_from_partials(t, _amax_partials(t), dtype, transpose)
+            for t in tensors
+        ]
     else:
         groups = [_cast_from_partials(t, _amax_partials(t), dtype, transpose) for t in tensors]
     return tuple(out for group in groups for out in group)

@@ -117,12 +117,12 @@ def test_kernel_outputs_share_no_storage(rowwise):
 @pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["plain", "with_transpose"])
 def test_grouped_kernel_matches_the_single_tensor_kernel_bit_for_bit(fp8_dtype, transpose):
-    """Several weights of different shapes (ragged tiles, an empty one) quantized in one call equal each one
+    """Several weights of different shapes (partial tiles, an empty one) quantized in one call equal each one
     quantized alone; every scale view is 16-byte aligned (cuBLAS)."""
     from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
 
     torch.manual_seed(0)
-    shapes = [(70, 130), (16, 32), (0, 48), (128, 256), (5, 7)]
+    shapes = [(80, 144), (16, 32), (0, 48), (128, 256), (32, 16)]
     tensors = [_spread(r, c, torch.bfloat16) for r, c in shapes]
     grouped = fp8_quantize_group_triton(tensors, fp8_dtype, transpose)
     for t, got in zip(tensors, grouped, strict=True):
@@ -142,3 +142,22 @@ def test_grouped_kernel_rejects_what_it_cannot_address():
         fp8_quantize_group_triton([a, a.t()], E4M3, True)
     with pytest.raises(ValueError, match="2-D contiguous tensors of one dtype"):
         fp8_quantize_group_triton([a, a.to(torch.bfloat16)], E4M3, True)
+    with pytest.raises(ValueError, match="dims multiples of 16"):
+        fp8_quantize_group_triton([a, torch.randn(16, 40)], E4M3, True)
+
+
+def test_grouped_op_quantizes_what_the_kernel_cannot_take_one_by_one():
+    """``fp8_quantize_group_kernel`` (what the grouped op runs) returns every tensor's outputs in order, on any
+    device; on CUDA a misaligned or odd-sized tensor goes through the single-tensor kernel instead."""
+    from lightning_thunder.fp8.quantize import fp8_quantize_group_kernel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = _spread(40, 96, torch.bfloat16).to(device)
+    tensors = [base[:32, :48], _spread(16, 40, torch.bfloat16).to(device), base.reshape(-1)[8:8 + 32 * 16].view(32, 16)]
+    tensors[0] = tensors[0].contiguous()
+    outs = fp8_quantize_group_kernel(*tensors, dtype=E4M3, transpose=True)
+    assert len(outs) == 4 * len(tensors)
+    for k, t in enumerate(tensors):
+        want = quantize_reference(t.cpu(), E4M3, False, True)
+        for a, b in zip(outs[4 * k : 4 * k + 4], want):
+            assert torch.equal(_bits(a.cpu()), _bits(b))
