@@ -42,12 +42,18 @@ def _hook_set(hook: Any) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+_knobs: Any = None
+
+
 def _launch_hooks_installed() -> bool:
-    try:
-        from triton import knobs
-    except ImportError:  # an older Triton: no knobs, never take the direct path
-        return True
-    runtime = knobs.runtime
+    global _knobs
+    if _knobs is None:
+        try:
+            from triton import knobs
+        except ImportError:  # an older Triton: no knobs, never take the direct path
+            return True
+        _knobs = knobs
+    runtime = _knobs.runtime
     return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
@@ -91,7 +97,7 @@ class Launcher:
         if not self._direct:
             self.fn[tuple(grid)](*args, **meta)
             return
-        device = torch.cuda.current_device()
+        device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its Python checks
         key = (device, tuple(map(_arg_key, args)), tuple(meta.items()))
         entry = self._kernels.get(key)
         if entry is not None and not _launch_hooks_installed():

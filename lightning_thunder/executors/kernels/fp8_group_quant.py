@@ -216,16 +216,16 @@ def fp8_quantize_group_triton(
             ROUND_IN_FP32=_interpret(), SCALE_STRIDE=_SCALE_STRIDE, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
             num_warps=_NUM_WARPS,
         )
+    if any(t.numel() == 0 for t in tensors):  # no tile wrote their scales: those of an all-zero tensor
+        for g, t in enumerate(tensors):
+            if t.numel() == 0:
+                scales[2 * g * _SCALE_STRIDE : (2 * g + 2) * _SCALE_STRIDE].fill_(1.0 / (fp8_max / EPS))
+    # The views in a few C++ calls (the host time of this op is what it exists to save).
+    sizes = [t.numel() for t in tensors]
+    scale_views = scales.view(len(tensors), 2, _SCALE_STRIDE)[:, :, 0].unbind(0)  # [2] each: q's, q_t's
     out = []
-    for g, (t, offset) in enumerate(zip(tensors, tables.offsets)):
+    for t, q, pair, q_t in zip(tensors, q_all.split(sizes), scale_views, q_t_all.split(sizes)):
         R, C = t.shape
-        if t.numel() == 0:  # no tile wrote the scales: those of an all-zero tensor
-            scales[2 * g * _SCALE_STRIDE : (2 * g + 2) * _SCALE_STRIDE].fill_(1.0 / (fp8_max / EPS))
-        q = q_all[offset : offset + t.numel()].view(R, C)
-        scale_inv = scales[2 * g * _SCALE_STRIDE]
-        if transpose:
-            q_t = q_t_all[offset : offset + t.numel()].view(C, R)
-            out.append((q, scale_inv, q_t, scales[(2 * g + 1) * _SCALE_STRIDE]))
-        else:
-            out.append((q, scale_inv))
+        s, s_t = pair.unbind(0)
+        out.append((q.view(R, C), s, q_t.view(C, R), s_t) if transpose else (q.view(R, C), s))
     return out

@@ -100,6 +100,7 @@ class FusedRegion:
         self._kernel: Callable | None = None
         self._launcher: Launcher | None = None
         self._config: dict[str, int] | None = None
+        self._launch_args: tuple[tuple[int, ...], dict[str, int]] | None = None  # grid and keywords of _config
 
     @property
     def source(self) -> str:
@@ -133,8 +134,15 @@ class FusedRegion:
         for arg, t in zip(self.spec.outputs, outputs):
             args.append(t)
             args += [t.stride(j) for j in arg.stride_dims]
-        meta = {k: v for k, v in config.items() if k != "num_warps"}
-        self._launcher(self.spec.grid(config), *args, num_warps=config["num_warps"], **meta)
+        if config is self._config:  # the chosen configuration: its grid and keywords are computed once
+            if self._launch_args is None:
+                meta = {k: v for k, v in config.items() if k != "num_warps"}
+                self._launch_args = (self.spec.grid(config), {"num_warps": config["num_warps"], **meta})
+            grid, keywords = self._launch_args
+        else:
+            grid = self.spec.grid(config)
+            keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
+        self._launcher(grid, *args, **keywords)
 
     def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
         configs = self.spec.configs
