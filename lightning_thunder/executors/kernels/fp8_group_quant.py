@@ -222,10 +222,10 @@ def fp8_quantize_group_triton(
                 scales[2 * g * _SCALE_STRIDE : (2 * g + 2) * _SCALE_STRIDE].fill_(1.0 / (fp8_max / EPS))
     # The views in a few C++ calls (the host time of this op is what it exists to save).
     sizes = [t.numel() for t in tensors]
-    scale_views = scales.view(len(tensors), 2, _SCALE_STRIDE)[:, :, 0].unbind(0)  # [2] each: q's, q_t's
+    scale_views = scales.view(2 * len(tensors), _SCALE_STRIDE)[:, 0].unbind(0)  # 0-d: q_0's, q_0^T's, q_1's...
     out = []
-    for t, q, pair, q_t in zip(tensors, q_all.split(sizes), scale_views, q_t_all.split(sizes)):
+    for g, (t, q, q_t) in enumerate(zip(tensors, q_all.split(sizes), q_t_all.split(sizes))):
         R, C = t.shape
-        s, s_t = pair.unbind(0)
+        s, s_t = scale_views[2 * g], scale_views[2 * g + 1]
         out.append((q.view(R, C), s, q_t.view(C, R), s_t) if transpose else (q.view(R, C), s))
     return out
