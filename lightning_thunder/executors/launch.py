@@ -92,13 +92,18 @@ class Launcher:
 
     def __call__(self, grid: Sequence[int], *args: Any, **meta: Any) -> None:
         """``fn[grid](*args, **meta)``: positional arguments first, constexprs and options by keyword."""
+        self.launch(grid, args, meta, tuple(meta.items()))
+
+    def launch(self, grid: Sequence[int], args: tuple, meta: dict[str, Any], meta_key: tuple) -> None:
+        """:meth:`__call__` for a caller that keeps its keywords: ``meta`` and ``meta_key = tuple(meta.items())``
+        built once, not per launch."""
         if self._direct is None:
             self._direct = os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
         if not self._direct:
             self.fn[tuple(grid)](*args, **meta)
             return
         device = torch._C._cuda_getDevice()  # torch.cuda.current_device() without its Python checks
-        key = (device, tuple(map(_arg_key, args)), tuple(meta.items()))
+        key = (device, tuple(map(_arg_key, args)), meta_key)
         entry = self._kernels.get(key)
         if entry is not None and not _launch_hooks_installed():
             kernel, tail = entry

@@ -30,7 +30,15 @@ from __future__ import annotations
 
 import torch
 
-from lightning_thunder.executors.kernels.fp8_quant import EPS, FP8_FORMATS, amax_partial_count
+from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton, groupable
+from lightning_thunder.executors.kernels.fp8_quant import (
+    EPS,
+    FP8_FORMATS,
+    amax_partial_count,
+    fp8_amax_partials_triton,
+    fp8_cast_triton,
+    fp8_quantize_triton,
+)
 
 __all__ = [
     "E4M3",
@@ -108,8 +116,6 @@ def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
 def _run(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, transpose: bool) -> tuple[torch.Tensor, ...]:
     _check(x, dtype)
     if x.is_cuda:
-        from lightning_thunder.executors.kernels.fp8_quant import fp8_quantize_triton
-
         return fp8_quantize_triton(x, dtype, rowwise, transpose)
     return quantize_reference(x, dtype, rowwise, transpose)
 
@@ -153,8 +159,6 @@ def _(
 def _amax_partials(x: torch.Tensor) -> torch.Tensor:
     _check(x, E4M3)
     if x.is_cuda:
-        from lightning_thunder.executors.kernels.fp8_quant import fp8_amax_partials_triton
-
         return fp8_amax_partials_triton(x)
     partials = torch.zeros(amax_partial_count(x.device), device=x.device, dtype=torch.float32)
     if x.numel():
@@ -167,8 +171,6 @@ def _cast_from_partials(
 ) -> tuple[torch.Tensor, ...]:
     _check(x, dtype)
     if x.is_cuda:
-        from lightning_thunder.executors.kernels.fp8_quant import fp8_cast_triton
-
         return fp8_cast_triton(x, partials, dtype, transpose)
     x32 = x.float().contiguous()
     scale = _scale(partials.max(), dtype)
@@ -283,8 +285,6 @@ def fp8_quantize_group_kernel(*tensors: torch.Tensor, dtype: torch.dtype, transp
     that kernel cannot address, such as a misaligned view, is quantized on its own); elsewhere the reference,
     tensor by tensor."""
     if tensors and tensors[0].is_cuda:
-        from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton, groupable
-
         together = [t for t in tensors if groupable(t)]
         quantized = dict(zip(map(id, together), fp8_quantize_group_triton(together, dtype, transpose)))
         groups = [

@@ -274,7 +274,6 @@ def fp8_cast_triton(
     scale_inv_t)``; every output is its own tensor (custom-op outputs may not alias; cuBLAS wants 16-byte
     aligned scale pointers)."""
     _check_2d(x, fp8_dtype)
-    fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
     R, C = x.shape
     device = x.device
     q = torch.empty((R, C), device=device, dtype=fp8_dtype)
@@ -285,17 +284,35 @@ def fp8_cast_triton(
     else:
         q_t, scale_inv_t = q, scale_inv
     if x.numel() == 0:
+        fp8_max = FP8_FORMATS[fp8_dtype][0]
         scale_inv.fill_(1.0 / (fp8_max / EPS))
         scale_inv_t.fill_(1.0 / (fp8_max / EPS))
     else:
         n_partials = partials.numel()
-        _CAST(
-            _grid(R, C), x, q, q_t, partials, partials, scale_inv, scale_inv_t, R, C, x.stride(0), x.stride(1),
-            n_partials, FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype,
-            ROWWISE=False, TRANSPOSE=transpose, ROUND_IN_FP32=_interpret(), BLOCK_P=triton.next_power_of_2(n_partials),
-            BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=_NUM_WARPS,
-        )
+        meta, meta_key = _cast_meta(fp8_dtype, transpose, n_partials)
+        args = (x, q, q_t, partials, partials, scale_inv, scale_inv_t, R, C, x.stride(0), x.stride(1), n_partials)
+        _CAST.launch(_grid(R, C), args, meta, meta_key)
     return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
+
+
+_cast_metas: dict[tuple, tuple[dict, tuple]] = {}
+
+
+def _cast_meta(fp8_dtype: torch.dtype, transpose: bool, n_partials: int) -> tuple[dict, tuple]:
+    """The tensorwise cast kernel's keywords (and their launch key), built once per format, layout and P."""
+    interpret = _interpret()
+    key = (fp8_dtype, transpose, n_partials, interpret)
+    found = _cast_metas.get(key)
+    if found is None:
+        fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+        meta = {
+            "FP8_MAX": fp8_max, "EPS": EPS, "MANTISSA": mantissa, "MIN_EXP": min_exp, "OUT_DTYPE": tl_dtype,
+            "ROWWISE": False, "TRANSPOSE": transpose, "ROUND_IN_FP32": interpret,
+            "BLOCK_P": triton.next_power_of_2(n_partials), "BLOCK_R": _BLOCK_R, "BLOCK_C": _BLOCK_C,
+            "num_warps": _NUM_WARPS,
+        }
+        found = _cast_metas[key] = (meta, tuple(meta.items()))
+    return found
 
 
 def fp8_quantize_triton(

@@ -100,7 +100,7 @@ class FusedRegion:
         self._kernel: Callable | None = None
         self._launcher: Launcher | None = None
         self._config: dict[str, int] | None = None
-        self._launch_args: tuple[tuple[int, ...], dict[str, int]] | None = None  # grid and keywords of _config
+        self._launch_args: tuple[tuple[int, ...], dict[str, int], tuple] | None = None  # grid, keywords of _config
 
     @property
     def source(self) -> str:
@@ -136,13 +136,14 @@ class FusedRegion:
             args += [t.stride(j) for j in arg.stride_dims]
         if config is self._config:  # the chosen configuration: its grid and keywords are computed once
             if self._launch_args is None:
-                meta = {k: v for k, v in config.items() if k != "num_warps"}
-                self._launch_args = (self.spec.grid(config), {"num_warps": config["num_warps"], **meta})
-            grid, keywords = self._launch_args
+                keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
+                self._launch_args = (self.spec.grid(config), keywords, tuple(keywords.items()))
+            grid, keywords, keywords_key = self._launch_args
         else:
             grid = self.spec.grid(config)
             keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
-        self._launcher(grid, *args, **keywords)
+            keywords_key = tuple(keywords.items())
+        self._launcher.launch(grid, tuple(args), keywords, keywords_key)
 
     def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
         configs = self.spec.configs
