@@ -1,7 +1,8 @@
 """FP8 training: the quantization ops, the FP8 matmul, the FP8 linear op and module.
 
-- :mod:`~lightning_thunder.fp8.quantize`: ``lightning_thunder::fp8_quantize[_with_transpose]`` custom ops
-  (amax -> scale -> saturating cast; a Triton kernel on CUDA) and their PyTorch reference.
+- :mod:`~lightning_thunder.fp8.quantize`: the quantization custom ops (tensorwise: ``fp8_amax`` partial maxima,
+  then ``fp8_cast[_with_transpose]``; rowwise: ``fp8_quantize[_with_transpose]``; Triton kernels on CUDA) and
+  their PyTorch reference.
 - :mod:`~lightning_thunder.fp8.matmul`: ``torch._scaled_mm`` or its emulation.
 - :mod:`~lightning_thunder.fp8.linear`: :func:`fp8_linear` and its autograd function.
 - :mod:`~lightning_thunder.fp8.module`: :class:`FP8Linear` and the in-place ``nn.Linear`` swap.

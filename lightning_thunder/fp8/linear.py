@@ -6,7 +6,7 @@ the torch-level trace, and what :class:`~lightning_thunder.fp8.FP8Linear` module
 autograd function is written in PyTorch ops, so AOTAutograd traces it into the forward and backward
 ATen traces, where each step shows::
 
-    forward   x -> (x_q e4m3, x_scale_inv [, x_q^T for dW])          fp8_quantize[_with_transpose]
+    forward   x -> (x_q e4m3, x_scale_inv [, x_q^T for dW])          fp8_amax + fp8_cast[_with_transpose]
               w -> (w_q e4m3, w_scale_inv [, w_q^T for dX])
               y = _scaled_mm(x_q, w_q^T, x_scale_inv, w_scale_inv)  (+ bias), fp32 accumulation
     backward  dy -> (dy_q e5m2, dy_scale_inv, dy_q^T, dyT_scale_inv)

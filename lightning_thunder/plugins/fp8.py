@@ -2,10 +2,12 @@
 
 Before autograd, every ``linear(x, w, b)`` of the torch-level trace that the filter accepts becomes
 ``lightning_thunder.fp8.linear.fp8_linear(x, w, b, recipe=..., emulate=...)``; AOTAutograd then traces
-that op's autograd function, so the forward and backward traces show each quantization
-(``fp8_quantize[_with_transpose]``: amax, scale and saturating cast in one Triton kernel pair, the
-FP8 tensors and their scales as outputs) and each ``aten._scaled_mm``. See :mod:`lightning_thunder.fp8.linear`
-for the math. Weights keep their dtype; they are quantized on the fly every step (dynamic scaling).
+that op's autograd function, so the forward and backward traces show each quantization (tensorwise:
+``fp8_amax`` then ``fp8_cast[_with_transpose]``, whose outputs are the FP8 tensors and their scales; rowwise:
+``fp8_quantize[_with_transpose]``) and each ``aten._scaled_mm``. See :mod:`lightning_thunder.fp8.linear`
+for the math. Weights keep their dtype; they are quantized on the fly every step (dynamic scaling), all of
+a forward's together (:func:`group_weight_quantizations`). A fusion region that computes a quantized value
+takes its ``fp8_amax`` in (see :mod:`lightning_thunder.fp8.quantize`).
 
 The filter: a layer stays in high precision unless both its dims are multiples of 16 (what
 ``torch._scaled_mm`` requires) and ``filter(info)`` accepts it. The default filter,

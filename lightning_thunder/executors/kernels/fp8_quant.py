@@ -16,7 +16,9 @@ A group-wide maximum must be known before any element is scaled, so the work is 
 ``x`` (one launch each). Tensorwise, :func:`_fp8_amax_partial_kernel` runs a fixed number of programs
 (a few per SM), each reducing ``|x|`` over the tiles ``pid, pid + P, ...`` to one partial maximum, and
 the cast pass reduces those ``P`` partials again in every program: no atomics on one address, no
-zero-filled buffer (one launch fewer), deterministic. Rowwise, :func:`_fp8_amax_kernel` combines tile
+zero-filled buffer (one launch fewer), deterministic. The two passes are separate entry points
+(:func:`fp8_amax_partials_triton`, :func:`fp8_cast_triton`) because the cast accepts any ``P`` partial
+maxima: a fusion region that computes ``x`` writes them itself. Rowwise, :func:`_fp8_amax_kernel` combines tile
 maxima per row (and per column) with atomic max into a zeroed buffer. :func:`_fp8_cast_kernel` then
 scales, clamps and casts, writing the FP8 tensor
 row-major and, on request, also transposed (``q^T``, contiguous), which is the layout the backward
