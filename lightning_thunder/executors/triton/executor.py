@@ -16,6 +16,7 @@ from lightning_thunder.executors.triton.colsum import ColumnSum, programs_for
 from lightning_thunder.executors.triton.layout import choose_output_layouts, free_clone
 from lightning_thunder.executors.triton.region import Region, contract, form_regions
 from lightning_thunder.executors.triton.runtime import FusedRegion, precompile_all
+from lightning_thunder.executors.triton.workspace import share_zeroed_outputs
 from lightning_thunder.trace.proxy import Proxy, empty_example
 from lightning_thunder.trace.trace import BoundOp, NameGenerator, Trace, timed_pass
 
@@ -87,6 +88,7 @@ class FusionExecutor(Executor):
                 ops = apply_cat_plans(ops, plans, fused, names)
             ops = [free_clone(op) if id(op) in freed else op for op in ops]
             ops = _number_regions(ops, {id(op) for op in ops if op.subops})
+            ops = share_zeroed_outputs(ops, names)
             if any(r.device.type == "cuda" for r in regions):
                 precompile_all([op.target for op in fused.values()])
         note = f"executor {self.name}: {len(regions)} fused regions"
