@@ -21,17 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from litgpt_train import DTYPES, MODES, build_config, make_step_fn  # noqa: E402
+from litgpt_train import DTYPES, build_config, make_step_fn  # noqa: E402
+from step_profile import add_step_arguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="thunder", choices=MODES)
-    p.add_argument("--model", default="Llama-3.2-1B")
-    p.add_argument("--n-layer", type=int, default=None)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    add_step_arguments(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     args = p.parse_args(argv)

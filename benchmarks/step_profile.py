@@ -125,14 +125,19 @@ def host_profile(fn, device: torch.device, rows: int, steps: int = 3) -> str:
     return out.getvalue()
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose the benchmarked step (mode, model and its size, batch, sequence, dtype)."""
     p.add_argument("--mode", default="thunder", choices=MODES)
     p.add_argument("--model", default="Llama-3.2-1B")
     p.add_argument("--n-layer", type=int, default=None)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(p)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trace", default=None, help="write a Chrome trace of one step here (.json or .json.gz)")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lightning_thunder.executors.triton.region import FULL, Region
+from lightning_thunder.executors.triton.runtime import RegionWrapper
 from lightning_thunder.trace.proxy import Proxy, empty_example
 from lightning_thunder.trace.trace import BoundOp, NameGenerator, Trace
 
@@ -203,32 +204,14 @@ def _host_for(base: Proxy, regions: list[Region], producer: dict[int, BoundOp], 
     return None
 
 
-class IntoBuffer:
+class IntoBuffer(RegionWrapper):
     """The callable of a region that stores some outputs into slices of a buffer passed as its last
     argument (and returns the buffer last, after the outputs it still returns)."""
 
     def __init__(self, fused: Any, writes: dict[int, tuple], keep: list[int]) -> None:
-        self.fused = fused
+        super().__init__(fused)
         self.writes = writes  # output index -> (shape, stride, offset)
         self.keep = keep  # output indices still returned
-
-    @property
-    def spec(self):
-        """The kernel spec (see :class:`~lightning_thunder.executors.triton.codegen.KernelSpec`)."""
-        return self.fused.spec
-
-    @property
-    def source(self) -> str:
-        """The generated Triton source."""
-        return self.fused.source
-
-    @property
-    def __name__(self) -> str:  # noqa: D401 - a property standing in for the function attribute
-        return self.fused.__name__
-
-    @__name__.setter
-    def __name__(self, value: str) -> None:
-        self.fused.__name__ = self.fused.__qualname__ = value
 
     def __call__(self, *args: torch.Tensor) -> Any:
         *inputs, buffer = args
@@ -239,9 +222,6 @@ class IntoBuffer:
         outs = self.fused.run(tuple(inputs), into)
         kept = [outs[k] for k in self.keep]
         return (*kept, buffer) if kept else buffer
-
-    def __repr__(self) -> str:
-        return f"IntoBuffer({self.fused!r})"
 
 
 def apply_cat_plans(

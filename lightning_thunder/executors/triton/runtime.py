@@ -25,7 +25,7 @@ import torch
 from lightning_thunder.executors.triton.codegen import KernelSpec
 from lightning_thunder.executors.launch import Launcher
 
-__all__ = ["FusedRegion", "cache_dir", "load_kernel_module", "precompile_all"]
+__all__ = ["FusedRegion", "RegionWrapper", "cache_dir", "load_kernel_module", "precompile_all"]
 
 _modules: dict[str, ModuleType] = {}
 _tuned: dict[str, dict[str, int]] | None = None
@@ -197,6 +197,35 @@ class FusedRegion:
 
     def __repr__(self) -> str:
         return f"FusedRegion({self.spec.region}, {self.spec.mode}, R={self.spec.R}, N={self.spec.N})"
+
+
+class RegionWrapper:
+    """Base of the callables that run a :class:`FusedRegion` with some outputs stored into a buffer passed as an
+    argument: they show as the region (its name, kernel spec and source)."""
+
+    def __init__(self, fused: FusedRegion) -> None:
+        self.fused = fused
+
+    @property
+    def spec(self) -> KernelSpec:
+        """The kernel spec."""
+        return self.fused.spec
+
+    @property
+    def source(self) -> str:
+        """The generated Triton source."""
+        return self.fused.source
+
+    @property
+    def __name__(self) -> str:
+        return self.fused.__name__
+
+    @__name__.setter
+    def __name__(self, value: str) -> None:
+        self.fused.__name__ = self.fused.__qualname__ = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.fused!r})"
 
 
 def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> None:

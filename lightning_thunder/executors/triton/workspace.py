@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lightning_thunder.executors.triton.runtime import FusedRegion
+from lightning_thunder.executors.triton.runtime import FusedRegion, RegionWrapper
 from lightning_thunder.trace.proxy import Proxy, empty_example
 from lightning_thunder.trace.trace import BoundOp, NameGenerator
 
@@ -24,27 +24,13 @@ __all__ = ["IntoWorkspace", "share_zeroed_outputs"]
 _ALIGN = 4
 
 
-class IntoWorkspace:
+class IntoWorkspace(RegionWrapper):
     """The callable of a region whose zero-initialized outputs are slices of a workspace passed as its last
     argument (the region returns them like its other outputs)."""
 
     def __init__(self, fused: FusedRegion, slices: dict[int, tuple[tuple[int, ...], int]]) -> None:
-        self.fused = fused
+        super().__init__(fused)
         self.slices = slices  # output index -> (shape, offset in the workspace)
-
-    @property
-    def spec(self) -> Any:
-        """The kernel spec (see :class:`~lightning_thunder.executors.triton.codegen.KernelSpec`)."""
-        return self.fused.spec
-
-    @property
-    def source(self) -> str:
-        """The generated Triton source."""
-        return self.fused.source
-
-    @property
-    def __name__(self) -> str:
-        return self.fused.__name__
 
     def __call__(self, *args: torch.Tensor) -> Any:
         *inputs, workspace = args
@@ -52,9 +38,6 @@ class IntoWorkspace:
         into = {k: workspace.as_strided(shape, (1,), base + offset) for k, (shape, offset) in self.slices.items()}
         outs = self.fused.run(tuple(inputs), into)
         return outs[0] if len(outs) == 1 else tuple(outs)
-
-    def __repr__(self) -> str:
-        return f"IntoWorkspace({self.fused!r})"
 
 
 def share_zeroed_outputs(ops: list[BoundOp], names: NameGenerator) -> list[BoundOp]:
