@@ -83,6 +83,18 @@ def _cast(x32: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.clamp(x32 * scale, -limit, limit).to(dtype)
 
 
+def _amax(a: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """``a.amax()`` (``dim=None``) or ``a.amax(dim, keepdim=True)``, with 0 for a maximum over no elements (an
+    empty batch; ``amax`` itself refuses them)."""
+    if dim is None:
+        return a.amax() if a.numel() else a.new_zeros(())
+    if a.shape[dim] == 0:
+        shape = list(a.shape)
+        shape[dim] = 1
+        return a.new_zeros(shape)
+    return a.amax(dim=dim, keepdim=True)
+
+
 def quantize_reference(
     x: torch.Tensor, dtype: torch.dtype, rowwise: bool, transpose: bool = False
 ) -> tuple[torch.Tensor, ...]:
@@ -93,14 +105,14 @@ def quantize_reference(
     """
     x32 = x.float().contiguous()
     a = x32.abs()
-    amax = a.amax(dim=1, keepdim=True) if rowwise else a.amax()  # [R, 1] or []
+    amax = _amax(a, 1) if rowwise else _amax(a, None)  # [R, 1] or []
     scale = _scale(amax, dtype)
     q = _cast(x32, scale, dtype)
     scale_inv = scale.reciprocal()
     if not transpose:
         return q, scale_inv
     if rowwise:
-        scale_t = _scale(a.amax(dim=0, keepdim=True), dtype)  # [1, C]: per row of x^T
+        scale_t = _scale(_amax(a, 0), dtype)  # [1, C]: per row of x^T
         q_t = _cast(x32, scale_t, dtype).t().contiguous()
         return q, scale_inv, q_t, scale_t.reciprocal().reshape(-1, 1)
     return q, scale_inv, q.t().contiguous(), scale_inv.clone()

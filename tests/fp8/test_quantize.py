@@ -161,3 +161,17 @@ def test_grouped_op_quantizes_what_the_kernel_cannot_take_one_by_one():
         want = quantize_reference(t.cpu(), E4M3, False, True)
         for a, b in zip(outs[4 * k : 4 * k + 4], want):
             assert torch.equal(_bits(a.cpu()), _bits(b))
+
+
+@pytest.mark.parametrize("rowwise", [False, True], ids=["tensorwise", "rowwise"])
+@pytest.mark.parametrize("shape", [(0, 48), (32, 0)], ids=["no_rows", "no_columns"])
+def test_reference_quantizes_an_empty_tensor(shape, rowwise):
+    """An empty batch quantizes to empty FP8 tensors with the scales of an all-zero tensor (the Triton path does
+    the same); ``amax`` over no elements would raise."""
+    q, s, q_t, s_t = quantize_reference(torch.zeros(shape), E4M3, rowwise, True)
+    assert q.shape == shape and q_t.shape == shape[::-1]
+    assert s.shape == ((shape[0], 1) if rowwise else ()) and s_t.shape == ((shape[1], 1) if rowwise else ())
+    assert torch.all(s == 1e-12 / 448) or s.numel() == 0
+    if not rowwise:
+        got = fp8_quantize_triton(torch.zeros(shape), E4M3, False, True)
+        assert torch.allclose(got[1], s, rtol=1e-6) and got[0].shape == q.shape and got[2].shape == q_t.shape
