@@ -35,6 +35,7 @@ from lightning_thunder.executors.kernels.fp8_quant import (
     EPS,
     FP8_FORMATS,
     amax_partial_count,
+    check_fp8_input,
     fp8_amax_partials_triton,
     fp8_cast_triton,
     fp8_quantize_triton,
@@ -118,17 +119,10 @@ def quantize_reference(
     return q, scale_inv, q.t().contiguous(), scale_inv.clone()
 
 
-def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"FP8 quantization expects a 2-D tensor, got shape {tuple(x.shape)}")
-    if dtype not in FP8_FORMATS:
-        raise ValueError(f"FP8 quantization to {dtype} is not supported; use torch.float8_e4m3fn or torch.float8_e5m2")
-
-
 def _run(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, transpose: bool) -> tuple[torch.Tensor, ...]:
-    _check(x, dtype)
     if x.is_cuda:
-        return fp8_quantize_triton(x, dtype, rowwise, transpose)
+        return fp8_quantize_triton(x, dtype, rowwise, transpose)  # checks its input
+    check_fp8_input(x, dtype)
     return quantize_reference(x, dtype, rowwise, transpose)
 
 
@@ -140,7 +134,7 @@ def fp8_quantize_op(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple
 
 @fp8_quantize_op.register_fake
 def _(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, dtype)
+    check_fp8_input(x, dtype)
     R, _ = x.shape
     q = x.new_empty(x.shape, dtype=dtype)
     return q, x.new_empty((R, 1) if rowwise else (), dtype=torch.float32)
@@ -159,7 +153,7 @@ def fp8_quantize_with_transpose_op(
 def _(
     x: torch.Tensor, dtype: torch.dtype, rowwise: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, dtype)
+    check_fp8_input(x, dtype)
     R, C = x.shape
     q = x.new_empty((R, C), dtype=dtype)
     q_t = x.new_empty((C, R), dtype=dtype)
@@ -169,9 +163,9 @@ def _(
 
 
 def _amax_partials(x: torch.Tensor) -> torch.Tensor:
-    _check(x, E4M3)
     if x.is_cuda:
-        return fp8_amax_partials_triton(x)
+        return fp8_amax_partials_triton(x)  # checks its input
+    check_fp8_input(x)
     partials = torch.zeros(amax_partial_count(x.device), device=x.device, dtype=torch.float32)
     if x.numel():
         partials[0] = x.detach().float().abs().amax()
@@ -181,9 +175,9 @@ def _amax_partials(x: torch.Tensor) -> torch.Tensor:
 def _cast_from_partials(
     x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, transpose: bool
 ) -> tuple[torch.Tensor, ...]:
-    _check(x, dtype)
     if x.is_cuda:
-        return fp8_cast_triton(x, partials, dtype, transpose)
+        return fp8_cast_triton(x, partials, dtype, transpose)  # checks its input
+    check_fp8_input(x, dtype)
     x32 = x.float().contiguous()
     scale = _scale(partials.max(), dtype)
     q = _cast(x32, scale, dtype)
@@ -200,7 +194,7 @@ def fp8_amax_op(x: torch.Tensor) -> torch.Tensor:
 
 @fp8_amax_op.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
-    _check(x, E4M3)
+    check_fp8_input(x)
     return x.new_empty((amax_partial_count(x.device),), dtype=torch.float32)
 
 
@@ -212,7 +206,7 @@ def fp8_cast_op(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> 
 
 @fp8_cast_op.register_fake
 def _(x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(x, dtype)
+    check_fp8_input(x, dtype)
     return x.new_empty(x.shape, dtype=dtype), x.new_empty((), dtype=torch.float32)
 
 
@@ -228,7 +222,7 @@ def fp8_cast_with_transpose_op(
 def _(
     x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(x, dtype)
+    check_fp8_input(x, dtype)
     R, C = x.shape
     return (
         x.new_empty((R, C), dtype=dtype),

@@ -35,6 +35,7 @@ from lightning_thunder.executors.kernels.fp8_quant import (
     _div,
     _interpret,
     _round_to_fp8_grid,
+    check_fp8_input,
 )
 from lightning_thunder.executors.launch import Launcher
 
@@ -188,8 +189,7 @@ def fp8_quantize_group_triton(
     if not tensors:
         return []
     first = tensors[0]
-    if fp8_dtype not in FP8_FORMATS:
-        raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
+    check_fp8_input(first, fp8_dtype)
     for t in tensors:
         if not groupable(t) or t.dtype != first.dtype or t.device != first.device:
             raise ValueError(

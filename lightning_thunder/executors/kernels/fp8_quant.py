@@ -48,6 +48,7 @@ __all__ = [
     "fp8_amax_partials_triton",
     "fp8_cast_triton",
     "amax_partial_count",
+    "check_fp8_input",
     "FP8_FORMATS",
     "EPS",
 ]
@@ -238,17 +239,21 @@ def amax_partial_count(device: torch.device) -> int:
     return 4 * count
 
 
-def _check_2d(x: torch.Tensor, fp8_dtype: torch.dtype | None = None) -> None:
+def check_fp8_input(x: torch.Tensor, fp8_dtype: torch.dtype | None = None) -> None:
+    """Raise a ``ValueError`` unless ``x`` is 2-D and ``fp8_dtype`` (when given) is an FP8 format quantization
+    supports: the one check of every quantization entry point (the ops, their CPU references, the kernels)."""
     if x.dim() != 2:
         raise ValueError(f"FP8 quantization expects a 2-D tensor, got shape {tuple(x.shape)}")
     if fp8_dtype is not None and fp8_dtype not in FP8_FORMATS:
-        raise ValueError(f"fp8_dtype={fp8_dtype} is not one of {list(FP8_FORMATS)}")
+        raise ValueError(
+            f"FP8 quantization to {fp8_dtype} is not supported; use torch.float8_e4m3fn or torch.float8_e5m2"
+        )
 
 
 def fp8_amax_partials_triton(x: torch.Tensor) -> torch.Tensor:
     """The first pass of tensorwise quantization: ``P`` = :func:`amax_partial_count` partial maxima of ``|x|``
     (fp32 ``[P]``; their maximum is ``amax(|x|)``; programs without tiles write 0)."""
-    _check_2d(x)
+    check_fp8_input(x)
     R, C = x.shape
     n_partials = amax_partial_count(x.device)
     partials = torch.empty(n_partials, device=x.device, dtype=torch.float32)
@@ -275,7 +280,7 @@ def fp8_cast_triton(
     then the saturating cast. Returns ``(q, scale_inv)`` or, with ``transpose``, ``(q, scale_inv, q_t,
     scale_inv_t)``; every output is its own tensor (custom-op outputs may not alias; cuBLAS wants 16-byte
     aligned scale pointers)."""
-    _check_2d(x, fp8_dtype)
+    check_fp8_input(x, fp8_dtype)
     R, C = x.shape
     device = x.device
     q = torch.empty((R, C), device=device, dtype=fp8_dtype)
@@ -333,7 +338,7 @@ def fp8_quantize_triton(
         ``(q, scale_inv)``, or ``(q, scale_inv, q_t, scale_inv_t)`` with ``transpose``; ``q`` is ``[R, C]``
         contiguous and ``x ~= q * scale_inv``.
     """
-    _check_2d(x, fp8_dtype)
+    check_fp8_input(x, fp8_dtype)
     if not rowwise:
         return fp8_cast_triton(x, fp8_amax_partials_triton(x), fp8_dtype, transpose)
     fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
