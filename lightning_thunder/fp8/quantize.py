@@ -106,17 +106,26 @@ def quantize_reference(
     """
     x32 = x.float().contiguous()
     a = x32.abs()
-    amax = _amax(a, 1) if rowwise else _amax(a, None)  # [R, 1] or []
-    scale = _scale(amax, dtype)
+    if not rowwise:
+        return _tensorwise_reference(x32, _amax(a, None), dtype, transpose)
+    scale = _scale(_amax(a, 1), dtype)  # [R, 1]
     q = _cast(x32, scale, dtype)
     scale_inv = scale.reciprocal()
     if not transpose:
         return q, scale_inv
-    if rowwise:
-        scale_t = _scale(_amax(a, 0), dtype)  # [1, C]: per row of x^T
-        q_t = _cast(x32, scale_t, dtype).t().contiguous()
-        return q, scale_inv, q_t, scale_t.reciprocal().reshape(-1, 1)
-    return q, scale_inv, q.t().contiguous(), scale_inv.clone()
+    scale_t = _scale(_amax(a, 0), dtype)  # [1, C]: per row of x^T
+    q_t = _cast(x32, scale_t, dtype).t().contiguous()
+    return q, scale_inv, q_t, scale_t.reciprocal().reshape(-1, 1)
+
+
+def _tensorwise_reference(
+    x32: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, transpose: bool
+) -> tuple[torch.Tensor, ...]:
+    """The tensorwise scale and cast of fp32 ``x32`` given its ``amax`` (0-d), in PyTorch."""
+    scale = _scale(amax, dtype)
+    q = _cast(x32, scale, dtype)
+    scale_inv = scale.reciprocal()
+    return (q, scale_inv, q.t().contiguous(), scale_inv.clone()) if transpose else (q, scale_inv)
 
 
 def _run(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, transpose: bool) -> tuple[torch.Tensor, ...]:
@@ -167,8 +176,7 @@ def _amax_partials(x: torch.Tensor) -> torch.Tensor:
         return fp8_amax_partials_triton(x)  # checks its input
     check_fp8_input(x)
     partials = torch.zeros(amax_partial_count(x.device), device=x.device, dtype=torch.float32)
-    if x.numel():
-        partials[0] = x.detach().float().abs().amax()
+    partials[0] = _amax(x.detach().float().abs(), None)
     return partials
 
 
@@ -178,11 +186,7 @@ def _cast_from_partials(
     if x.is_cuda:
         return fp8_cast_triton(x, partials, dtype, transpose)  # checks its input
     check_fp8_input(x, dtype)
-    x32 = x.float().contiguous()
-    scale = _scale(partials.max(), dtype)
-    q = _cast(x32, scale, dtype)
-    scale_inv = scale.reciprocal()
-    return (q, scale_inv, q.t().contiguous(), scale_inv.clone()) if transpose else (q, scale_inv)
+    return _tensorwise_reference(x.float().contiguous(), partials.max(), dtype, transpose)
 
 
 @torch.library.custom_op("lightning_thunder::fp8_amax", mutates_args=())
