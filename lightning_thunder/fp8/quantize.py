@@ -294,13 +294,10 @@ def fp8_quantize_group_kernel(*tensors: torch.Tensor, dtype: torch.dtype, transp
     On CUDA three launches for all tensors (:mod:`~lightning_thunder.executors.kernels.fp8_group_quant`; a tensor
     that kernel cannot address, such as a misaligned view, is quantized on its own); elsewhere the reference,
     tensor by tensor."""
-    if tensors and tensors[0].is_cuda:
-        together = [t for t in tensors if groupable(t)]
-        quantized = dict(zip(map(id, together), fp8_quantize_group_triton(together, dtype, transpose)))
-        groups = [
-            quantized[id(t)] if id(t) in quantized else _cast_from_partials(t, _amax_partials(t), dtype, transpose)
-            for t in tensors
-        ]
-    else:
-        groups = [_cast_from_partials(t, _amax_partials(t), dtype, transpose) for t in tensors]
+    together = [t for t in tensors if t.is_cuda and groupable(t)]
+    quantized = dict(zip(map(id, together), fp8_quantize_group_triton(together, dtype, transpose)))
+    groups = [
+        quantized[id(t)] if id(t) in quantized else _cast_from_partials(t, _amax_partials(t), dtype, transpose)
+        for t in tensors
+    ]
     return tuple(out for group in groups for out in group)
