@@ -134,15 +134,13 @@ class FusedRegion:
         for arg, t in zip(self.spec.outputs, outputs):
             args.append(t)
             args += [t.stride(j) for j in arg.stride_dims]
-        if config is self._config:  # the chosen configuration: its grid and keywords are computed once
-            if self._launch_args is None:
-                keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
-                self._launch_args = (self.spec.grid(config), keywords, tuple(keywords.items()))
-            grid, keywords, keywords_key = self._launch_args
-        else:
-            grid = self.spec.grid(config)
+        launch = self._launch_args if config is self._config else None
+        if launch is None:
             keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
-            keywords_key = tuple(keywords.items())
+            launch = (self.spec.grid(config), keywords, tuple(keywords.items()))
+            if config is self._config:  # the chosen configuration: grid and keywords computed once
+                self._launch_args = launch
+        grid, keywords, keywords_key = launch
         self._launcher.launch(grid, tuple(args), keywords, keywords_key)
 
     def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
