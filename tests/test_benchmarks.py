@@ -68,3 +68,15 @@ def test_step_profile_breakdown_of_a_trace(tmp_path):
     assert "GPU idle ms by tenth of the span: 0.00 0.00 0.00 0.00 0.00 0.00 0.01 0.00 0.00 0.00" in text
     assert "| cuBLAS matmuls | 1 | 0.04 |" in text and "| aten::mm | 1 | 0.04 |" in text
     assert kernel_family("fused_abc") == "lightning_thunder fusion regions"
+
+
+def test_step_phases_needs_a_gpu_and_says_so():
+    """Without CUDA, step_phases.py (CUDA events) stops with a message naming what it needs, not a traceback."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/step_phases.py", "--mode", "thunder", "--n-layer", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0 and "step_phases.py times CUDA events: it needs a CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr
