@@ -8,6 +8,7 @@ rank order, and an exception in any process fails the test with that process's t
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import socket
@@ -67,6 +68,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def release_process_group() -> None:
+    """Destroy the default process group, if any, and collect the garbage: to call before a spawned rank exits.
+
+    With objects of a gloo group left alive for the process's teardown, a rank aborted ("terminate called
+    without an active exception") in about one run in eight of a 2-rank test; destroying the group alone
+    did not stop it, destroying and collecting did (0 in 75 runs)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()
+
+
 def _worker(rank: int, port: int, fn: Callable[..., Any], args: tuple, results: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -78,9 +90,11 @@ def _worker(rank: int, port: int, fn: Callable[..., Any], args: tuple, results: 
     )
     torch.set_num_threads(1)  # 2 processes on a 2-core machine
     try:
-        results.put((rank, "ok", fn(rank, *args)))
+        outcome = (rank, "ok", fn(rank, *args))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
-        results.put((rank, "error", traceback.format_exc()))
+        outcome = (rank, "error", traceback.format_exc())
+    release_process_group()
+    results.put(outcome)
 
 
 def spawn(fn: Callable[..., Any], *args: Any, timeout: float = 300) -> list[Any]:

@@ -60,7 +60,6 @@ def _plugins_outside_lightning(rank: int) -> dict:
             "ops": stats.executor_counts.get("torch", 0),
             "checkpointed": any("checkpoint" in op for op in torch_ops),
         }
-    dist.destroy_process_group()
     return out
 
 
