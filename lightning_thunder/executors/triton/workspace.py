@@ -58,14 +58,16 @@ def share_zeroed_outputs(ops: list[BoundOp], names: NameGenerator) -> list[Bound
         plans = []
         for op in region_ops:
             slices = {}
+            end = total
             for k, arg in enumerate(op.target.spec.outputs):
                 if arg.zeroed:
                     if arg.dtype != torch.float32 or len(arg.shape) != 1:
                         break
-                    slices[k] = (tuple(arg.shape), total)
-                    total += math.ceil(math.prod(arg.shape) / _ALIGN) * _ALIGN
-            else:
+                    slices[k] = (tuple(arg.shape), end)
+                    end += math.ceil(math.prod(arg.shape) / _ALIGN) * _ALIGN
+            else:  # every zeroed output fits: the region takes its slices (a region that does not takes no space)
                 plans.append((op, slices))
+                total = end
         if len(plans) < 2:
             continue
         first_out = plans[0][0].output_proxies()[0]
