@@ -36,6 +36,7 @@ from lightning_thunder.executors.kernels.fp8_quant import (
     _interpret,
     _round_to_fp8_grid,
     check_fp8_input,
+    empty_scale_inv,
 )
 from lightning_thunder.executors.launch import Launcher
 
@@ -219,7 +220,7 @@ def fp8_quantize_group_triton(
     if any(t.numel() == 0 for t in tensors):  # no tile wrote their scales: those of an all-zero tensor
         for g, t in enumerate(tensors):
             if t.numel() == 0:
-                scales[2 * g * _SCALE_STRIDE : (2 * g + 2) * _SCALE_STRIDE].fill_(1.0 / (fp8_max / EPS))
+                scales[2 * g * _SCALE_STRIDE : (2 * g + 2) * _SCALE_STRIDE].fill_(empty_scale_inv(fp8_dtype))
     # The views in a few C++ calls (the host time of this op is what it exists to save).
     sizes = [t.numel() for t in tensors]
     scale_views = scales.view(2 * len(tensors), _SCALE_STRIDE)[:, 0].unbind(0)  # 0-d: q_0's, q_0^T's, q_1's...

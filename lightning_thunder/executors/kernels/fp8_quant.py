@@ -49,6 +49,7 @@ __all__ = [
     "fp8_cast_triton",
     "amax_partial_count",
     "check_fp8_input",
+    "empty_scale_inv",
     "FP8_FORMATS",
     "EPS",
 ]
@@ -239,6 +240,12 @@ def amax_partial_count(device: torch.device) -> int:
     return 4 * count
 
 
+def empty_scale_inv(fp8_dtype: torch.dtype) -> float:
+    """The inverse scale of a tensor with no elements (its amax, 0, clamped to ``EPS``): what the kernels, which
+    launch no program for it, fill in (the PyTorch reference computes the same value)."""
+    return 1.0 / (FP8_FORMATS[fp8_dtype][0] / EPS)
+
+
 def check_fp8_input(x: torch.Tensor, fp8_dtype: torch.dtype | None = None) -> None:
     """Raise a ``ValueError`` unless ``x`` is 2-D and ``fp8_dtype`` (when given) is an FP8 format quantization
     supports: the one check of every quantization entry point (the ops, their CPU references, the kernels)."""
@@ -291,9 +298,8 @@ def fp8_cast_triton(
     else:
         q_t, scale_inv_t = q, scale_inv
     if x.numel() == 0:
-        fp8_max = FP8_FORMATS[fp8_dtype][0]
-        scale_inv.fill_(1.0 / (fp8_max / EPS))
-        scale_inv_t.fill_(1.0 / (fp8_max / EPS))
+        scale_inv.fill_(empty_scale_inv(fp8_dtype))
+        scale_inv_t.fill_(empty_scale_inv(fp8_dtype))
     else:
         n_partials = partials.numel()
         meta, meta_key = _cast_meta(fp8_dtype, transpose, n_partials)
@@ -352,8 +358,8 @@ def fp8_quantize_triton(
     scale_inv = torch.empty((R, 1), device=device, dtype=torch.float32)
     scale_inv_t = torch.empty((C, 1), device=device, dtype=torch.float32) if transpose else scale_inv
     if x.numel() == 0:
-        scale_inv.fill_(1.0 / (fp8_max / EPS))
-        scale_inv_t.fill_(1.0 / (fp8_max / EPS))
+        scale_inv.fill_(empty_scale_inv(fp8_dtype))
+        scale_inv_t.fill_(empty_scale_inv(fp8_dtype))
         return (q, scale_inv, q_t, scale_inv_t) if transpose else (q, scale_inv)
     grid = _grid(R, C)
     stride_r, stride_c = x.stride()
