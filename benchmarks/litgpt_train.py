@@ -72,7 +72,8 @@ class WithLoss(torch.nn.Module):
 
 
 def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device):
-    """Returns ``step(idx, targets) -> loss`` for ``mode``, with its optimizer."""
+    """Returns ``(step, net)``: ``step(idx, targets) -> loss`` for ``mode`` (its optimizer is ``step.optimizer``)
+    and the compiled (or eager) model with the loss, ``net(idx, targets) -> loss``."""
     if mode == "torchao-fp8":
         try:
             from torchao.float8 import convert_to_float8_training
@@ -114,22 +115,29 @@ def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device):
         opt.zero_grad(set_to_none=True)
         return loss
 
+    step.optimizer = opt
     return step, net
+
+
+def build_step(args: argparse.Namespace, mode: str, device: torch.device):
+    """``(step, net, idx, targets)``: the model of ``args`` (model, n_layer, dtype) built on ``device`` with seed 0,
+    :func:`make_step_fn`'s step and net for ``mode``, and one random batch of ``args.batch`` x ``args.seq`` tokens."""
+    from litgpt import GPT
+
+    torch.manual_seed(0)
+    config = build_config(args)
+    with device:
+        model = GPT(config).to(DTYPES[args.dtype])
+    step, net = make_step_fn(mode, model, device)
+    idx = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+    targets = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+    return step, net, idx, targets
 
 
 def run_mode(args: argparse.Namespace) -> dict:
     """Worker: benchmark one mode in this process and return its measurements."""
-    from litgpt import GPT
-
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    torch.manual_seed(0)
-    config = build_config(args)
-    with device:
-        model = GPT(config).to(dtype)
-    step, net = make_step_fn(args.worker, model, device)
-    idx = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
-    targets = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+    step, net, idx, targets = build_step(args, args.worker, device)
 
     synchronize(device)
     t0 = time.perf_counter()

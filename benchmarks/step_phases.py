@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from litgpt_train import DTYPES, build_config, make_step_fn  # noqa: E402
+from litgpt_train import build_step  # noqa: E402
 from step_profile import add_step_arguments  # noqa: E402
 
 
@@ -33,17 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_phases.py times CUDA events: it needs a CUDA GPU")
-    from litgpt import GPT
-
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    config = build_config(args)
-    with device:
-        model = GPT(config).to(DTYPES[args.dtype])
-    step, net = make_step_fn(args.mode, model, device)
-    optimizer = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.optim.Optimizer))
-    idx = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
-    targets = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+    step, net, idx, targets = build_step(args, args.mode, torch.device("cuda"))
+    optimizer = step.optimizer
     for _ in range(args.warmup):
         step(idx, targets)
     rows = []

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from litgpt_train import DTYPES, MODES, build_config, make_step_fn  # noqa: E402
+from litgpt_train import DTYPES, MODES, build_step  # noqa: E402
 from measure import kernel_time_ms, synchronize  # noqa: E402
 
 
@@ -152,16 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         "--host-profile", type=int, default=0, help="print this many functions by host (Python) time over 3 steps (cProfile)"
     )
     args = p.parse_args(argv)
-    from litgpt import GPT
-
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    config = build_config(args)
-    with device:
-        model = GPT(config).to(DTYPES[args.dtype])
-    step, _ = make_step_fn(args.mode, model, device)
-    idx = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
-    targets = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
+    step, _, idx, targets = build_step(args, args.mode, device)
     for _ in range(3):
         step(idx, targets)
     synchronize(device)
