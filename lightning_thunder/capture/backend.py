@@ -37,6 +37,9 @@ from lightning_thunder.trace import Trace, fx_from_trace, trace_from_fx
 
 __all__ = ["ThunderBackend", "get_backend"]
 
+#: Errors from a backend that Dynamo turns into a graph break (data-dependent outputs, unsupported fake-tensor ops).
+_DYNAMO_FALLBACKS: tuple[type[BaseException], ...] = tuple(getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ()))
+
 _AOT_PROVENANCE = "AOTAutograd (functionalization, autodiff, decomposition) and {} partition"
 
 
@@ -137,9 +140,17 @@ class ThunderBackend:
                 decompositions=self.decompositions,
                 keep_inference_input_mutations=True,
             )
-        except (CaptureError, torch._dynamo.exc.TorchDynamoException):
-            # Dynamo's own signals (restart the analysis, skip the frame) must reach Dynamo untouched.
+        except (CaptureError, torch._dynamo.exc.TorchDynamoException, *_DYNAMO_FALLBACKS) as e:
+            # Dynamo's own signals (restart the analysis, skip the frame) must reach Dynamo untouched, and so must
+            # the errors it answers with a graph break (an op whose output depends on tensor data, such as
+            # `narrow` with a tensor start): Dynamo then splits the graph there, runs that op eagerly and warns.
             state.discard(record)
+            if isinstance(e, _DYNAMO_FALLBACKS):
+                where = locate_failure(e, aot_input)
+                state.graph_breaks.append(
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    + (f" (at {where}; handed back to Dynamo, which splits the graph there)" if where else "")
+                )
             raise
         except Exception as e:
             state.discard(record)

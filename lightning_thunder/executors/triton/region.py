@@ -171,14 +171,14 @@ def _role(op: BoundOp) -> str | None:
             return "reduction"
         if t in fops.VIEWS:
             return "view"
+        if t in fops.COLUMN_MOVES:  # before CONSTANTS, which holds slice_backward for its empty case
+            if t is torch.ops.aten.slice_backward.default and op.args[0].val.numel() == 0:
+                return "constant"  # the gradient of an empty slice: zeros
+            return "column"
         if t in fops.CONSTANTS:
             return "constant"
         if t in fops.IOTA:
             return "iota"
-        if t in fops.COLUMN_MOVES:
-            if t is torch.ops.aten.slice_backward.default and op.args[0].val.numel() == 0:
-                return "constant"  # the gradient of an empty slice: zeros
-            return "column"
     except TypeError:
         return None
     return None
@@ -290,7 +290,8 @@ class _Former:
         self.regions: list[Region] = []
         self.region_of: dict[int, Region] = {}  # op id -> region
         self.producer_region: dict[int, Region] = {}  # proxy id -> region producing it
-        self.depends: dict[int, frozenset[int]] = {}  # proxy id -> regions it (transitively) depends on
+        self.depends: dict[int, frozenset[int]] = {}  # proxy id -> regions it (transitively) depended on when made
+        self.region_deps: dict[int, set[int]] = {}  # region index -> regions its external inputs depend on
         self.readers: dict[int, list[Region]] = {}  # proxy id -> regions reading it
         self.merged_into: dict[int, int] = {}  # region index -> the region it was merged into
         self.position: dict[int, int] = {id(op): k for k, op in enumerate(trace.ops)}
@@ -309,8 +310,23 @@ class _Former:
         return index
 
     def depends_on(self, p: Proxy, region: Region) -> bool:
-        """Whether ``p`` (transitively) depends on ``region``'s outputs."""
-        return any(self.find(i) == region.index for i in self.depends.get(id(p), frozenset()))
+        """Whether ``p`` (transitively) depends on ``region``'s outputs.
+
+        ``depends`` records the regions ``p`` depended on when it was made; regions grow afterwards, and a region
+        that has since come to read another region's outputs passes that dependency on: the walk follows
+        :attr:`region_deps` (what each region's inputs depend on) from there."""
+        target = region.index
+        stack = [self.find(i) for i in self.depends.get(id(p), frozenset())]
+        seen: set[int] = set()
+        while stack:
+            i = stack.pop()
+            if i == target:
+                return True
+            if i in seen:
+                continue
+            seen.add(i)
+            stack.extend(self.find(j) for j in self.region_deps.get(i, ()) if self.find(j) != i)
+        return False
 
     # ------------------------------------------------------------------ grid checks
     @staticmethod
@@ -446,7 +462,29 @@ class _Former:
         if fit is None:
             return None
         kind, has_col = fit
+        for p in op.input_proxies():
+            if id(p) in region.produced and not self._reads_as_its_kind(region, p, out_shape, has_col):
+                return None
         return kind, has_col, (out_shape[-1] if kind in _WIDE else None)
+
+    def _effective_shape(self, region: Region, p: Proxy) -> tuple[int, ...]:
+        """``p``'s shape with the dimensions an ``expand`` made (constant along them) set to 1."""
+        shape = _static_shape(p.val)
+        op = self.producer_op.get(id(p))
+        if op is None or op.target is not torch.ops.aten.expand.default or id(op.args[0]) not in region.produced:
+            return shape
+        src = self._effective_shape(region, op.args[0])
+        return (1,) * (len(shape) - len(src)) + src
+
+    def _reads_as_its_kind(self, region: Region, p: Proxy, target: tuple[int, ...], has_col: bool) -> bool:
+        """Whether internal value ``p``, broadcast against an op output of shape ``target``, is indexed the way its
+        kind says: a ``row`` value by the region's row index, a ``col`` value by the column, a ``full`` value by
+        both. A value is kept by kind, not by shape, so a read that broadcasts it differently (a ``[10, 5]`` value
+        whose 50 elements happen to equal the region's 50 rows, read against ``[5, 10, 5]``) must not join."""
+        kind = region.kinds[id(p)]
+        if kind == SCALAR:
+            return True
+        return external_kind(self._effective_shape(region, p), target, has_col) == kind
 
     def _new_region(self, op: BoundOp, role: str) -> Region | None:
         out = op.outputs[0].val
@@ -483,6 +521,7 @@ class _Former:
             if id(p) not in region.produced:
                 region.reads.add(id(p))
                 self.readers.setdefault(id(p), []).append(region)
+                self.region_deps.setdefault(region.index, set()).update(self.depends.get(id(p), ()))
         self.region_of[id(op)] = region
         self.producer_region[id(out)] = region
 
@@ -496,6 +535,14 @@ class _Former:
                     return True
         return False
 
+    @staticmethod
+    def _reads_after_kernel(reader: Region, source: Region) -> bool:
+        """Whether ``reader`` reads a value of ``source`` that is complete only after the kernel (column sums,
+        partial maxima): merged, the reads would see a partial value."""
+        return any(
+            source.kinds.get(id(p)) in (COLSUM, ABSMAX) for op in reader.ops for p in op.input_proxies()
+        )
+
     def _try_merge(self, into: Region, other: Region) -> bool:
         """Merge ``other`` into ``into`` when their rows agree and no path leaves and re-enters them."""
         if into is other or into.device != other.device or into.R != other.R:
@@ -505,6 +552,8 @@ class _Former:
                 return False  # column sums and partial maxima need the whole region at their width
         if self._reads_indirectly(into, other) or self._reads_indirectly(other, into):
             return False
+        if self._reads_after_kernel(into, other) or self._reads_after_kernel(other, into):
+            return False
         into.N = max(into.N or 0, other.N or 0) or None
         into.ops = sorted(into.ops + other.ops, key=lambda op: self.position[id(op)])
         into.kinds.update(other.kinds)
@@ -512,6 +561,7 @@ class _Former:
         into.has_col.update(other.has_col)
         into.produced.update(other.produced)
         into.reads = (into.reads | other.reads) - set(into.produced)
+        self.region_deps.setdefault(into.index, set()).update(self.region_deps.pop(other.index, ()))
         for op in other.ops:
             self.region_of[id(op)] = into
             self.producer_region[id(op.outputs[0])] = into
