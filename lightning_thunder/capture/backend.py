@@ -24,7 +24,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from lightning_thunder.capture.errors import WORKAROUND, CaptureError, locate_failure
 from lightning_thunder.capture.options import CompileOptions
 from lightning_thunder.capture.state import CompileState, GraphRecord, current_state
-from lightning_thunder.executors.base import Executor
+from lightning_thunder.executors.base import ClaimContext, Executor
 from lightning_thunder.executors.torch_executor import TorchExecutor
 from lightning_thunder.passes import (
     common_subexpression_elimination,
@@ -87,6 +87,7 @@ class ThunderBackend:
         self.latest: dict[str, GraphRecord] = {}  # per compiled class: its most recent graph
         self.latest_training: dict[str, GraphRecord] = {}  # ... and its most recent graph with a backward
         self.executors: list[Executor] = [ex for p in self.plugins for ex in p.executors()]
+        self.epilogues = tuple(e for p in self.plugins for e in p.fusion_epilogues())
         self.executors.append(TorchExecutor())
         self.decompositions: dict[Any, Callable] = {}
         self.partition_options: dict[str, Any] = {}
@@ -269,11 +270,13 @@ class ThunderBackend:
         out = [dead_code_elimination(trace, name=f"{stage}/dce")]
         if self.options.cse:
             out.append(common_subexpression_elimination(out[-1], name=f"{stage}/cse"))
+        context = ClaimContext(stage=stage, epilogues=self.epilogues)
         for ex in self.executors:
-            claimed = ex.claim(out[-1])
-            if not isinstance(claimed, Trace):
-                raise TypeError(f"executor {ex.name!r}.claim must return a Trace, got {type(claimed).__name__}")
-            out.append(claimed.renamed(f"{stage}/executor:{ex.name}"))
+            traces = ex.claim_stages(out[-1], context)
+            if not traces or not all(isinstance(t, Trace) for t in traces):
+                raise TypeError(f"executor {ex.name!r}.claim must return a Trace, got {traces!r}")
+            out.extend(t.renamed(f"{stage}/{t.name}") for t in traces[:-1])
+            out.append(traces[-1].renamed(f"{stage}/executor:{ex.name}"))
         out.append(insert_deletions(out[-1], name=f"{stage}/final"))
         return out
 

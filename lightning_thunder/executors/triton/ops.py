@@ -321,16 +321,6 @@ VIEWS = {
     aten.detach.default,
 }
 
-#: The op whose result is partial maxima of ``|x|`` (the first pass of FP8 tensorwise quantization): a region
-#: that computes ``x`` folds it into its kernel (see ``region.ABSMAX``).
-ABSMAX_PARTIALS = "lightning_thunder::fp8_amax"
-
-
-def is_absmax_partials(target: Any) -> bool:
-    """Whether ``target`` is the ``lightning_thunder::fp8_amax`` op (:data:`ABSMAX_PARTIALS`)."""
-    return isinstance(target, torch._ops.OpOverload) and target.name() == ABSMAX_PARTIALS
-
-
 #: ops that move values between column ranges of the last dimension (see ``region.column_move``)
 COLUMN_MOVES = {aten.cat.default, aten.slice.Tensor, aten.slice_backward.default}
 

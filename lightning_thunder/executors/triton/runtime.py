@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from lightning_thunder.executors.triton.codegen import KernelSpec
 from lightning_thunder.executors.launch import Launcher
+from lightning_thunder.executors.triton.spec import KernelSpec
 
-__all__ = ["FusedRegion", "RegionWrapper", "cache_dir", "load_kernel_module", "precompile_all"]
+__all__ = ["FusedRegion", "RegionCall", "cache_dir", "load_kernel_module", "precompile_all"]
 
 _modules: dict[str, ModuleType] = {}
 _tuned: dict[str, dict[str, int]] | None = None
@@ -101,6 +101,7 @@ class FusedRegion:
         self._launcher: Launcher | None = None
         self._config: dict[str, int] | None = None
         self._launch_args: tuple[tuple[int, ...], dict[str, int], tuple] | None = None  # grid, keywords of _config
+        self.notes: list[str] = []  # printed under the region's line in traces (kernel shape, patterns, layouts)
 
     @property
     def source(self) -> str:
@@ -197,12 +198,27 @@ class FusedRegion:
         return f"FusedRegion({self.spec.region}, {self.spec.mode}, R={self.spec.R}, N={self.spec.N})"
 
 
-class RegionWrapper:
-    """Base of the callables that run a :class:`FusedRegion` with some outputs stored into a buffer passed as an
-    argument: they show as the region (its name, kernel spec and source)."""
+class RegionCall:
+    """The callable of a region some of whose outputs are stored into slices of tensors passed as extra arguments
+    after its inputs: a ``cat``'s result (passed on: returned last, after the outputs still returned) and zeroed
+    workspaces. It shows as the region (its name, kernel spec and source).
 
-    def __init__(self, fused: FusedRegion) -> None:
+    Args:
+        fused: the region's kernel.
+        n_inputs: how many of the arguments are the kernel's inputs (the buffers follow).
+        slices: output index -> ``(argument index, shape, stride, offset)`` of the slice it is stored into.
+        keep: output indices still returned.
+        passed_on: the argument index of the buffer returned last (``None``: none).
+    """
+
+    def __init__(
+        self, fused: FusedRegion, n_inputs: int, slices: dict[int, tuple], keep: list[int], passed_on: int | None
+    ) -> None:
         self.fused = fused
+        self.n_inputs = n_inputs
+        self.slices = slices
+        self.keep = keep
+        self.passed_on = passed_on
 
     @property
     def spec(self) -> KernelSpec:
@@ -215,6 +231,11 @@ class RegionWrapper:
         return self.fused.source
 
     @property
+    def notes(self) -> list[str]:
+        """The region's notes (see :class:`FusedRegion`)."""
+        return self.fused.notes
+
+    @property
     def __name__(self) -> str:
         return self.fused.__name__
 
@@ -222,8 +243,20 @@ class RegionWrapper:
     def __name__(self, value: str) -> None:
         self.fused.__name__ = self.fused.__qualname__ = value
 
+    def __call__(self, *args: torch.Tensor) -> Any:
+        inputs = args[: self.n_inputs]
+        into = {}
+        for k, (arg, shape, stride, offset) in self.slices.items():
+            buffer = args[arg]
+            into[k] = buffer.as_strided(shape, stride, buffer.storage_offset() + offset)
+        outs = self.fused.run(tuple(inputs), into)
+        kept = [outs[k] for k in self.keep]
+        if self.passed_on is not None:
+            kept.append(args[self.passed_on])
+        return kept[0] if len(kept) == 1 else tuple(kept)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.fused!r})"
+        return f"RegionCall({self.fused!r})"
 
 
 def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> None:
