@@ -283,7 +283,7 @@ def _cast_meta(fp8_dtype: torch.dtype, transpose: bool, n_partials: int) -> tupl
     found = _cast_metas.get(key)
     if found is None:
         fp8_max, mantissa, min_exp, tl_name = FP8_FORMATS[fp8_dtype]
-    tl_dtype = getattr(tl, tl_name)
+        tl_dtype = getattr(tl, tl_name)
         meta = {
             "FP8_MAX": fp8_max, "EPS": EPS, "MANTISSA": mantissa, "MIN_EXP": min_exp, "OUT_DTYPE": tl_dtype,
             "ROWWISE": False, "TRANSPOSE": transpose, "ROUND_IN_FP32": interpret,
