@@ -94,6 +94,8 @@ def column_sums_pass(plan: FusionPlan, names: NameGenerator, executor: str) -> F
                     break
                 if is_cast and not nxt.outputs[0].val.dtype.is_floating_point:
                     break
+                if nxt.outputs[0].val.numel() != n:  # an expand: the finisher writes the N sums, no more
+                    break
                 folded.add(id(nxt))
                 final = nxt.outputs[0]
                 if is_cast:

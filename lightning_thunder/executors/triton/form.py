@@ -329,6 +329,7 @@ class _Former:
                 self.region_deps.setdefault(region.index, set()).update(self.depends.get(id(p), ()))
         self.region_of[id(op)] = region
         self.producer_region[id(out)] = region
+        self.unfused.pop(id(op), None)  # an op pulled in after it was first left out
 
     def _reads_indirectly(self, reader: _Region, source: _Region) -> bool:
         """Whether ``reader`` reads a value computed outside both regions from ``source``'s outputs."""
@@ -410,11 +411,22 @@ class _Former:
         elif any(id(x) in region.produced or self.producer_region.get(id(x)) is not None for x in q.input_proxies()):
             return False  # only producers whose own inputs come from outside every region
         fit = self._try_join(region, q, q_role)
-        if fit is None:
+        if fit is None or not self._read_as(region, reader, p, fit[0]):
             return False
         self._add(region, q, *fit)
         self.depends[id(p)] = self.depends.get(id(p), frozenset()) | {region.index}
         return True
+
+    def _read_as(self, region: _Region, reader: BoundOp, p: Proxy, kind: str) -> bool:
+        """Whether ``reader`` (in ``region``, or the view being pulled with it), which took ``p`` as a loaded input,
+        reads it the way a value of ``kind`` made in the region is indexed: pulling ``p``'s producer in must not
+        change what the reader sees (a ``[R]`` value read per row must not become a per-column one)."""
+        if kind == SCALAR or id(reader) not in region.has_col:
+            return True
+        shape = static_shape(p.val)
+        if reader.target in fops.REDUCTIONS or reader.target in fops.COLUMN_MOVES:
+            return external_kind(shape, shape, True) == kind
+        return external_kind(shape, static_shape(reader.outputs[0].val), region.has_col[id(reader)]) == kind
 
     # ------------------------------------------------------------------ main loop
     def _place(self, op: BoundOp, role: str, epilogue: Epilogue | None) -> _Region | None:
