@@ -243,6 +243,10 @@ class RegionCall:
     def __name__(self, value: str) -> None:
         self.fused.__name__ = self.fused.__qualname__ = value
 
+    @property
+    def __qualname__(self) -> str:
+        return self.fused.__qualname__
+
     def __call__(self, *args: torch.Tensor) -> Any:
         inputs = args[: self.n_inputs]
         into = {}
