@@ -19,6 +19,7 @@ import os
 import torch
 
 from lightning_thunder.executors.triton import ops as fops
+from lightning_thunder.executors.triton.kinds import dims, numel
 from lightning_thunder.executors.triton.plan import FusionPlan, Output
 from lightning_thunder.trace.proxy import Proxy, empty_example
 from lightning_thunder.trace.trace import BoundOp, NameGenerator
@@ -29,10 +30,8 @@ __all__ = ["ColumnSum", "column_sums_pass", "programs_for"]
 def programs_for(device: torch.device, rows: int) -> int:
     """The grid size ``G`` of a region with column sums: two programs per multiprocessor (at most one
     per row); a handful under the CPU interpreter."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 2 * sms))
-    return max(1, min(rows, 4))
+    most = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(rows, most)) if type(rows) is int else most  # a symbolic row count is large
 
 
 class ColumnSum:
@@ -94,7 +93,7 @@ def column_sums_pass(plan: FusionPlan, names: NameGenerator, executor: str) -> F
                     break
                 if is_cast and not nxt.outputs[0].val.dtype.is_floating_point:
                     break
-                if nxt.outputs[0].val.numel() != n:  # an expand: the finisher writes the N sums, no more
+                if numel(dims(nxt.outputs[0].val)) != n:  # an expand: the finisher writes the N sums, no more
                     break
                 folded.add(id(nxt))
                 final = nxt.outputs[0]

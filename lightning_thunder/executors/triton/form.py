@@ -34,9 +34,12 @@ from lightning_thunder.executors.triton.kinds import (
     column_move,
     external_kind,
     join_kinds,
+    dims,
+    free_symbols,
+    strides,
+    gt1,
     numel,
     op_role,
-    static_shape,
 )
 from lightning_thunder.executors.triton.plan import FusionPlan, Output, RegionPlan, frozen_map
 from lightning_thunder.trace.proxy import Proxy
@@ -136,7 +139,7 @@ class _Former:
         """``full`` / ``col`` if a value of ``shape`` can vary along columns in ``region``."""
         if len(shape) == 0 or shape[-1] <= 1:
             return None
-        rows = numel(shape) // shape[-1]
+        rows = numel(shape[:-1])
         if rows == region.R:
             return FULL
         return COL if rows == 1 else None
@@ -152,7 +155,7 @@ class _Former:
             has_col = True
         elif ROW in internal and len(out_shape) == 1 and numel(out_shape) == region.R:
             has_col = False  # elementwise with a per-row value: a 1-D result (and operand) is per row too
-        elif wide is not None and any(external_kind(static_shape(p.val), out_shape, True) in WIDE for p in externals):
+        elif wide is not None and any(external_kind(dims(p.val), out_shape, True) in WIDE for p in externals):
             has_col = True
         elif numel(out_shape) == region.R or numel(out_shape) == 1:
             has_col = False
@@ -162,7 +165,7 @@ class _Former:
         for k in internal:
             kind = join_kinds(kind, k)
         for p in externals:
-            kind = join_kinds(kind, external_kind(static_shape(p.val), out_shape, has_col))
+            kind = join_kinds(kind, external_kind(dims(p.val), out_shape, has_col))
         if kind in WIDE and self._wide(region, out_shape) is None:
             return None
         if kind == ROW and numel(out_shape) != region.R and not has_col:
@@ -173,7 +176,7 @@ class _Former:
 
     def _effective_shape(self, region: _Region, p: Proxy) -> tuple[int, ...]:
         """``p``'s shape with the dimensions an ``expand`` made (constant along them) set to 1."""
-        shape = static_shape(p.val)
+        shape = dims(p.val)
         op = self.producer_op.get(id(p))
         if op is None or op.target is not torch.ops.aten.expand.default or id(op.args[0]) not in region.produced:
             return shape
@@ -195,7 +198,7 @@ class _Former:
         if id(p) in region.produced:
             kind = region.kinds[id(p)]
             return (kind, region.widths[id(p)]) if kind in WIDE else None
-        shape = static_shape(p.val)
+        shape = dims(p.val)
         kind = self._wide(region, shape)
         return (kind, shape[-1]) if kind is not None else None
 
@@ -205,13 +208,13 @@ class _Former:
         if fit is not None and region.epilogues:
             wider = fit[2] if fit[0] in WIDE else None
             if role == "reduction":
-                wider = static_shape(op.args[0].val)[-1]
+                wider = dims(op.args[0].val)[-1]
             if wider is not None and wider > (region.N or 0):
                 return None  # an epilogue covers the region's full width: it may not grow
         return fit
 
     def _fit(self, region: _Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:
-        out_shape = static_shape(op.outputs[0].val)
+        out_shape = dims(op.outputs[0].val)
         if op.outputs[0].val.device != region.device:
             return None
         for p in op.input_proxies():  # joining must not create a cycle
@@ -221,10 +224,10 @@ class _Former:
                 return None
         if role == "colreduce":
             x = op.args[0]
-            width = static_shape(x.val)[-1]
+            width = dims(x.val)[-1]
             if id(x) not in region.produced or region.kinds[id(x)] != FULL or region.widths.get(id(x)) != width:
                 return None
-            if region.N != width or width > COLSUM_MAX_N or numel(static_shape(x.val)) != region.R * width:
+            if region.N != width or width > COLSUM_MAX_N or numel(dims(x.val)) != region.R * width:
                 return None
             return COLSUM, True, width
         if role == "epilogue":  # over a full-width value the region computes (never over a loaded input)
@@ -233,7 +236,7 @@ class _Former:
                 return None
             if region.kinds[id(x)] != FULL or region.widths.get(id(x)) != region.N:
                 return None
-            if numel(static_shape(x.val)) != region.R * region.N or region.N > COLSUM_MAX_N:
+            if numel(dims(x.val)) != region.R * region.N or region.N > COLSUM_MAX_N:
                 return None
             return EPILOGUE, False, None
         if role == "view":
@@ -255,7 +258,7 @@ class _Former:
             return (COL, True, width) if width > 1 and region.N is not None and width <= region.N else None
         if role == "reduction":
             x = op.args[0]
-            x_shape = static_shape(x.val)
+            x_shape = dims(x.val)
             if self._wide(region, x_shape) != FULL and not (
                 id(x) in region.produced and region.kinds[id(x)] in (ROW, SCALAR) and numel(x_shape) == region.R * x_shape[-1]
             ):
@@ -294,15 +297,14 @@ class _Former:
         out = op.outputs[0].val
         if out.device.type == "cpu" and not self.allow_cpu:
             return None
-        shape = static_shape(out)
+        shape = dims(out)
         if role == "reduction":
-            x_shape = static_shape(op.args[0].val)
-            rows = numel(x_shape) // x_shape[-1]
+            rows = numel(dims(op.args[0].val)[:-1])
         elif role in ("pointwise", "column") and len(shape) > 0 and shape[-1] > 1:
-            rows = numel(shape) // shape[-1]
+            rows = numel(shape[:-1])
             if rows == 1:
                 return None  # a lone [n] value (a weight's .float()): left for the region that reads it
-        elif role == "pointwise" and numel(shape) > 1:
+        elif role == "pointwise" and gt1(numel(shape)):
             rows = numel(shape)
         else:
             return None
@@ -320,7 +322,7 @@ class _Former:
             region.widths[id(out)] = width
             region.N = max(region.N or 0, width)
         if op.target in fops.REDUCTIONS:
-            region.N = max(region.N or 0, static_shape(op.args[0].val)[-1])
+            region.N = max(region.N or 0, dims(op.args[0].val)[-1])
         region.has_col[id(op)] = has_col
         region.produced[id(out)] = out
         for p in op.input_proxies():
@@ -401,7 +403,7 @@ class _Former:
             # so once the index is in the region the view is sure to join too (no half-pulled chain).
             src = q.args[0]
             src_op = self.producer_op.get(id(src)) if isinstance(src, Proxy) else None
-            out_shape = static_shape(q.outputs[0].val)
+            out_shape = dims(q.outputs[0].val)
             if src_op is None or op_role(src_op) != "iota" or out_shape is None:
                 return False
             if out_shape[-1] != src.shape[-1] or numel(out_shape) != src.shape[-1]:
@@ -423,10 +425,10 @@ class _Former:
         change what the reader sees (a ``[R]`` value read per row must not become a per-column one)."""
         if kind == SCALAR or id(reader) not in region.has_col:
             return True
-        shape = static_shape(p.val)
+        shape = dims(p.val)
         if reader.target in fops.REDUCTIONS or reader.target in fops.COLUMN_MOVES:
             return external_kind(shape, shape, True) == kind
-        return external_kind(shape, static_shape(reader.outputs[0].val), region.has_col[id(reader)]) == kind
+        return external_kind(shape, dims(reader.outputs[0].val), region.has_col[id(reader)]) == kind
 
     # ------------------------------------------------------------------ main loop
     def _place(self, op: BoundOp, role: str, epilogue: Epilogue | None) -> _Region | None:
@@ -501,14 +503,35 @@ def _unplaced_reason(op: BoundOp, role: str, allow_cpu: bool) -> str:
     return f"its shape {list(out.shape)} fits the grid of no region it reads from or feeds"
 
 
-def _freeze(region: _Region, used_outside: set[int]) -> RegionPlan:
-    """Inputs and outputs of ``region``; outputs made by views are re-viewed outside (``trailing``)."""
+def _symbol_proxies(trace: Trace) -> dict[Any, Proxy]:
+    """sympy symbol -> the proxy of the trace that holds its value (an int input such as ``s27``, or an op's output)."""
+    found: dict[Any, Proxy] = {}
+    for p in [*trace.inputs, *(q for op in trace.ops for q in op.output_proxies())]:
+        if not p.is_tensor and isinstance(p.val, torch.SymInt) and p.val.node.expr.is_Symbol:
+            found.setdefault(p.val.node.expr, p)
+    return found
+
+
+def _symbols_of(region: _Region) -> set:
+    found: set = set()
+    for op in region.ops:
+        for p in (op.outputs[0], *op.input_proxies()):
+            if p.is_tensor:
+                found |= free_symbols(dims(p.val)) | free_symbols(tuple(strides(p.val)))
+    return found
+
+
+def _freeze(region: _Region, used_outside: set[int], symbols: dict[Any, Proxy]) -> RegionPlan:
+    """Inputs and outputs of ``region``; outputs made by views are re-viewed outside (``trailing``). The tensors the
+    kernel reads come first among the inputs, then the ints that give its symbolic dimensions their values."""
     producer = {id(op.outputs[0]): op for op in region.ops}
     inputs: dict[int, Proxy] = {}
     for op in region.ops:
         for p in op.input_proxies():
-            if id(p) not in region.produced:
+            if id(p) not in region.produced and p.is_tensor:  # not the sizes of views: regions regroup rows freely
                 inputs.setdefault(id(p), p)
+    for sym in sorted(_symbols_of(region), key=str):
+        inputs.setdefault(id(symbols[sym]), symbols[sym])
     outputs: dict[int, Proxy] = {}
     trailing: dict[int, BoundOp] = {}
     for op in region.ops:
@@ -579,10 +602,16 @@ def form_plan(
         for p in op.input_proxies():
             if owner is None or id(p) not in owner.produced:
                 used_outside.add(id(p))
+    symbols = _symbol_proxies(trace)
     plans = []
     for r in regions:
+        missing = sorted(str(sym) for sym in _symbols_of(r) if sym not in symbols)
+        if missing:
+            for op in r.ops:
+                unfused[id(op)] = f"its region's shapes use {', '.join(missing)}, a size no value of the trace holds"
+            continue
         r.index = len(plans)
-        plan = _freeze(r, used_outside)
+        plan = _freeze(r, used_outside, symbols)
         if plan.outputs:
             plans.append(plan)
         else:

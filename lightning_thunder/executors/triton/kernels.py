@@ -12,7 +12,7 @@ its values are computed and stored.
 from __future__ import annotations
 
 from lightning_thunder.executors.triton import ops as fops
-from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR, WIDE
+from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR, WIDE, is_static
 from lightning_thunder.executors.triton.plan import OnlineSoftmax, RegionPlan
 from lightning_thunder.executors.triton.shapes import storage_kind
 from lightning_thunder.executors.triton.writer import ColAt, KernelWriter, TensorArg, col_expr
@@ -23,7 +23,8 @@ __all__ = ["FlatKernel", "RowKernel", "LoopedKernel", "writer_for"]
 
 
 def _pid(region: RegionPlan) -> tuple[bool, str]:
-    wide = region.R * (region.N or 1) >= 2**30
+    """Whether indices need 64 bits (always for a symbolic row count: its size is not known), and the program id."""
+    wide = not is_static(region.R) or region.R * (region.N or 1) >= 2**30
     return wide, "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
 
 
@@ -94,7 +95,7 @@ class FlatKernel(_Base):
         self.op_comments()
         self.emit(f"pid = {pid}")
         self.emit("i = pid * BLOCK + tl.arange(0, BLOCK)")
-        self.emit(f"fmask = i < {r * n}")
+        self.emit(f"fmask = i < {self.render(r * n)}")
         if self.region.N is None:
             self.emit("rows = i")
         else:
@@ -134,15 +135,15 @@ class RowKernel(_Base):
             self.emit(f"cmask = cols < {n}")
             for k, op in enumerate(self.region.column_sums):
                 self.emit(f"csum{k} = tl.zeros([1, BLOCK_N], tl.float32)  # {op.name}: this program's rows")
-            self.emit(f"for rb in range(pid, tl.cdiv({r}, BLOCK_M), {self.region.programs}):")
+            self.emit(f"for rb in range(pid, tl.cdiv({self.render(r)}, BLOCK_M), {self.region.programs}):")
             self.indent += 1
-            rb = "rb.to(tl.int64)" if wide else "rb"
-            self.emit(f"rows = {rb} * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
-            self.emit(f"rmask = rows < {r}")
+            # rb counts from pid, 64-bit when pid is (its type follows range's bounds)
+            self.emit("rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
+            self.emit(f"rmask = rows < {self.render(r)}")
             self.emit("fmask = rmask & cmask")
         else:
             self.emit("rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
-            self.emit(f"rmask = rows < {r}")
+            self.emit(f"rmask = rows < {self.render(r)}")
             self.emit("cols = tl.arange(0, BLOCK_N)[None, :]")
             self.emit(f"cmask = cols < {n}")
             self.emit("fmask = rmask & cmask")
@@ -170,7 +171,7 @@ class LoopedKernel(_Base):
         self.op_comments()
         self.emit(f"pid = {pid}")
         self.emit("rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]")
-        self.emit(f"rmask = rows < {self.R}")
+        self.emit(f"rmask = rows < {self.render(self.R)}")
         self.header_end = len(self.lines)
 
     def reduction_levels(self) -> dict[int, int]:

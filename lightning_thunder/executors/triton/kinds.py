@@ -31,8 +31,8 @@ from lightning_thunder.trace.trace import BoundOp
 
 __all__ = [
     "FULL", "ROW", "COL", "SCALAR", "COLSUM", "EPILOGUE", "WIDE", "AFTER_KERNEL", "COLSUM_MAX_N",
-    "join_kinds", "external_kind", "static_shape", "numel", "column_sum_dims", "column_move", "op_role",
-    "check_operands",
+    "join_kinds", "external_kind", "static_shape", "dims", "dim_of", "strides", "is_static", "gt1", "numel",
+    "broadcasts_to", "free_symbols", "column_sum_dims", "column_move", "op_role", "check_operands",
 ]
 
 FULL, ROW, COL, SCALAR = "full", "row", "col", "scalar"
@@ -65,9 +65,57 @@ def static_shape(val: Any) -> tuple[int, ...] | None:
     return shape if all(type(d) is int for d in shape) else None
 
 
-def numel(shape: tuple[int, ...]) -> int:
-    """The number of elements of ``shape``."""
+def dim_of(d: Any) -> Any:
+    """A dimension as an int, or as a sympy expression when it is symbolic (a ``SymInt`` of a dynamic shape)."""
+    if type(d) is int:
+        return d
+    if isinstance(d, torch.SymInt):
+        expr = d.node.expr
+        return int(expr) if expr.is_Integer else expr
+    return int(d)
+
+
+def dims(val: Any) -> tuple[Any, ...] | None:
+    """The shape of tensor ``val``, symbolic dimensions as sympy expressions (``None`` for a non-tensor)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(dim_of(d) for d in val.shape)
+
+
+def strides(val: torch.Tensor) -> tuple[Any, ...]:
+    """The strides of tensor ``val``, symbolic ones as sympy expressions."""
+    return tuple(dim_of(s) for s in val.stride())
+
+
+def is_static(d: Any) -> bool:
+    """Whether dimension ``d`` (see :func:`dim_of`) is a plain int."""
+    return type(d) is int
+
+
+def gt1(d: Any) -> bool:
+    """Whether dimension ``d`` is larger than 1: a symbolic one always is (Dynamo specializes sizes 0 and 1)."""
+    return d > 1 if type(d) is int else True
+
+
+def numel(shape: tuple[Any, ...]) -> Any:
+    """The number of elements of ``shape`` (a sympy expression when a dimension is symbolic)."""
     return math.prod(shape)
+
+
+def broadcasts_to(shape: tuple[Any, ...], target: tuple[Any, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` exactly (each aligned dimension equal, or 1)."""
+    if len(shape) > len(target):
+        return False
+    return all(d == 1 or d == t for d, t in zip(shape, target[len(target) - len(shape) :]))
+
+
+def free_symbols(shape: tuple[Any, ...]) -> set:
+    """The sympy symbols the dimensions of ``shape`` are made of."""
+    found: set = set()
+    for d in shape:
+        if not is_static(d):
+            found |= d.free_symbols
+    return found
 
 
 def external_kind(shape: tuple[int, ...], target: tuple[int, ...], has_col: bool) -> str:
@@ -75,8 +123,8 @@ def external_kind(shape: tuple[int, ...], target: tuple[int, ...], has_col: bool
     dimension when ``has_col``)."""
     aligned = (1,) * (len(target) - len(shape)) + tuple(shape)
     row_dims = aligned[:-1] if has_col else aligned
-    varies_col = has_col and len(aligned) > 0 and aligned[-1] > 1
-    varies_row = any(d > 1 for d in row_dims)
+    varies_col = has_col and len(aligned) > 0 and gt1(aligned[-1])
+    varies_row = any(gt1(d) for d in row_dims)
     if varies_col and varies_row:
         return FULL
     return COL if varies_col else ROW if varies_row else SCALAR
@@ -166,7 +214,7 @@ def op_role(op: BoundOp, epilogue: Any = None) -> str | None:
         if t in fops.VIEWS:
             return "view"
         if t in fops.COLUMN_MOVES:  # before CONSTANTS, which holds slice_backward for its empty case
-            if t is torch.ops.aten.slice_backward.default and op.args[0].val.numel() == 0:
+            if t is torch.ops.aten.slice_backward.default and numel(dims(op.args[0].val)) == 0:
                 return "constant"  # the gradient of an empty slice: zeros
             return "column"
         if t in fops.CONSTANTS:
@@ -182,15 +230,19 @@ def check_operands(op: BoundOp, role: str, epilogue: Any = None) -> str | None:
     """``None`` when ``op``'s shapes, dtypes and arguments are ones the code generator handles (static shapes,
     supported dtypes, one device); otherwise why not."""
     out = op.outputs[0].val
-    out_shape = static_shape(out)
+    out_shape = dims(out)
     if out_shape is None:
-        return "its output's shape is symbolic (dynamic shapes are not fused)"
+        return "its output is not a tensor"
+    for p in (op.outputs[0], *op.input_proxies()):
+        shape = dims(p.val)
+        if shape and not is_static(shape[-1]):
+            return f"{p.name}'s last dimension is symbolic ({shape[-1]}); only row counts may be dynamic"
     if numel(out_shape) == 0:
         return "its output is empty"
     if role == "colreduce":
-        if out.dtype in FLOATS and op.args[0].val.dtype in FLOATS and static_shape(op.args[0].val) is not None:
+        if out.dtype in FLOATS and op.args[0].val.dtype in FLOATS:
             return None
-        return "a sum over rows of a non-float or symbolic-shape value"
+        return "a sum over rows of a non-float value"
     if role == "epilogue":
         return None if epilogue.accepts(op) else f"the {epilogue.name} epilogue does not take these operands"
     if role == "iota":
@@ -203,14 +255,16 @@ def check_operands(op: BoundOp, role: str, epilogue: Any = None) -> str | None:
     if (out.dtype not in (*FLOATS, torch.bool) and not int_ok) or (role == "reduction" and out.dtype not in FLOATS):
         return f"its result dtype {out.dtype} is not computed in regions"
     for p in op.input_proxies():
-        shape = static_shape(p.val)
+        shape = dims(p.val)
+        if shape is None and role == "view":
+            continue  # a symbolic size of a view: the region only regroups the rows, it needs no value for it
         if shape is None:
-            return f"input {p.name} has a symbolic shape (dynamic shapes are not fused)"
+            return f"input {p.name} is not a tensor"
         if p.val.dtype not in _LOADABLE:
             return f"input {p.name} has dtype {p.val.dtype}"
         if p.val.device != out.device:
             return f"input {p.name} is on {p.val.device}, the result on {out.device}"
-        if role == "pointwise" and torch.broadcast_shapes(shape, out_shape) != out_shape:
+        if role == "pointwise" and not broadcasts_to(shape, out_shape):
             return f"input {p.name} {list(shape)} does not broadcast to the result {list(out_shape)}"
     if role == "pointwise":
         try:
@@ -222,13 +276,13 @@ def check_operands(op: BoundOp, role: str, epilogue: Any = None) -> str | None:
         x = op.args[0]
         if not isinstance(x, Proxy) or not x.is_tensor or len(x.shape) == 0:
             return "a reduction of a 0-d value"
-        dims = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
-        if dims is None:
+        reduced = op.args[1] if len(op.args) > 1 else op.kwargs.get("dim")
+        if reduced is None:
             return "a reduction over every dimension"
-        dims = [dims] if isinstance(dims, int) else list(dims)
+        reduced = [reduced] if isinstance(reduced, int) else list(reduced)
         nd = len(x.shape)
-        if [d % nd for d in dims] != [nd - 1]:
-            return f"a reduction over dims {dims}, not the last one alone"
+        if [d % nd for d in reduced] != [nd - 1]:
+            return f"a reduction over dims {reduced}, not the last one alone"
         return None if set(op.kwargs) <= {"dtype", "keepdim"} else f"reduction keywords {sorted(op.kwargs)}"
     if role == "constant":
         value = fops.CONSTANTS[op.target](op)

@@ -123,11 +123,14 @@ class FusedRegion:
         for arg in self.spec.inputs + self.spec.outputs:
             dtypes.append(arg.dtype)
             dtypes += [16] * len(arg.stride_dims)  # a stride: specialized like any multiple of 16
+        dtypes += [16] * self.spec.symbols  # the sizes of symbolic dimensions likewise
         for config in self.spec.configs:
             meta = {k: v for k, v in config.items() if k != "num_warps"}
             kernel.warmup(*dtypes, grid=(1,), num_warps=config["num_warps"], **meta)
 
-    def _launch(self, config: dict[str, int], inputs: tuple, outputs: list[torch.Tensor]) -> None:
+    def _launch(
+        self, config: dict[str, int], inputs: tuple, outputs: list[torch.Tensor], symbols: tuple = (), R: int | None = None
+    ) -> None:
         args: list[Any] = []
         for arg, t in zip(self.spec.inputs, inputs):
             args.append(t)
@@ -135,16 +138,19 @@ class FusedRegion:
         for arg, t in zip(self.spec.outputs, outputs):
             args.append(t)
             args += [t.stride(j) for j in arg.stride_dims]
+        args += symbols
         launch = self._launch_args if config is self._config else None
         if launch is None:
             keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
-            launch = (self.spec.grid(config), keywords, tuple(keywords.items()))
-            if config is self._config:  # the chosen configuration: grid and keywords computed once
+            launch = (self.spec.grid(config, R), keywords, tuple(keywords.items()))
+            if config is self._config and R is None:  # the chosen configuration: grid and keywords computed once
                 self._launch_args = launch
         grid, keywords, keywords_key = launch
+        if R is not None:  # a symbolic row count: the grid of this launch's rows
+            grid = self.spec.grid(config, R)
         self._launcher.launch(grid, tuple(args), keywords, keywords_key)
 
-    def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
+    def _pick(self, inputs: tuple, outputs: list[torch.Tensor], symbols: tuple = (), R: int | None = None) -> dict[str, int]:
         configs = self.spec.configs
         device = outputs[0].device if outputs else inputs[0].device
         if device.type != "cuda" or not self.autotune or len(configs) == 1:
@@ -158,7 +164,7 @@ class FusedRegion:
         timings = []
         for config in configs:
             try:
-                ms = do_bench(lambda c=config: self._launch(c, inputs, outputs), warmup=2, rep=10)
+                ms = do_bench(lambda c=config: self._launch(c, inputs, outputs, symbols, R), warmup=2, rep=10)
             except Exception:  # noqa: BLE001 - a config that fails to compile (registers) is skipped
                 continue
             timings.append((ms, config))
@@ -176,6 +182,14 @@ class FusedRegion:
         """Launch the kernel on ``inputs``; output ``k`` is written into ``into[k]`` where given (a slice
         of a buffer, with the strides the kernel was generated for), else into a new tensor."""
         self.kernel()
+        symbols: tuple = ()
+        R = None
+        sizes = [(arg.shape, arg.stride) for arg in self.spec.outputs]
+        if self.spec.symbols:  # the ints after the tensors: the sizes of the symbolic dimensions
+            symbols = tuple(int(v) for v in inputs[len(inputs) - self.spec.symbols :])
+            inputs = inputs[: len(inputs) - self.spec.symbols]
+            if self.spec.sizes is not None:
+                R, sizes = self.spec.sizes(*symbols)
         if not all(t.is_contiguous() for arg, t in zip(self.spec.inputs, inputs) if arg.contiguous):
             # The kernel was specialized for contiguous tensors (what the trace said they would be).
             inputs = tuple(t.contiguous() if arg.contiguous else t for arg, t in zip(self.spec.inputs, inputs))
@@ -184,14 +198,14 @@ class FusedRegion:
         outputs = [
             into[k]
             if k in into
-            else torch.zeros(arg.shape, dtype=arg.dtype, device=device)
+            else torch.zeros(shape, dtype=arg.dtype, device=device)
             if arg.zeroed
-            else torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device)
-            for k, arg in enumerate(self.spec.outputs)
+            else torch.empty_strided(shape, stride, dtype=arg.dtype, device=device)
+            for k, (arg, (shape, stride)) in enumerate(zip(self.spec.outputs, sizes))
         ]
         if self._config is None:
-            self._config = self._pick(inputs, outputs)
-        self._launch(self._config, inputs, outputs)
+            self._config = self._pick(inputs, outputs, symbols, R)
+        self._launch(self._config, inputs, outputs, symbols, R)
         return outputs
 
     def __repr__(self) -> str:
@@ -215,6 +229,7 @@ class RegionCall:
         self, fused: FusedRegion, n_inputs: int, slices: dict[int, tuple], keep: list[int], passed_on: int | None
     ) -> None:
         self.fused = fused
+        self.__qualname__ = fused.__qualname__  # printed in the trace header as the region's name
         self.n_inputs = n_inputs
         self.slices = slices
         self.keep = keep
@@ -242,10 +257,6 @@ class RegionCall:
     @__name__.setter
     def __name__(self, value: str) -> None:
         self.fused.__name__ = self.fused.__qualname__ = value
-
-    @property
-    def __qualname__(self) -> str:
-        return self.fused.__qualname__
 
     def __call__(self, *args: torch.Tensor) -> Any:
         inputs = args[: self.n_inputs]

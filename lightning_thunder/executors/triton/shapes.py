@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from lightning_thunder.executors.triton import ops as fops
-from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR
+from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR, dims
 from lightning_thunder.executors.triton.plan import FusionPlan, RegionPlan
 from lightning_thunder.trace.proxy import Proxy
 
@@ -41,9 +41,9 @@ def storage_kind(region: RegionPlan, p: Proxy) -> str:
     """How output ``p`` is laid over the grid when stored: its kind, or the kind its shape fits when it was
     computed with less variation than it has elements (a broadcast)."""
     value_kind = region.kinds[id(p)]
-    shape = tuple(p.val.shape)
+    shape = dims(p.val)
     numel = math.prod(shape)
-    wide_rows = numel // shape[-1] if shape and shape[-1] else None
+    wide_rows = math.prod(shape[:-1]) if shape and shape[-1] else None
     fits = {
         SCALAR: numel == 1,
         ROW: numel == region.R,

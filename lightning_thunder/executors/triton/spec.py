@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
 
 from lightning_thunder.executors.triton.kernels import writer_for
+from lightning_thunder.executors.triton.kinds import dims, gt1, is_static, strides
 from lightning_thunder.executors.triton.plan import RegionPlan
 from lightning_thunder.executors.triton.writer import TensorArg
 
@@ -57,21 +62,26 @@ class KernelSpec:
     outputs: list[TensorArg]
     configs: list[dict[str, int]] = field(default_factory=list)
     programs: int | None = None  # fixed grid of a kernel with column sums
+    #: the number of int arguments after the tensors: the values of the symbolic dimensions of a dynamic shape
+    symbols: int = 0
+    #: for a symbolic shape: symbol values -> (R, ((shape, stride) of each output)); None when everything is static
+    sizes: Callable[..., tuple[int, tuple]] | None = None
 
     @property
     def column_tiled(self) -> bool:
         """Whether a second grid axis splits the columns."""
         return self.mode == "column-tiled"
 
-    def grid(self, config: dict[str, int]) -> tuple[int, ...]:
-        """The launch grid for ``config``."""
+    def grid(self, config: dict[str, int], R: int | None = None) -> tuple[int, ...]:
+        """The launch grid for ``config`` (``R``: the row count of this launch, when it is symbolic)."""
+        R = self.R if R is None else R
         if self.programs is not None:
             if self.column_tiled:
                 return (self.programs, math.ceil(self.N / config["BLOCK_N"]))
             return (self.programs,)
         if self.mode == "flat":
-            return (math.ceil(self.R * self.N / config["BLOCK"]),)
-        return (math.ceil(self.R / config["BLOCK_M"]),)
+            return (math.ceil(R * self.N / config["BLOCK"]),)
+        return (math.ceil(R / config["BLOCK_M"]),)
 
 
 def _next_pow2(n: int) -> int:
@@ -99,24 +109,48 @@ def configs_for(kernel: str, R: int, N: int) -> list[dict[str, int]]:
     return [{"BLOCK_M": 1, "BLOCK_N": 2048, "num_warps": 8}, {"BLOCK_M": 1, "BLOCK_N": 4096, "num_warps": 8}]
 
 
-def _tensor_args(prefix: str, proxies: list, strides: list[tuple[int, ...] | None]) -> list[TensorArg]:
+def _tensor_args(prefix: str, proxies: list, chosen_strides: list[tuple[int, ...] | None]) -> list[TensorArg]:
     args = []
-    for k, (p, chosen) in enumerate(zip(proxies, strides)):
-        shape = tuple(p.val.shape)
-        stride = tuple(p.val.stride()) if prefix == "out" else ()
+    for k, (p, chosen) in enumerate(zip(proxies, chosen_strides)):
+        shape = dims(p.val)
+        stride = strides(p.val) if prefix == "out" else ()
         contiguous = bool(p.val.is_contiguous())
         if chosen is not None:  # a layout chosen for the readers (layout.py) or a slice of a buffer (catslices.py)
             stride, contiguous = chosen, False
-        dims = [] if contiguous else [j for j, s in enumerate(shape) if s > 1]
-        args.append(TensorArg(f"{prefix}{k}", shape, p.val.dtype, dims, stride, contiguous))
+        stride_dims = [] if contiguous else [j for j, s in enumerate(shape) if gt1(s)]
+        args.append(TensorArg(f"{prefix}{k}", shape, p.val.dtype, stride_dims, stride, contiguous))
     return args
+
+
+def _hint(size: Any) -> int:
+    """A size to pick launch configurations by: the size itself, or 8192 rows for a symbolic one."""
+    return size if is_static(size) else 8192
+
+
+def _sizes_function(R: Any, outputs: list[TensorArg], symbol_names: dict) -> Callable[..., tuple[int, tuple]] | None:
+    """``(sym0, sym1, ...) -> (R, ((shape, stride) per output))`` for a region with symbolic sizes (``None`` if none)."""
+    values = [R, *(d for a in outputs for d in (*a.shape, *a.stride))]
+    if all(is_static(v) for v in values):
+        return None
+
+    def source(v: Any) -> str:
+        return str(v) if is_static(v) else sympy.pycode(v.xreplace(symbol_names))
+
+    def tup(items: tuple) -> str:
+        return "(" + "".join(source(v) + ", " for v in items) + ")"
+
+    body = ", ".join(f"({tup(a.shape)}, {tup(a.stride)})" for a in outputs)
+    params = ", ".join(sorted((str(name) for name in symbol_names.values()), key=lambda n: int(n[3:])))
+    code = f"lambda {params}: ({source(R)}, ({body}{',' if len(outputs) == 1 else ''}))"
+    return eval(compile(code, "<lightning_thunder region sizes>", "eval"), {})  # noqa: S307 - our own expression
 
 
 def generate(region: RegionPlan) -> KernelSpec:
     """Generate the Triton kernel of ``region`` (whose ``kernel`` shape the ``kernel_shapes`` pass has set)."""
     if region.kernel is None:
         raise ValueError(f"{region.name} has no kernel shape: run the kernel_shapes pass first")
-    inputs = _tensor_args("in", list(region.inputs), [None] * len(region.inputs))
+    tensors = [p for p in region.inputs if p.is_tensor]
+    inputs = _tensor_args("in", tensors, [None] * len(tensors))
     outputs = _tensor_args("out", region.output_proxies, [o.strides for o in region.outputs])
     for arg, o in zip(outputs, region.outputs):
         arg.zeroed = o.zeroed
@@ -125,6 +159,7 @@ def generate(region: RegionPlan) -> KernelSpec:
     for arg in inputs + outputs:
         params.append(arg.name)
         params += [f"{arg.name}_s{j}" for j in arg.stride_dims]
+    params += sorted((str(name) for name in writer.symbol_names.values()), key=lambda n: int(n[3:]))
     params += ["BLOCK: tl.constexpr"] if writer.mode == "flat" else ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]
     writer.header(params)
     writer.body()
@@ -144,6 +179,8 @@ def generate(region: RegionPlan) -> KernelSpec:
         N=region.N or 1,
         inputs=inputs,
         outputs=outputs,
-        configs=configs_for(region.kernel, region.R, region.N or 1),
+        configs=configs_for(region.kernel, _hint(region.R), region.N or 1),
         programs=region.programs if region.kernel in ("grid-stride", "column-tiled") else None,
+        symbols=len(writer.symbol_names),
+        sizes=_sizes_function(region.R, outputs, writer.symbol_names),
     )

@@ -45,7 +45,7 @@ def validate_plan(plan: FusionPlan) -> None:
             for p in op.input_proxies():
                 if id(p) in r.produced:
                     _check(r.kinds[id(p)] not in AFTER_KERNEL, f"{r.name}: {op.name} reads {p.name}, complete only after the kernel")
-                else:
+                elif p.is_tensor:  # (an int is the size of a view, which needs no value inside the region)
                     _check(id(p) in inputs, f"{r.name}: {op.name} reads {p.name}, neither made here nor an input")
         _check(not any(id(p) in r.produced for p in r.inputs), f"{r.name}: an input is made in the region")
         proxies = [id(o.proxy) for o in r.outputs]

@@ -17,10 +17,23 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 
 from lightning_thunder.executors.triton import ops as fops
-from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR, WIDE, column_move, external_kind
+from lightning_thunder.executors.triton.kinds import (
+    COL,
+    FULL,
+    ROW,
+    SCALAR,
+    WIDE,
+    column_move,
+    dims,
+    external_kind,
+    gt1,
+    is_static,
+    numel,
+)
 from lightning_thunder.executors.triton.plan import OneHotSum, RegionPlan
 from lightning_thunder.executors.triton.shapes import storage_kind
 from lightning_thunder.trace.proxy import Proxy
@@ -49,10 +62,11 @@ class TensorArg:
     contiguous: bool = False
     zeroed: bool = False  # outputs: allocated filled with zeros (partial results folded in with atomics)
 
-    def stride_expr(self, j: int) -> str:
-        """The source for the stride of dimension ``j``."""
+    def stride_expr(self, j: int) -> Any:
+        """The stride of dimension ``j``: a number (a sympy expression for a symbolic shape) when contiguous, else the
+        name of the stride argument."""
         if self.contiguous:
-            return str(math.prod(self.shape[j + 1 :]))
+            return math.prod(self.shape[j + 1 :])
         return f"{self.name}_s{j}"
 
 
@@ -103,12 +117,24 @@ class KernelWriter:
         self.scope: dict[Any, str] = {}  # memo for the current scope (a pass of a looped kernel)
         self.top: dict[Any, str] = {}  # values computed once per program (rows, scalars)
         self.literals: set[str] = set()
-        self.inputs = {id(p): k for k, p in enumerate(region.inputs)}
+        self.inputs = {id(p): k for k, p in enumerate(region.inputs) if p.is_tensor}  # tensors come first
+        # Symbolic dimensions (dynamic shapes) are kernel arguments sym0, sym1... (the ints after the tensors).
+        self.symbol_names = {
+            p.val.node.expr: sympy.Symbol(f"sym{k}") for k, p in enumerate(q for q in region.inputs if not q.is_tensor)
+        }
         self.producer = {id(op.outputs[0]): op for op in region.ops}
         self.onehots = {id(p.sum_op): p for p in region.patterns if isinstance(p, OneHotSum)}
         self.outputs = {id(o.proxy): k for k, o in enumerate(region.outputs)}
 
     # ----------------------------------------------------------------------------- basics
+    def render(self, x: Any) -> str:
+        """Source for a size: an int, a symbolic dimension (sympy, in terms of the ``sym<k>`` arguments), or a name."""
+        if isinstance(x, str):
+            return x
+        if is_static(x):
+            return str(x)
+        return f"({sympy.sstr(x.xreplace(self.symbol_names))})"
+
     def emit(self, line: str) -> None:
         """Write ``line`` at the current indentation."""
         self.lines.append("    " * self.indent + line)
@@ -135,11 +161,11 @@ class KernelWriter:
         if len(dims) == 1 or (i == 0 and inner == 1):
             expr = "rows"
         elif i == 0:
-            expr = f"(rows // {inner})"
+            expr = f"(rows // {self.render(inner)})"
         elif inner == 1:
-            expr = f"(rows % {dims[i]})"
+            expr = f"(rows % {self.render(dims[i])})"
         else:
-            expr = f"((rows // {inner}) % {dims[i]})"
+            expr = f"((rows // {self.render(inner)}) % {self.render(dims[i])})"
         name = f"r{len(self.index_vars)}"
         self.emit_top(f"{name} = {expr}")
         self.index_vars[key] = name
@@ -156,17 +182,17 @@ class KernelWriter:
         row_dims = target[:-1] if has_col else target
         spec = self.args[arg]
         col = col_expr(shift)
-        if spec.contiguous and tuple(shape) == tuple(target) and math.prod(shape) > 1:
+        if spec.contiguous and tuple(shape) == tuple(target) and gt1(math.prod(shape)):
             fast = self.contiguous_address(shape, has_col, tile, shift, col)
             if fast is not None:
                 return fast
         terms = []
         uses_row = uses_col = False
         for j, size in enumerate(shape):
-            if size <= 1:
+            if not gt1(size):
                 continue
             i = j + offset
-            stride = spec.stride_expr(j)
+            stride = self.render(spec.stride_expr(j))
             if has_col and i == len(target) - 1:
                 terms.append(col if stride == "1" else f"{col} * {stride}")
                 uses_col = True
@@ -178,7 +204,7 @@ class KernelWriter:
 
     def contiguous_address(self, shape, has_col, tile, shift, col) -> str | None:
         """The row-major position of a contiguous tensor read or written at its own shape (``None``: no shortcut)."""
-        if has_col and shape[-1] > 1 and math.prod(shape[:-1]) > 1:
+        if has_col and shape[-1] > 1 and gt1(math.prod(shape[:-1])):
             return f"rows * {shape[-1]} + {col}"
         if not has_col and tile in (None, ROW):
             return "rows"
@@ -224,7 +250,7 @@ class KernelWriter:
 
     # ----------------------------------------------------------------------------- values
     def load(self, p: Proxy, target: tuple[int, ...], has_col: bool, shift: int | ColAt = 0) -> str:
-        shape = tuple(p.val.shape)
+        shape = dims(p.val)
         kind = external_kind(shape, target, has_col)
         if kind not in WIDE:
             shift = 0
@@ -254,8 +280,8 @@ class KernelWriter:
             if id(x) in self.producer:
                 return self.value(x, shift)
             if op.target in fops.REDUCTIONS or op.target in fops.COLUMN_MOVES:
-                return self.load(x, tuple(x.val.shape), True, shift)
-            return self.load(x, tuple(op.outputs[0].val.shape), self.region.has_col[id(op)], shift)
+                return self.load(x, dims(x.val), True, shift)
+            return self.load(x, dims(op.outputs[0].val), self.region.has_col[id(op)], shift)
         if x is None:
             return "None"
         return fops.literal(x)
@@ -271,7 +297,7 @@ class KernelWriter:
         op = self.producer[id(p)]
         if op.target in fops.VIEWS:
             name = self.value(op.args[0], shift)
-        elif op.target in fops.CONSTANTS and (op.target not in fops.COLUMN_MOVES or op.args[0].val.numel() == 0):
+        elif op.target in fops.CONSTANTS and (op.target not in fops.COLUMN_MOVES or numel(dims(op.args[0].val)) == 0):
             value = fops.CONSTANTS[op.target](op)
             if p.val.dtype == torch.bool:
                 name = fops.literal(bool(value))
@@ -381,7 +407,7 @@ class KernelWriter:
             stored = f"tl.broadcast_to({value}, {self.tile(kind)}).to({fops.tl_dtype(dtype)})"
         else:
             stored = f"{value}.to({fops.tl_dtype(dtype)})"
-        shape = tuple(p.val.shape)
+        shape = dims(p.val)
         addr = self.address(f"out{k}", shape, shape, kind in WIDE, tile=kind if kind != SCALAR else None)
         if kind == SCALAR:
             self.emit(f"if {self.first}:")

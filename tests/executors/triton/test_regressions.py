@@ -4,6 +4,7 @@ passes (see executor.py)."""
 from __future__ import annotations
 
 import gc
+import re
 import subprocess
 import sys
 import weakref
@@ -81,3 +82,36 @@ except ImportError as e:
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "True"
     assert lines[1].startswith("Fusion:") and "pip install triton" in lines[1]
+
+
+def test_a_symbolic_row_count_still_fuses():
+    """With ``dynamic=None`` the second sequence length recompiles with a symbolic dimension; the regions of that
+    graph used to be dropped (0 regions, every decomposed op on PyTorch, no word why). Now the row count is a
+    kernel argument: outputs and every gradient match eager at each length."""
+
+    def fn(x, w, b):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+        return torch.nn.functional.silu(h) * 2 + b
+
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    compiled = lt.compile(fn, plugins=[Fusion()])
+    for t in (8, 12, 20):
+        x = torch.randn(2, t, 32, requires_grad=True)
+        out = compiled(x, w, b)
+        cot = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, w, b), cot)
+        x_ref, w_ref, b_ref = (v.detach().clone().requires_grad_() for v in (x, w, b))
+        ref = fn(x_ref, w_ref, b_ref)
+        want = torch.autograd.grad(ref, (x_ref, w_ref, b_ref), cot)
+        assert_close(out, ref, f"output at T={t}")
+        for name, g, e in zip("xwb", got, want):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name} at T={t}: {m}")
+    explanation = lt.explain(compiled)
+
+    def symbolic_rows(graph) -> bool:  # a region note reads "kernel: persistent, R=2*s27, N=32"
+        return any(re.search(r"R=[^,]*[a-z]", note) for _, _, _, notes in graph.regions for note in notes)
+
+    dynamic = [g for g in explanation.graphs if symbolic_rows(g)]
+    assert {g.stage for g in dynamic} == {"forward", "backward"}, str(explanation)
+    forward = next(g for g in dynamic if g.stage == "forward")
+    assert not forward.unfused, str(forward)  # every op of the dynamic forward is fused
