@@ -70,6 +70,7 @@ def column_sums_pass(plan: FusionPlan, names: NameGenerator, executor: str) -> F
     trace = plan.trace
     readers = trace.readers()
     graph_outputs = {id(p) for p in trace.output_proxies()}
+    in_region = {id(op) for r in plan.regions for op in r.ops}
     folded: set[int] = set()
     regions = []
     count = 0
@@ -90,6 +91,8 @@ def column_sums_pass(plan: FusionPlan, names: NameGenerator, executor: str) -> F
                 nxt = readers[id(final)][0]
                 is_cast = nxt.target in fops.CASTS and nxt.target is not fops.aten.copy.default
                 if not (nxt.target in fops.VIEWS or is_cast) or nxt.args[0] is not final or nxt.outputs[0] is None:
+                    break
+                if id(nxt) in in_region:  # another region computes it (from this sum): it stays there
                     break
                 if is_cast and not nxt.outputs[0].val.dtype.is_floating_point:
                     break

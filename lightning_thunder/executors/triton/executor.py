@@ -156,7 +156,12 @@ class FusionExecutor(Executor):
             kernels.append(fused)
             return fused
 
-        ops = lower_plan(plan, make_kernel, names, self.name) if plan.regions else list(plan.trace.ops)
+        try:
+            ops = lower_plan(plan, make_kernel, names, self.name) if plan.regions else list(plan.trace.ops)
+        except AssertionError as e:  # the lowered program would read a value before it is made
+            self._dropped("lower", e)
+            plan = FusionPlan(trace, (), unfused={id(op): "fusion dropped: lowering failed" for op in trace.ops})
+            ops = list(trace.ops)
         if failed:
             return stages, plan, failed
         if any(r.device.type == "cuda" for r in plan.regions):
@@ -202,7 +207,7 @@ class FusionExecutor(Executor):
         if _strict():
             raise error
         warnings.warn(
-            f"the fusion pass {name!r} produced an invalid plan and was skipped ({error}); the program stays correct "
+            f"the fusion step {name!r} produced an invalid plan and was skipped ({error}); the program stays correct "
             "but runs less fused. This is a lightning_thunder bug: please report it",
             FusionWarning,
             stacklevel=6,

@@ -115,3 +115,24 @@ def test_a_symbolic_row_count_still_fuses():
     assert {g.stage for g in dynamic} == {"forward", "backward"}, str(explanation)
     forward = next(g for g in dynamic if g.stage == "forward")
     assert not forward.unfused, str(forward)  # every op of the dynamic forward is fused
+
+
+def test_a_cast_of_a_column_sum_computed_in_another_region_is_not_folded():
+    """Fuzzer seed 6451: the column-sum pass folded a cast that followed the sum into its finisher while another
+    region computed that cast too: the lowered program read a value before any op made it."""
+    import torch.nn.functional as F  # noqa: N812
+
+    def program(x1, x2):
+        v6 = torch.maximum(torch.log_softmax(x1, 0), x2[:, 3:5])
+        return torch.log_softmax(F.gelu(torch.log_softmax(v6, -1)), 2)
+
+    g = torch.Generator().manual_seed(6451)
+    x1 = torch.randn((8,), generator=g).to(torch.bfloat16)
+    x2 = torch.randn((8, 5, 2), generator=g).to(torch.bfloat16)[..., ::2]
+    from tests.helpers import check_module_parity
+
+    class Program(torch.nn.Module):
+        def forward(self, a, b):
+            return program(a, b)
+
+    check_module_parity(Program(), lambda: [x1.clone().requires_grad_(), x2.clone().requires_grad_()], plugins=[Fusion()])
