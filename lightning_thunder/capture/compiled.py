@@ -19,7 +19,12 @@ from torch import nn
 
 from lightning_thunder.capture.state import CompileState
 
-__all__ = ["ThunderModule", "ThunderFunction", "compile_states", "compiled_objects"]
+__all__ = ["ThunderModule", "ThunderFunction", "compile_states", "compiled_objects", "COMPILED_METHODS"]
+
+#: Attribute (in a module's ``__dict__``) holding the :class:`ThunderFunction` compiled from the module's methods, by
+#: method name: the Trainer strategies compile a LightningModule's ``training_step`` & co. there, and
+#: :func:`compiled_objects` finds them.
+COMPILED_METHODS = "_lt_compiled_methods"
 
 # The registries a ThunderModule shares with the module it wraps.
 _SHARED = (
@@ -192,11 +197,12 @@ class ThunderFunction:
 def compiled_objects(obj: Any) -> list[ThunderModule | ThunderFunction]:
     """The compiled modules/functions behind ``obj``: ``obj`` itself, the one a wrapper holds
     (Lightning's ``_FabricModule``, DDP), or the compiled submodules of a module (regional
-    compilation). Raises ``TypeError`` when there are none."""
+    compilation) and its compiled methods (:data:`COMPILED_METHODS`). Raises ``TypeError`` when there are none."""
     if isinstance(obj, (ThunderModule, ThunderFunction)):
         return [obj]
     if isinstance(obj, nn.Module):
-        found = [sub for sub in obj.modules() if isinstance(sub, ThunderModule)]
+        found: list[ThunderModule | ThunderFunction] = [sub for sub in obj.modules() if isinstance(sub, ThunderModule)]
+        found += [fn for sub in obj.modules() for fn in sub.__dict__.get(COMPILED_METHODS, {}).values()]
         for attr in ("_forward_module", "module", "_orig_mod"):
             inner = obj.__dict__.get(attr) or obj.__dict__.get("_modules", {}).get(attr)
             if not found and isinstance(inner, nn.Module) and inner is not obj:
