@@ -183,6 +183,10 @@ class ThunderFunction:
 
     def __init__(self, fn: Callable, compiled: Callable, state: CompileState, backend: Any) -> None:
         functools.update_wrapper(self, fn)
+        if hasattr(fn, "__code__"):
+            # What Lightning's `is_overridden` compares once it has unwrapped a wrapper of this (FSDP's
+            # `register_fsdp_forward_method` around a compiled `training_step`).
+            self.__code__ = fn.__code__
         self._lt_compiled = compiled
         self._lt_state = state
         self._lt_backend = backend
