@@ -194,6 +194,18 @@ class ThunderFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return call_compiled(self._lt_state, self._lt_compiled, args, kwargs)
 
+    def __reduce__(self) -> tuple:
+        # As ThunderModule: a copy (``copy.deepcopy`` of a LightningModule whose steps are compiled, e.g. the meta copy
+        # ThroughputMonitor measures FLOPs on) compiles a copy of the function again, lazily, at its first call. A bound
+        # method is copied with its object, so it stays bound to the copy.
+        import dataclasses
+
+        from lightning_thunder.api import compile as lt_compile
+
+        backend = self._lt_backend
+        options = dataclasses.asdict(backend.options)
+        return (functools.partial(lt_compile, **options), (self.__wrapped__, list(backend.plugins)))
+
     def __repr__(self) -> str:
         return f"ThunderFunction({getattr(self, '__wrapped__', None)!r})"
 
@@ -206,7 +218,10 @@ def compiled_objects(obj: Any) -> list[ThunderModule | ThunderFunction]:
         return [obj]
     if isinstance(obj, nn.Module):
         found: list[ThunderModule | ThunderFunction] = [sub for sub in obj.modules() if isinstance(sub, ThunderModule)]
-        found += [fn for sub in obj.modules() for fn in sub.__dict__.get(COMPILED_METHODS, {}).values()]
+        found += [
+            fn for sub in obj.modules() for fn in sub.__dict__.get(COMPILED_METHODS, {}).values()
+            if isinstance(fn, ThunderFunction)
+        ]
         for attr in ("_forward_module", "module", "_orig_mod"):
             inner = obj.__dict__.get(attr) or obj.__dict__.get("_modules", {}).get(attr)
             if not found and isinstance(inner, nn.Module) and inner is not obj:

@@ -79,6 +79,8 @@ def compile_steps(
     The plugins' ``transform_module`` runs once on ``module`` (it must change it in place). Steps compiled before
     are kept. Returns the names of the compiled steps.
     """
+    import types
+
     import torch
 
     from lightning_thunder.api import compile as thunder_compile
@@ -92,8 +94,8 @@ def compile_steps(
                     f"{plugin.name}.transform_module returned another module, but strategy={strategy!r} compiles the "
                     "LightningModule's steps in place; pass compile_step=False to compile its submodules instead"
                 )
-        for name in _EAGER_METHODS:
-            setattr(module, name, torch.compiler.disable(getattr(module, name)))
+        for name in _EAGER_METHODS:  # bound methods: a copy of the module (deepcopy) rebinds them to the copy
+            setattr(module, name, types.MethodType(torch.compiler.disable(getattr(type(module), name)), module))
         compiled = module.__dict__[COMPILED_METHODS] = {}
     for name in _COMPILED_STEPS:
         if name not in compiled and is_overridden(name, module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lightning_thunder as lt
-from lightning_thunder.callbacks import CompileReport
+from lightning_thunder.callbacks import CompileReport, ThroughputMonitor
 from lightning_thunder.capture.compiled import COMPILED_METHODS, ThunderFunction
 from lightning_thunder.plugins import FusedLinearCrossEntropy
 from lightning_thunder.strategies import ThunderTrainerStrategy
@@ -72,11 +72,14 @@ def _fit(strategy, tmp_path, callbacks=()):
 
 
 def test_trainer_compiles_training_step_with_the_loss(tmp_path):
-    _, train_ref, val_ref, _ = _fit("auto", tmp_path / "eager")
+    eager_monitor = ThroughputMonitor(length_fn=lambda batch: batch[0].numel())
+    _, train_ref, val_ref, _ = _fit("auto", tmp_path / "eager", [eager_monitor])
     fused = FusedLinearCrossEntropy(chunk_size=16)
-    report = CompileReport(write_traces=True)
-    module, train, val, trainer = _fit(ThunderTrainerStrategy(plugins=[fused]), tmp_path / "thunder", [report])
+    report, monitor = CompileReport(write_traces=True), ThroughputMonitor(length_fn=lambda batch: batch[0].numel())
+    module, train, val, trainer = _fit(ThunderTrainerStrategy(plugins=[fused]), tmp_path / "thunder", [report, monitor])
     torch.testing.assert_close(torch.tensor([train, val]), torch.tensor([train_ref, val_ref]), rtol=1e-5, atol=1e-5)
+    # FLOPs are measured on a meta copy of the module, whose steps run eagerly there.
+    assert monitor.flops_per_batch == eager_monitor.flops_per_batch > 0, monitor.unavailable
 
     compiled = module.__dict__[COMPILED_METHODS]
     assert sorted(compiled) == ["training_step", "validation_step"]
