@@ -121,3 +121,40 @@ def test_manual_optimization_warns_and_compiles_the_submodules(tmp_path):
         trainer.fit(module, _loader(2))
     assert any("manual optimization" in str(w.message) and "compile_step=False" in str(w.message) for w in caught)
     assert isinstance(module.model, lt.ThunderModule) and COMPILED_METHODS not in module.__dict__
+
+
+def _fabric_losses(strategy, with_loss: bool) -> tuple[list[float], torch.nn.Module]:
+    from lightning.fabric import Fabric
+
+    from lightning_thunder.strategies import ModelWithLoss
+
+    torch._dynamo.reset()
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=strategy)
+    gpt = tiny_gpt()
+    model = ModelWithLoss(gpt, lm_loss) if with_loss else gpt
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, opt = fabric.setup(model, opt)
+    losses = []
+    for x, y in token_batches(STEPS):
+        loss = model(x, y) if with_loss else lm_loss(model(x), y)
+        fabric.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, model
+
+
+def test_fabric_model_with_loss_compiles_the_loss():
+    from lightning_thunder.strategies import ThunderStrategy
+
+    expected, _ = _fabric_losses("auto", with_loss=False)
+    fused = FusedLinearCrossEntropy(chunk_size=16)
+    got, model = _fabric_losses(ThunderStrategy(plugins=[fused]), with_loss=True)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    assert len(fused.rewritten) == 1 and lt.compile_stats(model).graphs == 1
+    assert "lightning_thunder.linear_cross_entropy" in lt.last_traces(model)[-1].python()
+    # The wrapper is the model for checkpoints and attributes.
+    assert list(model.state_dict()) == list(tiny_gpt().state_dict())
+    assert model.config is model.module.model.config
+    model.max_seq_length = 8
+    assert model.module.model.max_seq_length == 8
