@@ -38,7 +38,7 @@ casts it, and ``dW`` is accumulated straight into an fp32 gradient.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -188,11 +188,11 @@ def _forward(
 def linear_cross_entropy_op(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: Optional[torch.Tensor],  # noqa: UP045 - the schema inference of older torch reads typing.Optional
     target: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
-    softcap: float | None,
+    softcap: Optional[float],  # noqa: UP045
     reduction: str,
     grad_input: bool,
     grad_weight: bool,
@@ -214,11 +214,11 @@ def linear_cross_entropy_op(
 def _(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: Optional[torch.Tensor],  # noqa: UP045 - the schema inference of older torch reads typing.Optional
     target: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
-    softcap: float | None,
+    softcap: Optional[float],  # noqa: UP045
     reduction: str,
     grad_input: bool,
     grad_weight: bool,
