@@ -104,7 +104,8 @@ def fabric_step(args: argparse.Namespace, mode: str, device: torch.device) -> tu
     from lightning_thunder.strategies import ModelWithLoss
 
     thunder = mode == "fabric-thunder"
-    fabric = Fabric(accelerator=device.type, devices=1, precision=args.precision, strategy="thunder" if thunder else "auto")
+    strategy = "thunder" if thunder else "auto"
+    fabric = Fabric(accelerator=device.type, devices=1, precision=args.precision, strategy=strategy)
     fabric.seed_everything(0)
     with fabric.init_module():
         model = GPT(config)
@@ -196,7 +197,8 @@ def recipe_run(args: argparse.Namespace, device: torch.device) -> dict:
         f"out_dir={tempfile.mkdtemp(prefix='e2e_recipe_')}",
     ]
     if args.tiny:
-        overrides += [f"model.name={args.model}"] + [f"model.overrides.{k}={v}" for k, v in TINY.items() if k != "block_size"]
+        overrides.append(f"model.name={args.model}")
+        overrides += [f"model.overrides.{k}={v}" for k, v in TINY.items() if k != "block_size"]
     overrides += [f"model.overrides.n_layer={args.n_layer}"] if args.n_layer else []
     cfg = load_config(ROOT / "examples" / "recipes" / recipe, overrides)
     times: list[float] = []
@@ -337,8 +339,10 @@ def table(results: list[dict], tokens_per_step: int) -> str:
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
         if "max_batch" in r:
             most = f"{r['max_batch']}" + ("" if r["max_batch_exact"] else "+")
+        elif r["mode"] == "recipe" and "max_batch" in by_mode.get("fabric-thunder", {}):
+            most = "see fabric-thunder"
         else:
-            most = "see fabric-thunder" if r["mode"] == "recipe" and "max_batch" in by_mode.get("fabric-thunder", {}) else "-"
+            most = "-"
         rows.append(
             f"| {r['mode']} | {r['step_ms']:.1f} | {tokens_per_step / (r['step_ms'] / 1e3):,.0f} | {ratio} | {peak} | "
             f"{r['first_step_s']:.1f} | {most} |"
@@ -406,17 +410,19 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(device)
     layers = f"n_layer={args.n_layer}" if args.n_layer else "all layers"
     print(
-        f"\n{args.model}{' (tiny)' if args.tiny else ''}, {layers}, micro-batch {args.batch} x {args.seq}, {args.precision}, "
-        f"fused AdamW; {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}\n"
+        f"\n{args.model}{' (tiny)' if args.tiny else ''}, {layers}, micro-batch {args.batch} x {args.seq}, "
+        f"{args.precision}, fused AdamW; {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}\n"
         f"median of {args.steps} steps after {args.warmup}; peak: CUDA peak allocated over the run\n"
     )
     print(table(results, args.batch * args.seq))
     for r in results:
         if "tried" in r:
-            tried = ", ".join(f"{b}: {'OOM' if p is None else f'{p:.1f} GiB'}" for b, p in sorted(r["tried"].items(), key=lambda kv: int(kv[0])))
+            sizes = sorted(r["tried"].items(), key=lambda kv: int(kv[0]))
+            tried = ", ".join(f"{b}: {'OOM' if p is None else f'{p:.1f} GiB'}" for b, p in sizes)
             print(f"\n{r['mode']} micro-batches tried: {tried}")
     if args.json:
-        payload = {"command": "python benchmarks/e2e_train.py " + " ".join(argv), "environment": env, "results": results}
+        command = "python benchmarks/e2e_train.py " + " ".join(argv)
+        payload = {"command": command, "environment": env, "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=2))
 
 

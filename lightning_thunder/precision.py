@@ -90,7 +90,8 @@ class ThunderFP8(HalfPrecision):
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Cast to bf16, and make the chosen ``nn.Linear`` modules :class:`~lightning_thunder.fp8.FP8Linear` in place
-        (modules already compiled by lightning_thunder, or whose steps are, are skipped: the compiler does FP8 there)."""
+        (modules already compiled by lightning_thunder, or whose steps are, are skipped: the compiler does FP8
+        there)."""
         module = super().convert_module(module)
         if COMPILED_METHODS in module.__dict__:  # the Trainer strategies compiled its steps: FP8 is in their traces
             return module

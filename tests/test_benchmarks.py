@@ -83,7 +83,7 @@ def test_step_phases_needs_a_gpu_and_says_so():
 
 
 def test_e2e_train_benchmark_on_cpu(tmp_path):
-    """Our two less ordinary paths (the recipe run by the benchmark, the Trainer with compiled steps) on a tiny model."""
+    """Two of the user paths (the recipe run by the benchmark, the Trainer with compiled steps), a tiny model."""
     pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
     out_json = tmp_path / "e2e.json"
     out = _run("benchmarks/e2e_train.py", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",

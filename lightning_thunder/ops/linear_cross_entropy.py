@@ -1,4 +1,4 @@
-"""``cross_entropy(linear(x, W, b), target)`` chunked over the tokens: no ``[tokens, vocab]`` logits, forward or backward.
+"""``cross_entropy(linear(x, W, b), target)`` chunked over the tokens: no ``[tokens, vocab]`` logits anywhere.
 
 A language model's output head and loss, written the usual way, materialize the logits: for Llama 3.2 1B at
 8192 tokens a step that is ``[8192, 128256]`` in bf16 (2.1 GB), an fp32 copy for the loss (4.2 GB) and their
@@ -45,7 +45,13 @@ import torch
 from lightning_thunder.executors.kernels.linear_cross_entropy import chunk_loss_reference, chunk_loss_triton
 from lightning_thunder.executors.triton.ops import interpreting
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_op", "LinearCrossEntropyFunction", "default_chunk_size", "CHUNK_BYTES"]
+__all__ = [
+    "linear_cross_entropy",
+    "linear_cross_entropy_op",
+    "LinearCrossEntropyFunction",
+    "default_chunk_size",
+    "CHUNK_BYTES",
+]
 
 #: Bytes of logits one chunk may hold (in the compute dtype): 512 MiB, 2048 rows of a 128k vocabulary in bf16.
 CHUNK_BYTES = 512 << 20
@@ -156,7 +162,9 @@ def _forward(
     if not x.is_cuda:  # checked where it costs no GPU synchronization (PyTorch's CUDA kernels assert instead)
         bad = target[(target != ignore_index) & ((target < 0) | (target >= vocab))]
         if bad.numel():
-            raise IndexError(f"target {bad[0].item()} is out of bounds for {vocab} classes (ignore_index={ignore_index})")
+            raise IndexError(
+                f"target {bad[0].item()} is out of bounds for {vocab} classes (ignore_index={ignore_index})"
+            )
     buffer = torch.empty((chunk, vocab), dtype=dtype, device=device) if n else None
     for k, start in enumerate(range(0, n, chunk)):
         end = min(start + chunk, n)
@@ -212,19 +220,9 @@ def linear_cross_entropy_op(
 
 @linear_cross_entropy_op.register_fake
 def _(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],  # noqa: UP045 - the schema inference of older torch reads typing.Optional
-    target: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: Optional[float],  # noqa: UP045
-    reduction: str,
-    grad_input: bool,
-    grad_weight: bool,
-    grad_bias: bool,
-    chunk_size: int,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, *options: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, label_smoothing, softcap, reduction, grad_input, grad_weight, grad_bias, _ = options
     _check(x, weight, bias, target, label_smoothing, softcap, reduction)
     loss = x.new_empty((), dtype=torch.float32)
     gx = x.new_empty(x.shape) if grad_input else x.new_empty(0)
@@ -262,7 +260,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         """The saved gradients times the upstream gradient."""
         gx, gw, gb = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs
-        return (gx * grad if need_x else None, gw * grad if need_w else None, gb * grad if need_b else None, None, None, None)
+        grads = (gx * grad if need_x else None, gw * grad if need_w else None, gb * grad if need_b else None)
+        return (*grads, None, None, None)
 
 
 def linear_cross_entropy(

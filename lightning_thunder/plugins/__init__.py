@@ -1,4 +1,5 @@
-"""Compiler plugins: fusion, grouped-query attention, fused output head + loss, FP8, parallelism (FSDP, DDP) and helpers for block-wise (regional) compilation."""
+"""Compiler plugins: fusion, grouped-query attention, fused output head + loss, FP8, parallelism (FSDP, DDP) and
+helpers for block-wise (regional) compilation."""
 
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import checkpoint_block, compile_blocks, find_block_class, find_blocks

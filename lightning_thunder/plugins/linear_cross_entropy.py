@@ -35,7 +35,8 @@ __all__ = ["FusedLinearCrossEntropy"]
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 _CROSS_ENTROPY = F.cross_entropy
-_CROSS_ENTROPY_LOSS = torch._C._nn.cross_entropy_loss  # (input, target, weight, reduction enum, ignore_index, smoothing)
+# (input, target, weight, reduction enum, ignore_index, label_smoothing)
+_CROSS_ENTROPY_LOSS = torch._C._nn.cross_entropy_loss
 _REDUCTION_ENUM = {0: "none", 1: "mean", 2: "sum"}
 _RESHAPES = {"reshape", "view", "flatten", torch.reshape, torch.flatten}
 _CONTIGUOUS = {"contiguous"}
@@ -139,7 +140,7 @@ class FusedLinearCrossEntropy(Plugin):
     """
 
     def __init__(self, chunk_size: int | None = None) -> None:
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
             raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (tokens per chunk) or None (automatic)")
         self.chunk_size = chunk_size
         self.rewritten: list[str] = []
@@ -277,5 +278,5 @@ class FusedLinearCrossEntropy(Plugin):
         return x, weight, bias
 
     def __repr__(self) -> str:
-        return "FusedLinearCrossEntropy()" if self.chunk_size is None else f"FusedLinearCrossEntropy(chunk_size={self.chunk_size})"
+        return f"FusedLinearCrossEntropy({'' if self.chunk_size is None else f'chunk_size={self.chunk_size}'})"
 

@@ -1,10 +1,11 @@
 """Trainer strategies: ``Trainer(strategy="thunder" | "thunder_ddp" | "thunder_fsdp")``.
 
 By default (``compile_step=True``) the LightningModule's ``training_step``, ``validation_step``, ``test_step`` and
-``predict_step`` are compiled with lightning_thunder (:func:`compile_steps`): the model *and the loss* are one graph, so the loss runs
-fused and :class:`~lightning_thunder.plugins.FusedLinearCrossEntropy` replaces the output head and the cross-entropy
-by one chunked op. ``self.log`` & co. run eagerly (a graph break each). With ``compile_step=False`` (and for manual
-optimization, with a warning) the steps stay eager and the networks the LightningModule holds are compiled:
+``predict_step`` are compiled with lightning_thunder (:func:`compile_steps`): the model *and the loss* are one graph,
+so the loss runs fused and :class:`~lightning_thunder.plugins.FusedLinearCrossEntropy` replaces the output head and
+the cross-entropy by one chunked op. ``self.log`` & co. run eagerly (a graph break each). With ``compile_step=False``
+(and for manual optimization, with a warning) the steps stay eager and the networks the LightningModule holds are
+compiled:
 
 - ``thunder`` (:class:`ThunderTrainerStrategy`) and ``thunder_ddp`` (:class:`ThunderDDPTrainerStrategy`):
   the steps, or each direct submodule of the LightningModule that holds parameters (``self.model`` in the

@@ -139,7 +139,9 @@ def _check(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, scale
     if target.shape != (rows,) or target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must be int64 or int32 of shape [{rows}], got {target.dtype} {list(target.shape)}")
     if loss.shape != (rows,) or loss.dtype != torch.float32 or not loss.is_contiguous():
-        raise ValueError(f"loss must be a contiguous float32 tensor of shape [{rows}], got {loss.dtype} {list(loss.shape)}")
+        raise ValueError(
+            f"loss must be a contiguous float32 tensor of shape [{rows}], got {loss.dtype} {list(loss.shape)}"
+        )
     if scale.numel() != 1 or scale.dtype != torch.float32:
         raise ValueError(f"scale must be a float32 scalar tensor, got {scale.dtype} {list(scale.shape)}")
 
@@ -204,7 +206,8 @@ def chunk_loss_reference(
     softcap: float | None,
     grad: bool,
 ) -> None:
-    """:func:`chunk_loss_triton` in PyTorch (same arguments, same math, fp32): the CPU path and the kernel's reference."""
+    """:func:`chunk_loss_triton` in PyTorch (same arguments, same math, fp32): the CPU path and the kernel's
+    reference."""
     _check(logits, target, loss, scale)
     vocab = logits.shape[1]
     z = logits.float()
