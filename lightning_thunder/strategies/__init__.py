@@ -24,6 +24,7 @@ from lightning_thunder.strategies.trainer import (
     ThunderDDPTrainerStrategy,
     ThunderFSDPTrainerStrategy,
     ThunderTrainerStrategy,
+    compile_steps,
 )
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "ThunderFSDPTrainerStrategy",
     "ThunderStrategy",
     "ThunderTrainerStrategy",
+    "compile_steps",
     "register_strategies",
 ]

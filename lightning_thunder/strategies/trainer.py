@@ -60,8 +60,6 @@ __all__ = ["ThunderTrainerStrategy", "ThunderDDPTrainerStrategy", "ThunderFSDPTr
 
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _PARALLELIZED = "_lt_thunder_fsdp_applied"  # set on a LightningModule this strategy has sharded
-#: The step methods ``compile_step`` compiles (where the LightningModule overrides them): all the Trainer calls.
-_COMPILED_STEPS = _STEP_METHODS
 #: LightningModule methods a compiled step calls eagerly: they talk to the Trainer (a graph break each).
 _EAGER_METHODS = ("log", "log_dict", "print")
 
@@ -98,7 +96,7 @@ def compile_steps(
         for name in _EAGER_METHODS:  # bound methods: a copy of the module (deepcopy) rebinds them to the copy
             setattr(module, name, types.MethodType(torch.compiler.disable(getattr(type(module), name)), module))
         compiled = module.__dict__[COMPILED_METHODS] = {}
-    for name in _COMPILED_STEPS:
+    for name in _STEP_METHODS:  # those the LightningModule overrides: every step the Trainer calls
         if name not in compiled and is_overridden(name, module):
             compiled[name] = thunder_compile(getattr(module, name), plugins=plugins, **options)
             setattr(module, name, compiled[name])
