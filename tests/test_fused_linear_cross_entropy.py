@@ -128,3 +128,15 @@ def test_chain_left_alone_says_why(options, reason):
 def test_plugin_checks_chunk_size():
     with pytest.raises(ValueError, match="chunk_size=0 must be a positive int"):
         FusedLinearCrossEntropy(chunk_size=0)
+
+
+def test_a_loss_not_computed_by_a_linear_is_not_reported():
+    def scores_loss(q, k, target):
+        return F.cross_entropy((q @ k.transpose(-1, -2)).reshape(-1, 6), target.reshape(-1))
+
+    plugin = FusedLinearCrossEntropy()
+    cf = lt.compile(scores_loss, plugins=[plugin])
+    q, k, target = torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randint(0, 6, (2, 6))
+    torch.testing.assert_close(cf(q, k, target), scores_loss(q, k, target))
+    assert plugin.rewritten == [] and plugin.kept == []
+    assert lt.last_traces(cf)[1].provenance == "plugin FusedLinearCrossEntropy (no change)"

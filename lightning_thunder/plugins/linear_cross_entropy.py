@@ -62,7 +62,29 @@ def _number(value: Any) -> float | None:
 
 
 class _Rejected(Exception):
-    """The chain cannot be rewritten; the message says why."""
+    """A head + loss chain that cannot be rewritten; the message says why (kept in the trace)."""
+
+
+class _NoHead(Exception):
+    """The loss's input does not come from a linear (through ops this plugin looks through): nothing to report."""
+
+
+#: How many ops above the loss :func:`_linear_upstream` looks for a linear through ops the rewrite does not handle.
+_UPSTREAM_DEPTH = 8
+
+
+def _linear_upstream(value: Proxy, producers: dict[int, BoundOp]) -> bool:
+    """Whether a ``linear`` computes ``value`` within :data:`_UPSTREAM_DEPTH` ops, following first tensor arguments."""
+    for _ in range(_UPSTREAM_DEPTH):
+        op = producers.get(id(value))
+        if op is None:
+            return False
+        if _is(op, _LINEAR) and not op.is_method:
+            return True
+        value = next((a for a in op.args if _tensor(a)), None)
+        if value is None:
+            return False
+    return False
 
 
 def _cross_entropy_arguments(op: BoundOp) -> dict[str, Any]:
@@ -160,11 +182,12 @@ class FusedLinearCrossEntropy(Plugin):
             loss = op.outputs[0]
             try:
                 new, removed, logits = self._rewrite(op, producers, readers, outputs)
+            except _NoHead:
+                continue
             except _Rejected as e:
-                if "no linear" not in str(e):
-                    logits_input = op.args[0] if op.args else op.kwargs.get("input")
-                    name = logits_input.name if isinstance(logits_input, Proxy) else "?"
-                    kept.append(f"{name} -> {loss.name if loss is not None else '_'}: {e}")
+                logits_input = op.args[0] if op.args else op.kwargs.get("input")
+                name = logits_input.name if isinstance(logits_input, Proxy) else "?"
+                kept.append(f"{name} -> {loss.name if loss is not None else '_'}: {e}")
                 continue
             replaced[id(op)] = new
             for r in removed:
@@ -189,18 +212,18 @@ class FusedLinearCrossEntropy(Plugin):
         readers: dict[int, list[BoundOp]],
         outputs: set[int],
     ) -> tuple[BoundOp, list[BoundOp], Proxy]:
-        """``(new op, ops it makes dead, the logits proxy)`` for the loss ``ce``; raises :class:`_Rejected`."""
-        args = _cross_entropy_arguments(ce)
-        value, target = _tensor(args["input"]), _tensor(args["target"])
-        if value is None or target is None:
-            raise _Rejected("no linear: the input or target is not a tensor")
+        """``(new op, ops it makes dead, the logits proxy)`` for the loss ``ce``; raises :class:`_Rejected` or
+        :class:`_NoHead`."""
+        value = _tensor(ce.args[0] if ce.args else ce.kwargs.get("input", ce.kwargs.get("self")))
+        if value is None:
+            raise _NoHead
         # Walk back from the loss's input to the linear, through reshapes, casts and the soft-capping.
         chain: list[BoundOp] = []
         softcap: float | None = None
         while True:
             op = producers.get(id(value))
             if op is None:
-                raise _Rejected("no linear before the loss")
+                raise _NoHead
             if _is(op, _LINEAR) and not op.is_method and not op.unpack:
                 linear = op
                 break
@@ -209,16 +232,19 @@ class FusedLinearCrossEntropy(Plugin):
                 value, softcap, ops = capped
                 chain.extend(reversed(ops))
                 continue
-            if op.unpack or not op.args or not _tensor(op.args[0]):
-                raise _Rejected(f"no linear: the logits come from {op_display_name(op.target)}")
-            if _is(op, _RESHAPES) or _is(op, _CONTIGUOUS) or _cast_to_float32(op):
-                chain.append(op)
-                value = op.args[0]
-                continue
-            if not chain:
-                raise _Rejected(f"no linear: the loss's input comes from {op_display_name(op.target)}")
+            if not op.unpack and op.args and _tensor(op.args[0]):
+                if _is(op, _RESHAPES) or _is(op, _CONTIGUOUS) or _cast_to_float32(op):
+                    chain.append(op)
+                    value = op.args[0]
+                    continue
+            if not _linear_upstream(value, producers):
+                raise _NoHead
             raise _Rejected(f"the logits pass through {op_display_name(op.target)} on the way to the loss")
         logits = linear.outputs[0]
+        args = _cross_entropy_arguments(ce)
+        target = _tensor(args["target"])
+        if target is None:
+            raise _Rejected("cross_entropy's target is not a tensor")
         # Every value from the linear to the loss's input must feed the next op only.
         path = [linear, *reversed(chain)]
         for k, op in enumerate(path):

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelWithLoss", "ThunderStrategy", "ThunderDDPStrategy", "ThunderFSDPStrategy"]
 
+
 class ModelWithLoss(ModuleView):
     """A model and its loss as one module: ``ModelWithLoss(model, loss_fn)(inputs, targets)`` returns
     ``loss_fn(model(inputs), targets)``.
