@@ -140,3 +140,14 @@ def test_a_loss_not_computed_by_a_linear_is_not_reported():
     torch.testing.assert_close(cf(q, k, target), scores_loss(q, k, target))
     assert plugin.rewritten == [] and plugin.kept == []
     assert lt.last_traces(cf)[1].provenance == "plugin FusedLinearCrossEntropy (no change)"
+
+
+def test_bf16_loss_without_cast_keeps_its_dtype():
+    """``cross_entropy`` on bf16 logits (no ``.float()``) returns bf16: so does the fused op (computed in fp32)."""
+    plugin = FusedLinearCrossEntropy()
+    model = HeadAndLoss().to(torch.bfloat16)
+    x, target = torch.randn(3, 5, 16, dtype=torch.bfloat16), torch.randint(0, 37, (3, 5))
+    out = lt.compile(model, plugins=[plugin])(x, target)
+    reference = model.double()(x.double(), target)
+    assert plugin.rewritten and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-2, atol=1e-2)
