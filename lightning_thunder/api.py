@@ -30,16 +30,15 @@ _DEFAULT_PLUGINS: list[Plugin] | None = None
 def default_plugins() -> list[Plugin]:
     """The plugins :func:`compile` uses when ``plugins=None`` (the same instances every time).
 
-    With CUDA: ``[NativeGQA(), Fusion()]`` (attention reads grouped keys/values without repeated copies;
-    generated Triton kernels for pointwise and reduction regions). Without CUDA: none, so every op
-    runs on the torch executor.
+    With CUDA: ``[NativeGQA(), FusedLinearCrossEntropy(), Fusion()]`` (attention reads grouped keys/values
+    without repeated copies; an output head and its loss run chunked, without the logits; generated Triton
+    kernels for pointwise and reduction regions). Without CUDA: none, so every op runs on the torch executor.
     """
     global _DEFAULT_PLUGINS
     if _DEFAULT_PLUGINS is None:
-        from lightning_thunder.plugins.fusion import Fusion
-        from lightning_thunder.plugins.gqa import NativeGQA
+        from lightning_thunder.plugins import FusedLinearCrossEntropy, Fusion, NativeGQA
 
-        _DEFAULT_PLUGINS = [NativeGQA(), Fusion()] if torch.cuda.is_available() else []
+        _DEFAULT_PLUGINS = [NativeGQA(), FusedLinearCrossEntropy(), Fusion()] if torch.cuda.is_available() else []
     return list(_DEFAULT_PLUGINS)
 
 

@@ -530,7 +530,7 @@ def test_cpu_tensors_are_not_fused_without_the_interpreter(monkeypatch):
 
 def test_default_plugins_fuse_only_with_cuda():
     names = [type(p).__name__ for p in lt.default_plugins()]
-    assert names == (["NativeGQA", "Fusion"] if torch.cuda.is_available() else [])
+    assert names == (["NativeGQA", "FusedLinearCrossEntropy", "Fusion"] if torch.cuda.is_available() else [])
     assert lt.default_plugins()[0] is lt.default_plugins()[0] if names else True
 
 

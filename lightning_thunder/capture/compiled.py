@@ -1,8 +1,8 @@
 """What :func:`lightning_thunder.compile` returns: a module that *is* the user's module, compiled.
 
 :class:`ThunderModule` shares the user's module's parameter, buffer, submodule and state-dict hook
-registries, so ``parameters()``, ``state_dict()`` keys, ``load_state_dict``, ``.to()`` and
-``train()/eval()`` behave exactly as on the original; only ``forward`` runs the compiled program.
+registries (it is a :class:`ModuleView`), so ``parameters()``, ``state_dict()`` keys, ``load_state_dict``,
+``.to()`` and ``train()/eval()`` behave exactly as on the original; only ``forward`` runs the compiled program.
 Attributes it does not have itself (``model.config``, ``model.max_seq_length = ...``) are read from and
 written to the original module.
 """
@@ -19,10 +19,23 @@ from torch import nn
 
 from lightning_thunder.capture.state import CompileState
 
-__all__ = ["ThunderModule", "ThunderFunction", "compile_states", "compiled_objects"]
+__all__ = [
+    "ModuleView",
+    "ThunderModule",
+    "ThunderFunction",
+    "compile_states",
+    "compiled_objects",
+    "COMPILED_METHODS",
+    "SHARED_REGISTRIES",
+]
 
-# The registries a ThunderModule shares with the module it wraps.
-_SHARED = (
+#: Attribute (in a module's ``__dict__``) holding the :class:`ThunderFunction` compiled from the module's methods, by
+#: method name: the Trainer strategies compile a LightningModule's ``training_step`` & co. there, and
+#: :func:`compiled_objects` finds them.
+COMPILED_METHODS = "_lt_compiled_methods"
+
+#: The registries a :class:`ModuleView` shares with the module it wraps.
+SHARED_REGISTRIES = (
     "_parameters",
     "_buffers",
     "_modules",
@@ -32,7 +45,6 @@ _SHARED = (
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
 )
-_OWN = ("_lt_module", "_lt_compiled", "_lt_state", "_lt_backend", "forward")
 
 
 def _is_dunder(name: str) -> bool:
@@ -89,23 +101,88 @@ def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: 
                 state.graph_breaks.append(text)
 
 
-class ThunderModule(nn.Module):
+class ModuleView(nn.Module):
+    """A module that *is* another module for parameters, buffers, submodules and state-dict keys and hooks: it shares
+    their registries (:data:`SHARED_REGISTRIES`) instead of registering the module as a child. ``train()``/``eval()``
+    reach the wrapped module, and attributes the view does not have are read from and written to it. Subclasses
+    name where they keep the wrapped module (``_target``) and their own attributes (``_own``), and define
+    ``forward``.
+
+    Args:
+        module: the wrapped module.
+    """
+
+    #: The ``__dict__`` key of the wrapped module.
+    _target: str = "_view_module"
+    #: Attribute names that belong to the view itself (written to it, never to the wrapped module).
+    _own: tuple[str, ...] = ()
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        own = self.__dict__
+        own[self._target] = module
+        for attr in SHARED_REGISTRIES:
+            own[attr] = getattr(module, attr)
+        own["training"] = module.training
+
+    def train(self, mode: bool = True) -> ModuleView:
+        """Set training mode here, on the wrapped module and on every submodule."""
+        super().train(mode)
+        self.__dict__[type(self)._target].training = mode
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__[type(self)._target], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        own, target = self.__dict__, type(self)._target
+        if target not in own or name == target or name in self._own or name in SHARED_REGISTRIES or _is_dunder(name):
+            # Dunders (``__class__``, which FSDP2's fully_shard reassigns) belong to this object.
+            super().__setattr__(name, value)
+        elif name == "training":
+            own["training"] = value
+            own[target].training = value
+        elif isinstance(value, (nn.Parameter, nn.Module)) or name in own["_parameters"] or name in own["_buffers"] or name in own["_modules"]:
+            super().__setattr__(name, value)  # lands in the shared registries
+        else:
+            setattr(own[target], name, value)
+
+    def __delattr__(self, name: str) -> None:
+        own = self.__dict__
+        if name in own["_parameters"] or name in own["_buffers"] or name in own["_modules"]:
+            super().__delattr__(name)
+        else:
+            delattr(own[type(self)._target], name)
+
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__[type(self)._target]._save_to_state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__[type(self)._target]._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class ThunderModule(ModuleView):
     """A compiled ``nn.Module``; see :func:`lightning_thunder.compile`.
 
     Parameters, buffers, submodules and ``state_dict`` keys are those of the original module (shared,
     not copied), and ``forward`` has the original's signature.
     """
 
+    _target = "_lt_module"
+    _own = ("_lt_compiled", "_lt_state", "_lt_backend", "forward")
+
     def __init__(self, module: nn.Module, compiled: Callable, state: CompileState, backend: Any) -> None:
-        super().__init__()
+        super().__init__(module)
         own = self.__dict__
-        own["_lt_module"] = module
         own["_lt_compiled"] = compiled
         own["_lt_state"] = state
         own["_lt_backend"] = backend
-        for attr in _SHARED:
-            own[attr] = getattr(module, attr)
-        own["training"] = module.training
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             return call_compiled(state, compiled, args, kwargs)
@@ -116,47 +193,6 @@ class ThunderModule(nn.Module):
     def original_module(self) -> nn.Module:
         """The module that was compiled (sharing parameters and submodules with this one)."""
         return self._lt_module
-
-    def train(self, mode: bool = True) -> ThunderModule:
-        """Set training mode here, on the original module and on every submodule."""
-        super().train(mode)
-        self._lt_module.training = mode
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_lt_module"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        own = self.__dict__
-        if "_lt_module" not in own or name in _OWN or name in _SHARED or _is_dunder(name):
-            # Dunders (``__class__``, which FSDP2's fully_shard reassigns) belong to this object.
-            super().__setattr__(name, value)
-        elif name == "training":
-            own["training"] = value
-            own["_lt_module"].training = value
-        elif isinstance(value, (nn.Parameter, nn.Module)) or name in own["_parameters"] or name in own["_buffers"] or name in own["_modules"]:
-            super().__setattr__(name, value)  # lands in the shared registries
-        else:
-            setattr(own["_lt_module"], name, value)
-
-    def __delattr__(self, name: str) -> None:
-        own = self.__dict__
-        if name in own["_parameters"] or name in own["_buffers"] or name in own["_modules"]:
-            super().__delattr__(name)
-        else:
-            delattr(own["_lt_module"], name)
-
-    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._lt_module._save_to_state_dict(*args, **kwargs)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._lt_module._load_from_state_dict(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return ""
 
     def __reduce__(self) -> tuple:
         # Pickling (``ddp_spawn``, ``copy.deepcopy``) carries the original module and the plugins; the
@@ -178,12 +214,28 @@ class ThunderFunction:
 
     def __init__(self, fn: Callable, compiled: Callable, state: CompileState, backend: Any) -> None:
         functools.update_wrapper(self, fn)
+        if hasattr(fn, "__code__"):
+            # What Lightning's `is_overridden` compares once it has unwrapped a wrapper of this (FSDP's
+            # `register_fsdp_forward_method` around a compiled `training_step`).
+            self.__code__ = fn.__code__
         self._lt_compiled = compiled
         self._lt_state = state
         self._lt_backend = backend
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return call_compiled(self._lt_state, self._lt_compiled, args, kwargs)
+
+    def __reduce__(self) -> tuple:
+        # As ThunderModule: a copy (``copy.deepcopy`` of a LightningModule whose steps are compiled, e.g. the meta copy
+        # ThroughputMonitor measures FLOPs on) compiles a copy of the function again, lazily, at its first call. A bound
+        # method is copied with its object, so it stays bound to the copy.
+        import dataclasses
+
+        from lightning_thunder.api import compile as lt_compile
+
+        backend = self._lt_backend
+        options = dataclasses.asdict(backend.options)
+        return (functools.partial(lt_compile, **options), (self.__wrapped__, list(backend.plugins)))
 
     def __repr__(self) -> str:
         return f"ThunderFunction({getattr(self, '__wrapped__', None)!r})"
@@ -192,11 +244,15 @@ class ThunderFunction:
 def compiled_objects(obj: Any) -> list[ThunderModule | ThunderFunction]:
     """The compiled modules/functions behind ``obj``: ``obj`` itself, the one a wrapper holds
     (Lightning's ``_FabricModule``, DDP), or the compiled submodules of a module (regional
-    compilation). Raises ``TypeError`` when there are none."""
+    compilation) and its compiled methods (:data:`COMPILED_METHODS`). Raises ``TypeError`` when there are none."""
     if isinstance(obj, (ThunderModule, ThunderFunction)):
         return [obj]
     if isinstance(obj, nn.Module):
-        found = [sub for sub in obj.modules() if isinstance(sub, ThunderModule)]
+        found: list[ThunderModule | ThunderFunction] = [sub for sub in obj.modules() if isinstance(sub, ThunderModule)]
+        found += [
+            fn for sub in obj.modules() for fn in sub.__dict__.get(COMPILED_METHODS, {}).values()
+            if isinstance(fn, ThunderFunction)
+        ]
         for attr in ("_forward_module", "module", "_orig_mod"):
             inner = obj.__dict__.get(attr) or obj.__dict__.get("_modules", {}).get(attr)
             if not found and isinstance(inner, nn.Module) and inner is not obj:
