@@ -5,13 +5,24 @@ Rates are windowed averages computed by Lightning's
 *Global* figures are not this device's times the world size: every batch, the per-rank counters
 (batches, samples, tokens, FLOPs, elapsed time, peak) are gathered from all ranks and summed (time:
 the slowest rank), and a second ``Throughput`` computes rates from those totals.
+
+The end-of-run summary gives two rates, because a short run's wall clock is dominated by one-time costs:
+
+- **steady state**: per batch over the median time of one training step (the time between two batch ends, the
+  slowest rank's). One-time costs land in a few steps and do not move the median: compilation and the first
+  batch, the FLOP count on a meta copy, the memory breakdown, a recompile, a checkpoint write. This is the rate
+  a longer run converges to.
+- **wall clock**: everything done after the first batch over the time it took (validation excluded), one-time
+  costs included. This is what this run achieved.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,9 @@ THROUGHPUT_METRICS = (
 )
 
 # Lightning's Throughput keys -> ours (per scope).
+#: Per-step deltas kept for the steady-state figures (the median over the last this many steps).
+_STEPS_KEPT = 10_000
+
 _RATES = {
     "device/batches_per_sec": "batches_per_sec",
     "device/samples_per_sec": "samples_per_sec",
@@ -160,6 +174,8 @@ class ThroughputMonitor(MonitorCallback):
         self._global: Throughput | None = None
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
         self._last: list[float] | None = None
+        #: Global per-step deltas after the first batch: (seconds, batches, samples, tokens, flops).
+        self._steps: deque[tuple[float, ...]] = deque(maxlen=_STEPS_KEPT)
 
     # ------------------------------------------------------------------------------------ hooks
     def _on_train_start(self, context: RunContext) -> None:
@@ -218,9 +234,11 @@ class ThroughputMonitor(MonitorCallback):
             flops=(g_flops - self._global_flops) if all_flops else None,
         )
         self._global_flops = g_flops
-        self._last = [g_time, g_batches, g_samples, g_tokens, g_flops]
+        previous, self._last = self._last, [g_time, g_batches, g_samples, g_tokens, g_flops]
         if self._first is None:
             self._first = list(self._last)
+        else:
+            self._steps.append(tuple(now - before for now, before in zip(self._last, previous)))
         self.metrics = self._compute()
 
         step = context.step(self._batches)
@@ -317,22 +335,35 @@ class ThroughputMonitor(MonitorCallback):
         )
         return {label: round(self.metrics[key], 1)} if key in self.metrics else {}
 
-    def run_averages(self) -> dict[str, float]:
-        """Global rates over the whole run after the first batch (which includes compilation)."""
-        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
-            return {}
-        seconds = self._last[0] - self._first[0]
-        out = {
-            "batches_per_sec": (self._last[1] - self._first[1]) / seconds,
-            "samples_per_sec": (self._last[2] - self._first[2]) / seconds,
-        }
+    def _rates(self, seconds: float, batches: float, samples: float, tokens: float, flops: float) -> dict[str, float]:
+        out = {"batches_per_sec": batches / seconds, "samples_per_sec": samples / seconds}
         if self.length_fn is not None:
-            out["tokens_per_sec"] = (self._last[3] - self._first[3]) / seconds
+            out["tokens_per_sec"] = tokens / seconds
         if self._all_flops:
-            out["tflops_per_sec"] = (self._last[4] - self._first[4]) / seconds / 1e12
-            if self._global.available_flops:
+            out["tflops_per_sec"] = flops / seconds / 1e12
+            if self._global is not None and self._global.available_flops:
                 out["mfu"] = out["tflops_per_sec"] * 1e12 / self._global.available_flops
         return out
+
+    def run_averages(self) -> dict[str, float]:
+        """Wall-clock global rates: what was done after the first batch (which includes compilation) over the time
+        it took, validation excluded and every one-time cost between batches included."""
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return {}
+        return self._rates(*(last - first for last, first in zip(self._last, self._first)))
+
+    def steady_state(self) -> dict[str, float]:
+        """Steady-state global rates: the work of one batch (averaged over the batches after the first) over the
+        median time of a training step (the slowest rank's), so one-time costs (the first batch, FLOP counting,
+        the memory breakdown, recompiles, checkpoint writes) do not count. Also ``step_time_s`` and ``steps``
+        (how many steps the median is over). Empty before the second batch."""
+        steps = [step for step in self._steps if step[0] > 0]
+        if not steps:
+            return {}
+        median = statistics.median(step[0] for step in steps)
+        n = len(steps)
+        per_step = [sum(step[i] for step in steps) / n for i in range(1, 5)]
+        return {**self._rates(median, *per_step), "step_time_s": median, "steps": float(n)}
 
     def summary(self) -> str:
         """A compact, printable summary of the run."""
@@ -342,21 +373,34 @@ class ThroughputMonitor(MonitorCallback):
         head = f"ThroughputMonitor: {int(batches):,} batches, {int(samples):,} samples"
         if self.length_fn is not None:
             head += f", {int(tokens):,} tokens"
-        head += f" in {t:.1f} s of training (validation excluded)"
+        head += f" in {t:.1f} s of training (validation excluded); all ranks:"
         lines = [head]
-        avg = self.run_averages()
-        if avg:
-            labels = {"tokens_per_sec": "tokens/s", "samples_per_sec": "samples/s", "batches_per_sec": "batches/s"}
-            parts = [f"{avg[k]:,.1f} {label}" for k, label in labels.items() if k in avg]
-            if "tflops_per_sec" in avg:
-                parts.append(f"{avg['tflops_per_sec']:.3g} TFLOP/s")
-            if "mfu" in avg:
-                parts.append(f"MFU {100 * avg['mfu']:.1f}% of {self.peak_source}")
-            lines.append("  all ranks, after the first batch: " + ", ".join(parts))
+        steady, wall = self.steady_state(), self.run_averages()
+        if steady:
+            lines.append(
+                f"  steady state: {self._format_rates(steady)} (median step {1e3 * steady['step_time_s']:.1f} ms over "
+                f"{int(steady['steps'])} steps after the first: training steps only, one-time costs left out)"
+            )
+        if wall:
+            batches = int(self._last[1] - self._first[1])
+            lines.append(
+                f"  wall clock: {self._format_rates(wall)} ({batches:,} batches after the first in "
+                f"{self._last[0] - self._first[0]:.1f} s, validation excluded; includes one-time costs: recompiles, "
+                "FLOP counting, memory breakdown, checkpoint writes, logging)"
+            )
         if self.flops_per_batch is not None:
             lines.append(f"  FLOPs per batch (this rank, forward + backward): {self.flops_per_batch:.4g}")
         lines += [f"  {what} unavailable: {why}" for what, why in self.unavailable.items()]
         return "\n".join(lines)
+
+    def _format_rates(self, rates: dict[str, float]) -> str:
+        labels = {"tokens_per_sec": "tokens/s", "samples_per_sec": "samples/s", "batches_per_sec": "batches/s"}
+        parts = [f"{rates[k]:,.1f} {label}" for k, label in labels.items() if k in rates]
+        if "tflops_per_sec" in rates:
+            parts.append(f"{rates['tflops_per_sec']:.3g} TFLOP/s")
+        if "mfu" in rates:
+            parts.append(f"MFU {100 * rates['mfu']:.1f}% of {self.peak_source}")
+        return ", ".join(parts)
 
     def _points(self, name: str) -> list[tuple[float, float]]:
         return [(step, metrics[name]) for step, metrics in self.history if name in metrics]
