@@ -85,7 +85,7 @@ class CompileReport(MonitorCallback):
     def _on_validation_end(self, context: RunContext) -> None:
         self._calls = self._call_counts(context)  # validation calls are not a training step's
 
-    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
+    def _on_train_batch_end(self, context: RunContext, batch: Any, outputs: Any = None) -> None:
         self._batches += 1
         parts = compiled_parts(context.wrapped_model)
         if self._enabled is None:

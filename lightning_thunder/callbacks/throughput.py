@@ -23,7 +23,7 @@ import statistics
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,11 @@ class ThroughputMonitor(MonitorCallback):
     r"""Logs training throughput per device and for all devices together, for the Trainer and Fabric.
 
     Logged names: :data:`THROUGHPUT_METRICS`. The progress bar shows ``tok/s`` (``samples/s`` without
-    ``length_fn``); at the end of training a summary is printed and ``throughput.png`` (global
-    tokens or samples per second, and TFLOP/s per device, over steps) is written to the log directory.
+    ``length_fn``). At the end of training a summary gives the steady-state and the wall-clock rates (see the
+    module docstring), and ``throughput.png`` is written to the log directory (needs matplotlib, the extra
+    ``plot``): tokens or samples per second over steps with the steady-state rate, TFLOP/s per device, and the
+    training loss when the loop passes it (Trainer: always; Fabric: ``fabric.call("on_train_batch_end",
+    batch=batch, outputs=loss)``).
 
     FLOPs per batch: the model's ``flops_per_batch`` attribute when it has one (Lightning's convention),
     else measured once, on the first batch, with ``FlopCounterMode`` on a meta copy of the model
@@ -104,7 +107,7 @@ class ThroughputMonitor(MonitorCallback):
         window_size: batches the rates are averaged over (at least 2; rates appear once it is full).
         log_every_n_steps: log every this many steps; default: the Trainer's ``log_every_n_steps``
             (50 under Fabric).
-        plot: write ``throughput.png`` at the end of training.
+        plot: write ``throughput.png`` at the end of training (without matplotlib: a warning now, and no plot).
         log_dir: where the plot goes; default: the Trainer's ``log_dir`` / the first Fabric logger's.
         progress_bar: show the rate in the Trainer's progress bar.
     """
@@ -150,8 +153,10 @@ class ThroughputMonitor(MonitorCallback):
         self.metrics: dict[str, float] = {}
         #: Where the plot was written (after training).
         self.plot_path: Path | None = None
-        #: Why a figure is missing: ``{"tokens": "pass length_fn=...", ...}``.
-        self.unavailable: dict[str, str] = {}
+        #: The training loss at logged steps, when the loop passes it (``outputs``): ``(step, loss)``, kept as
+        #: detached tensors (no device sync during training) and read for the plot.
+        self.losses: list[tuple[int, Any]] = []
+        self._check_plot_dependency("throughput.png")
         self._reset()
 
     def _reset(self) -> None:
@@ -172,6 +177,7 @@ class ThroughputMonitor(MonitorCallback):
         self.peak_source = ""
         self._device: Throughput | None = None
         self._global: Throughput | None = None
+        self._world_size = 1
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
         self._last: list[float] | None = None
         #: Global per-step deltas after the first batch: (seconds, batches, samples, tokens, flops).
@@ -190,7 +196,7 @@ class ThroughputMonitor(MonitorCallback):
             self._paused += _now() - self._pause_start
             self._pause_start = None
 
-    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
+    def _on_train_batch_end(self, context: RunContext, batch: Any, outputs: Any = None) -> None:
         context.synchronize()  # CUDA work is asynchronous: time what has run
         now = _now()
         if self._t0 is None:  # Fabric without on_train_start: the clock starts at the first batch's end
@@ -212,6 +218,7 @@ class ThroughputMonitor(MonitorCallback):
         ranks = context.all_gather(
             [elapsed, self._batches, self._samples, self._tokens, self._flops, float(flops is not None), peak]
         )
+        self._world_size = len(ranks)
         g_time = max(r[0] for r in ranks)
         g_batches, g_samples, g_tokens, g_flops = (sum(r[i] for r in ranks) for i in range(1, 5))
         self._all_flops = all_flops = all(r[5] for r in ranks)
@@ -245,6 +252,9 @@ class ThroughputMonitor(MonitorCallback):
         if self._due_for_logging(context, step, self.log_every_n_steps):
             context.log_metrics(self.metrics, step)
             self.history.append((step, dict(self.metrics)))
+            loss = _loss_of(outputs)
+            if loss is not None:
+                self.losses.append((step, loss))
         if self.progress_bar:
             context.show_in_progress_bar(self.progress_bar_metrics)
 
@@ -406,18 +416,34 @@ class ThroughputMonitor(MonitorCallback):
         return [(step, metrics[name]) for step, metrics in self.history if name in metrics]
 
     def write_plot(self, path: str | Path) -> Path:
-        """Write the logged history as a PNG: global throughput, and TFLOP/s per device when known."""
+        """Write the logged history as a PNG: throughput (all ranks; this device too when there are several),
+        with the steady-state rate as a reference line; TFLOP/s per device when known; the training loss when the
+        loop passed it."""
         key, unit = ("tokens_per_sec", "tokens/s") if self.length_fn is not None else ("samples_per_sec", "samples/s")
-        panels = [
-            Panel(
-                f"throughput: {unit}",
-                [
-                    Series("all ranks", self._points(f"throughput/global/{key}")),
-                    Series("this device", self._points(f"throughput/device/{key}")),
-                ],
-            )
-        ]
+        rate = [Series("all ranks" if self._world_size > 1 else unit, self._points(f"throughput/global/{key}"))]
+        if self._world_size > 1:  # on one device the two lines are the same: draw one
+            rate.append(Series("this device", self._points(f"throughput/device/{key}")))
+        steady = self.steady_state().get(key)
+        references = [(f"steady state {steady:,.0f} {unit}", steady)] if steady is not None else []
+        panels = [Panel(f"throughput, windowed over {self.window_size} batches", rate, ylabel=unit,
+                        references=references)]
         tflops = self._points("throughput/device/tflops_per_sec")
         if tflops:
-            panels.append(Panel("tflop/s per device", [Series("this device", tflops)]))
+            panels.append(Panel("TFLOP/s per device", [Series("this device", tflops)], ylabel="TFLOP/s"))
+        if self.losses:
+            label = "training loss" + (" (rank 0)" if self._world_size > 1 else "")
+            points = [(step, float(loss)) for step, loss in self.losses]
+            panels.append(Panel(label, [Series(label, points)], ylabel="loss"))
         return write_plot(path, panels)
+
+
+def _loss_of(outputs: Any) -> Any:
+    """The loss in a training step's ``outputs`` (a scalar tensor, or a mapping with ``"loss"``), detached; else
+    ``None``."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
+        return outputs.detach()
+    if isinstance(outputs, (int, float)):
+        return float(outputs)
+    return None

@@ -246,8 +246,9 @@ class _Run:
         self.peak = max(self.peak, peak_memory_bytes(fabric.device)[0])  # before MemoryMonitor resets CUDA's peak
         # The monitors see one batch per optimizer step: this rank's micro-batches together.
         batch = (torch.cat(inputs), torch.cat(targets)) if self.accumulation > 1 else (inputs[0], targets[0])
-        fabric.call("on_train_batch_end", batch=batch)
-        return loss_sum / self.accumulation, lr
+        loss = loss_sum / self.accumulation
+        fabric.call("on_train_batch_end", outputs=loss, batch=batch)  # the loss: throughput.png's loss panel
+        return loss, lr
 
     def train(self) -> None:
         """Steps ``state["step"] + 1`` to ``train.max_steps``, with logging, validation and checkpoints."""
