@@ -158,3 +158,14 @@ def test_plugins_given_as_a_string_are_refused_clearly():
     with pytest.raises(TypeError, match=r"plugins='fusion' must be a list of Plugin instances \(a str is not\); "
                                         r"e.g. plugins=\[Fusion\(\)\]"):
         lt.compile(Small(), plugins="fusion")
+
+
+def test_forced_eager_is_not_reported_as_a_fallback():
+    cm = lt.compile(Small(), plugins=[])
+    cm(torch.randn(2, 4))
+    import warnings
+
+    with warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
+        warnings.simplefilter("error")
+        cm(torch.randn(2, 4))
+    assert lt.compile_stats(cm).eager_calls == 0

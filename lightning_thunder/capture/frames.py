@@ -175,14 +175,21 @@ def note_eager_call(state: CompileState, hit: str | None) -> None:
         return  # never ran a graph: an empty program, or a frame Dynamo skips, not a fallback
     import torch
 
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    if stance == "force_eager":
+        return  # asked for: torch.compiler.set_stance("force_eager")
     limit = torch._dynamo.config.recompile_limit
     if hit is None and shared is not None and shared.limit_hits:
         hit = shared.limit_hits[-1]
-    reason = (
-        f"Dynamo's recompile limit was reached ({hit})" if hit is not None else
-        f"none of the graphs compiled for it matched the inputs and Dynamo compiled no new one (most likely its "
-        f"recompile limit, torch._dynamo.config.recompile_limit={limit}, was reached earlier)"
-    )
+    if hit is not None:
+        reason = f"Dynamo's recompile limit was reached ({hit})"
+    elif stance != "default":
+        reason = f"torch.compiler.set_stance({stance!r}) is in effect and none of the compiled graphs matched"
+    else:
+        reason = (
+            "none of the graphs compiled for it matched the inputs and Dynamo compiled no new one (most likely its "
+            f"recompile limit, torch._dynamo.config.recompile_limit={limit}, was reached earlier)"
+        )
     first = not state.eager_fallbacks or state.eager_fallbacks[-1] != reason
     state.eager_calls += 1
     if first:
