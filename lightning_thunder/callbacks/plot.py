@@ -35,12 +35,13 @@ class Series:
 @dataclass
 class Panel:
     """One chart of the stack: a title, the y axis label, its lines and horizontal reference lines
-    (``(label, value)``)."""
+    (``(label, value)``); ``from_zero``: the y axis starts at 0 (rates and sizes; a loss is drawn zoomed)."""
 
     title: str
     series: list[Series] = field(default_factory=list)
     ylabel: str = ""
     references: list[tuple[str, float]] = field(default_factory=list)
+    from_zero: bool = True
 
 
 def matplotlib_missing(what: str = "plotting") -> str | None:
@@ -66,11 +67,12 @@ def plot_figure(panels: Sequence[Panel], *, width: float = 8.0, panel_height: fl
     figure = Figure(figsize=(width, panel_height * len(panels)), layout="constrained")
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, panel in zip(axes, panels):
-        drawn = 0
+        drawn, largest = 0, 0.0
         for series in panel.series:
             points = [(s, v) for s, v in series.points if math.isfinite(v)]
             if points:
                 steps, values = zip(*points)
+                largest = max(largest, *(abs(v) for v in values))
                 ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=series.label)
                 drawn += 1
         for label, value in panel.references:
@@ -79,9 +81,14 @@ def plot_figure(panels: Sequence[Panel], *, width: float = 8.0, panel_height: fl
                 drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        if panel.from_zero and drawn:
+            low, high = ax.get_ylim()
+            low = min(0.0, low)
+            ax.set_ylim(low, high + 0.05 * (high - low))  # from zero, with room above the highest point
         ax.set_title(panel.title, loc="left", fontsize=10)
         ax.set_ylabel(panel.ylabel)
-        ax.yaxis.set_major_formatter(EngFormatter(sep=""))
+        if largest >= 1e4:  # 12k, 1.5M rather than an offset or 1e6 notation (small values keep plain ticks)
+            ax.yaxis.set_major_formatter(EngFormatter(sep=""))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if drawn > 1:

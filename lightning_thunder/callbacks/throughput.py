@@ -433,7 +433,7 @@ class ThroughputMonitor(MonitorCallback):
         if self.losses:
             label = "training loss" + (" (rank 0)" if self._world_size > 1 else "")
             points = [(step, float(loss)) for step, loss in self.losses]
-            panels.append(Panel(label, [Series(label, points)], ylabel="loss"))
+            panels.append(Panel(label, [Series(label, points)], ylabel="loss", from_zero=False))
         return write_plot(path, panels)
 
 
