@@ -36,6 +36,25 @@ class Small(nn.Module):
         return torch.relu(self.lin(x))
 
 
+def fresh_class(name: str) -> type[Small]:
+    """A class of its own: the limit is per set of plugins *per class*, so each test counts from zero."""
+    return type(name, (Small,), {})
+
+
+class Broken(nn.Module):
+    """A graph break inside forward: Dynamo compiles the user's own `forward` code object (shared by every set of
+    plugins) and its resume function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
 @pytest.fixture
 def limit_2():
     with torch._dynamo.config.patch(recompile_limit=2):
@@ -70,11 +89,22 @@ def test_functions_compiled_with_different_plugins_get_their_own_budget(limit_2)
         assert _tags(cf) == [f"plugin Tag {i}"] and lt.compile_stats(cf).eager_calls == 0
 
 
+def test_a_class_with_a_graph_break_compiles_with_every_set_of_plugins(limit_2):
+    for i in range(limit_2 + 2):  # its `forward` and resume function hold the graphs of every set
+        model = Broken()
+        cm = lt.compile(model, plugins=[Tag(i)])
+        x = torch.randn(2, 4)
+        assert_close(cm(x), model.b(torch.relu(model.a(x))), "output")
+        stats = lt.compile_stats(cm)
+        assert (stats.graphs, len(stats.graph_breaks), stats.eager_calls) == (2, 1, 0), (i, stats)
+        assert _tags(cm) == [f"plugin Tag {i}"]
+
+
 def test_dynamic_false_past_the_limit_warns_and_counts_the_eager_calls(limit_2):
-    cm = lt.compile(Small(), plugins=[], dynamic=False)
+    cm = lt.compile(fresh_class("Fixed")(), plugins=[], dynamic=False)
     for n in (1, 2):
         cm(torch.randn(n, 4))
-    with pytest.warns(RuntimeWarning, match=r"compiled Small ran eagerly, without lightning_thunder and its plugins: "
+    with pytest.warns(RuntimeWarning, match=r"compiled Fixed ran eagerly, without lightning_thunder and its plugins: "
                                             r"Dynamo's recompile limit was reached \(config.recompile_limit=2 .*"
                                             r"size mismatch"):
         out = cm(x := torch.randn(3, 4))
@@ -90,11 +120,11 @@ def test_dynamic_false_past_the_limit_warns_and_counts_the_eager_calls(limit_2):
 
 
 def test_an_instance_that_only_ran_eagerly_shows_no_other_instances_traces(limit_2):
-    plugins = [Tag(0)]  # one backend for all: instances share its code object and budget
+    plugins, cls = [Tag(0)], fresh_class("Shared")  # one backend for all: instances share its code object and budget
     for width in (2, 3):
-        lt.compile(Small(width), plugins=plugins, dynamic=False)(torch.randn(1, width))
+        lt.compile(cls(width), plugins=plugins, dynamic=False)(torch.randn(1, width))
     for width in (5, 6):  # the first of these hits the limit (logged by Dynamo), the second is silent in Dynamo
-        cm = lt.compile(Small(width), plugins=plugins, dynamic=False)
+        cm = lt.compile(cls(width), plugins=plugins, dynamic=False)
         with pytest.warns(RuntimeWarning, match="ran eagerly"):
             cm(torch.randn(1, width))
         assert lt.compile_stats(cm).eager_calls == 1 and lt.compile_stats(cm).graphs == 0

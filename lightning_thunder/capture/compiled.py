@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_thunder.capture.frames import note_eager_call, user_stacklevel
-from lightning_thunder.capture.state import CompileState
+from lightning_thunder.capture.frames import note_eager_call, recompile_budget, user_stacklevel
+from lightning_thunder.capture.state import CompileState, current_state
 
 __all__ = ["ThunderModule", "ThunderFunction", "call_compiled", "check_hooks", "compile_states", "compiled_objects"]
 
@@ -116,13 +116,17 @@ def call_compiled(
     log = _graph_break_log()
     n_breaks, n_graphs, n_runs, n_hits = len(log), len(state.records), state.graph_runs, len(state.limit_hits)
     t0 = time.perf_counter()
+    # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module runs inside
+    # DDP; compile it whole (DDP then reduces after the compiled backward). The recompile limit applies per set of
+    # plugins (see capture/frames.py); a nested compiled call keeps the outer call's.
+    config = {"optimize_ddp": False}
+    if current_state() is None:
+        config["recompile_limit"] = recompile_budget(state.label)
     state.in_call += 1
     state.calls += 1
     token = state.activate()
     try:
-        # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module
-        # runs inside DDP; compile it whole (DDP then reduces after the compiled backward).
-        with torch._dynamo.config.patch(optimize_ddp=False):
+        with torch._dynamo.config.patch(**config):
             out = compiled(*args, **kwargs)
     finally:
         state.deactivate(token)
@@ -133,8 +137,10 @@ def call_compiled(
             text = _describe_graph_break(reason)
             if not state.graph_breaks or state.graph_breaks[-1] != text:
                 state.graph_breaks.append(text)
-    if state.graph_runs == n_runs and len(state.records) == n_graphs:
-        note_eager_call(state, state.limit_hits[-1] if len(state.limit_hits) > n_hits else None)
+    hit = state.limit_hits[-1] if len(state.limit_hits) > n_hits else None
+    ran_graph = state.graph_runs != n_runs or len(state.records) != n_graphs
+    if hit is not None or not ran_graph:  # a limit hit after a graph ran: the rest of the call (a resume) ran eagerly
+        note_eager_call(state, hit, partly=ran_graph)
     return out
 
 

@@ -13,6 +13,10 @@ eagerly, with a single log line the first time: the plugins (fusion, FP8, ...) s
   graph so a call notes which graph ran for which compiled module (:meth:`CompileState.note_run`). A call that ran
   none of them while graphs of its code object did run before ran eagerly: it is warned about and counted in
   ``compile_stats(cm).eager_calls`` / ``eager_fallbacks`` (see :func:`note_eager_call`).
+- **The limit applies per set of plugins**: code objects of the user's own (a ``forward`` Dynamo compiles after a
+  graph break, and its resume functions) are shared by every set of plugins that compiles the class, each adding
+  its graphs. During a call, the limit is raised to Dynamo's limit times the number of plugin sets that compiled the
+  class (:func:`recompile_budget`), so each set keeps the budget it would have alone.
 - **Dynamo's limit message is read**: a logging filter on Dynamo's frame converter records the "hit
   config.recompile_limit" warning, with Dynamo's last reason, in the state of the call that hit it.
 """
@@ -27,6 +31,8 @@ import os
 import sys
 import types
 import warnings
+import weakref
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,11 +47,22 @@ __all__ = [
     "install_limit_filter",
     "module_caller",
     "note_eager_call",
+    "recompile_budget",
     "user_stacklevel",
 ]
 
 _SERIAL = itertools.count()
 _LIMIT_MESSAGE = "torch._dynamo hit config."
+#: Per compiled class (or function) label: the plugin sets (backends) that compiled a graph of it.
+_PLUGIN_SETS: dict[str, weakref.WeakSet] = defaultdict(weakref.WeakSet)
+
+
+def recompile_budget(label: str) -> int:
+    """The recompile limit for the frames a call of a compiled ``label`` compiles: Dynamo's limit times the number
+    of plugin sets that compiled ``label`` (at least one), as they share the class's own code objects."""
+    import torch
+
+    return torch._dynamo.config.recompile_limit * max(1, len(_PLUGIN_SETS.get(label, ())))
 
 
 class DynamoBackend:
@@ -71,6 +88,7 @@ class DynamoBackend:
         if len(state.records) <= before:  # nothing recorded (should not happen): leave the graph unwrapped
             return compiled
         record = state.records[before]
+        _PLUGIN_SETS[state.label].add(self)
 
         def run(*args: Any) -> Any:
             current = current_state()
@@ -167,9 +185,10 @@ def user_stacklevel() -> int:
     return level
 
 
-def note_eager_call(state: CompileState, hit: str | None) -> None:
+def note_eager_call(state: CompileState, hit: str | None, partly: bool = False) -> None:
     """Record, and warn about, a call of ``state``'s compiled object that ran none of its compiled graphs while
-    graphs of its code object ran before (or while Dynamo reported its recompile limit): it ran eagerly."""
+    graphs of its code object ran before, or during which Dynamo reported its recompile limit (``hit``; with
+    ``partly``, after a graph of the call ran: the code after a graph break ran eagerly)."""
     shared = state.shared
     if hit is None and (shared is None or not shared.ran_graph):
         return  # never ran a graph: an empty program, or a frame Dynamo skips, not a fallback
@@ -195,8 +214,9 @@ def note_eager_call(state: CompileState, hit: str | None) -> None:
     if first:
         state.eager_fallbacks.append(reason)
         warnings.warn(
-            f"lightning_thunder: a call of the compiled {state.label} ran eagerly, without lightning_thunder and its "
-            f"plugins: {reason}. compile_stats(...).eager_calls counts such calls. Fixes: dynamic=None or True for "
+            f"lightning_thunder: a call of the compiled {state.label} ran eagerly{' after a graph break' if partly else ''}"
+            f", without lightning_thunder and its plugins: {reason}. compile_stats(...).eager_calls counts such calls. "
+            "Fixes: dynamic=None or True for "
             "inputs whose shapes change, fewer variants of the inputs (dtypes, grad mode), or a larger "
             "torch._dynamo.config.recompile_limit",
             RuntimeWarning,
