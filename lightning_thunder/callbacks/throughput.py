@@ -8,10 +8,10 @@ the slowest rank), and a second ``Throughput`` computes rates from those totals.
 
 The end-of-run summary gives two rates, because a short run's wall clock is dominated by one-time costs:
 
-- **steady state**: per batch over the median time of one training step (the time between two batch ends, the
-  slowest rank's). One-time costs land in a few steps and do not move the median: compilation and the first
-  batch, the FLOP count on a meta copy, the memory breakdown, a recompile, a checkpoint write. This is the rate
-  a longer run converges to.
+- **steady state**: the median of the steps' rates, a step's work over its time (between two step ends, the
+  slowest rank's; an optimizer step under the Trainer, its batches together with gradient accumulation). One-time
+  costs land in a few steps and do not move the median: compilation and the first batch, the FLOP count on a meta
+  copy, the memory breakdown, a recompile, a checkpoint write. This is the rate a longer run converges to.
 - **wall clock**: everything done after the first batch over the time it took (validation excluded), one-time
   costs included. This is what this run achieved.
 """
@@ -180,8 +180,11 @@ class ThroughputMonitor(MonitorCallback):
         self._world_size = 1
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
         self._last: list[float] | None = None
-        #: Global per-step deltas after the first batch: (seconds, batches, samples, tokens, flops).
+        #: Global deltas per step (optimizer step under the Trainer, batch under Fabric) after the first batch:
+        #: (seconds, batches, samples, tokens, flops); with gradient accumulation a step sums its batches.
         self._steps: deque[tuple[float, ...]] = deque(maxlen=_STEPS_KEPT)
+        self._pending: list[float] | None = None  # the deltas of the step in progress
+        self._pending_step: int | None = None
 
     # ------------------------------------------------------------------------------------ hooks
     def _on_train_start(self, context: RunContext) -> None:
@@ -245,10 +248,15 @@ class ThroughputMonitor(MonitorCallback):
         if self._first is None:
             self._first = list(self._last)
         else:
-            self._steps.append(tuple(now - before for now, before in zip(self._last, previous)))
+            delta = [now - before for now, before in zip(self._last, previous)]
+            self._pending = delta if self._pending is None else [a + b for a, b in zip(self._pending, delta)]
         self.metrics = self._compute()
 
         step = context.step(self._batches)
+        if self._pending is not None and step != self._pending_step:  # a step ended with this batch
+            self._steps.append(tuple(self._pending))
+            self._pending = None
+        self._pending_step = step
         if self._due_for_logging(context, step, self.log_every_n_steps):
             context.log_metrics(self.metrics, step)
             self.history.append((step, dict(self.metrics)))
@@ -363,17 +371,17 @@ class ThroughputMonitor(MonitorCallback):
         return self._rates(*(last - first for last, first in zip(self._last, self._first)))
 
     def steady_state(self) -> dict[str, float]:
-        """Steady-state global rates: the work of one batch (averaged over the batches after the first) over the
-        median time of a training step (the slowest rank's), so one-time costs (the first batch, FLOP counting,
-        the memory breakdown, recompiles, checkpoint writes) do not count. Also ``step_time_s`` and ``steps``
-        (how many steps the median is over). Empty before the second batch."""
+        """Steady-state global rates: the median over the steps after the first batch of each step's rate (its work
+        over its time, the slowest rank's), so one-time costs (the first batch, FLOP counting, the memory
+        breakdown, recompiles, checkpoint writes) do not count. A step is an optimizer step under the Trainer (its
+        batches together, with gradient accumulation) and a batch under Fabric. Also ``step_time_s`` and ``steps``
+        (how many steps the median is over). Empty before the second step."""
         steps = [step for step in self._steps if step[0] > 0]
         if not steps:
             return {}
-        median = statistics.median(step[0] for step in steps)
-        n = len(steps)
-        per_step = [sum(step[i] for step in steps) / n for i in range(1, 5)]
-        return {**self._rates(median, *per_step), "step_time_s": median, "steps": float(n)}
+        rates = [self._rates(*step) for step in steps]
+        out = {key: statistics.median(r[key] for r in rates) for key in rates[0]}
+        return {**out, "step_time_s": statistics.median(step[0] for step in steps), "steps": float(len(steps))}
 
     def summary(self) -> str:
         """A compact, printable summary of the run."""

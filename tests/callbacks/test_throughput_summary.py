@@ -56,3 +56,38 @@ def test_the_summary_gives_both_rates_and_says_what_each_includes(monkeypatch):
                                "steps only, one-time costs left out)")
     assert lines[2].startswith("  wall clock: ") and "(9 batches after the first in 2.9 s, validation excluded; " \
                                                      "includes one-time costs: recompiles" in lines[2]
+
+
+class _TrainerLike:
+    """What the monitor reads of a Trainer run with gradient accumulation: ``step()`` is the optimizer step."""
+
+    is_trainer, is_global_zero, world_size, device, precision_plugin, user_model = True, True, 1, \
+        torch.device("cpu"), None, None
+    trainer = fabric = None
+
+    def __init__(self) -> None:
+        self.optimizer_step = 0
+
+    def synchronize(self) -> None: ...
+    def all_gather(self, values): return [list(values)]
+    def step(self, fallback: int) -> int: return self.optimizer_step
+    def log_every_n_steps(self, requested): return 50
+    def log_metrics(self, metrics, step) -> None: ...
+    def show_in_progress_bar(self, metrics) -> None: ...
+
+
+def test_with_gradient_accumulation_a_step_is_an_optimizer_step(monkeypatch):
+    """Two batches per optimizer step, the second slower (it steps the optimizer): the median is over whole steps,
+    not over the more numerous fast batches."""
+    clock = [0.0]
+    monkeypatch.setattr(throughput_module, "_now", lambda: clock[0])
+    monitor = ThroughputMonitor(length_fn=tokens, measure_flops=False, plot=False, precision="fp32")
+    context = _TrainerLike()
+    x = torch.zeros(BATCH, FEATURES)
+    for batch in range(1, 21):
+        clock[0] += 0.1 if batch % 2 else 0.3  # forward/backward; + the optimizer on every second batch
+        context.optimizer_step = batch // 2
+        monitor._on_train_batch_end(context, (x, x))
+    steady = monitor.steady_state()
+    assert steady["step_time_s"] == pytest.approx(0.4) and steady["steps"] == 10  # the first covers batch 2 only
+    assert steady["batches_per_sec"] == pytest.approx(2 / 0.4)
