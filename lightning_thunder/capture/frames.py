@@ -214,8 +214,9 @@ def note_eager_call(state: CompileState, hit: str | None, partly: bool = False) 
     if first:
         state.eager_fallbacks.append(reason)
         warnings.warn(
-            f"lightning_thunder: a call of the compiled {state.label} ran eagerly{' after a graph break' if partly else ''}"
-            f", without lightning_thunder and its plugins: {reason}. compile_stats(...).eager_calls counts such calls. "
+            f"lightning_thunder: a call of the compiled {state.label} ran eagerly"
+            f"{' after a graph break' if partly else ''}, without lightning_thunder and its plugins: {reason}. "
+            "compile_stats(...).eager_calls counts such calls. "
             "Fixes: dynamic=None or True for "
             "inputs whose shapes change, fewer variants of the inputs (dtypes, grad mode), or a larger "
             "torch._dynamo.config.recompile_limit",

@@ -79,7 +79,7 @@ def checkpoint_problem(path: Path) -> str | None:
         verify_checkpoint(path)
         read_checkpoint_metadata(path)
     except (CheckpointError, ConfigError, OSError) as e:
-        return str(e)
+        return str(e).removeprefix("resume: ")
     return None
 
 
@@ -134,10 +134,9 @@ def resolve_resume(resume: bool | str, out_dir: str | Path) -> Path | None:
             raise ConfigError(f"resume={resume!r}: no checkpoint at that path; allowed: false, true, auto, or a path")
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise ConfigError(
-            f"resume={resume!r}: {problem}" + ("; resume=auto falls back to the newest valid checkpoint"
-                                                if len(latest) > 1 else "")
-        )
+        shown = "true" if resume is True else str(resume)
+        fallback = "; resume=auto falls back to the newest valid checkpoint" if len(latest) > 1 else ""
+        raise ConfigError(f"resume={shown}: {problem}{fallback}")
     return path
 
 
@@ -149,7 +148,8 @@ def read_checkpoint_metadata(path: Path) -> dict[str, Any]:
         else:
             meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({reason})") from e
     if not isinstance(meta, Mapping) or "config" not in meta or "step" not in meta:
         raise ConfigError(f"resume: {path} was not written by a lightning_thunder recipe (it has no step or config)")
     return {k: v for k, v in meta.items() if k not in ("model", "optimizer")}

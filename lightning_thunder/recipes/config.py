@@ -264,7 +264,8 @@ def _check_fields(obj: Any, prefix: str) -> None:
         allowed += [f"value < {below}"] if below is not None else []
         allowed += [f"value <= {maximum}"] if maximum is not None else []
         if not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r} is not a finite number; allowed: {' and '.join(allowed) or 'a finite number'}")
+            what = " and ".join(allowed) or "a finite number"
+            raise ConfigError(f"{key}={value!r} is not a finite number; allowed: {what}")
         bad = (
             (minimum is not None and value < minimum)
             or (above is not None and value <= above)

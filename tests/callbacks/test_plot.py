@@ -63,8 +63,8 @@ def test_throughput_plot_one_line_on_one_device_and_a_loss_panel(tmp_path, monke
 
 def test_without_matplotlib_the_monitors_say_so_and_train_on(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    with pytest.warns(UserWarning, match=r"ThroughputMonitor's throughput.png needs matplotlib, which is not installed: "
-                                         r"pip install 'lightning-thunder-ext\[plot\]'.*or pass plot=False"):
+    with pytest.warns(UserWarning, match=r"ThroughputMonitor's throughput.png needs matplotlib, which is not "
+                                         r"installed: pip install 'lightning-thunder-ext\[plot\]'.*or pass plot=False"):
         monitor = ThroughputMonitor()
     assert "plot" in monitor.unavailable
     monitor._write_plot_at_end(tmp_path, "throughput.png")  # skipped, no error

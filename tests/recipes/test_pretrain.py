@@ -161,11 +161,11 @@ def test_resume_auto_falls_back_to_the_newest_valid_checkpoint_and_says_so(tmp_p
     assert out[1] == (f"resume=auto: resuming from {folder / 'step-000004.ckpt'}, the newest valid checkpoint (1 newer "
                       "one(s) skipped above)")
     # Asked for by name or as the latest, a damaged checkpoint is an error naming it.
-    with pytest.raises(ConfigError, match=rf"resume=True: checkpoint {newest} is corrupt: .*; resume=auto falls back "
+    with pytest.raises(ConfigError, match=rf"resume=true: checkpoint {newest} is corrupt: .*; resume=auto falls back "
                                           r"to the newest valid checkpoint"):
         resolve_resume(True, tmp_path)
     (folder / "step-000004.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match=r"resume=.*step-000004.ckpt.: resume: .*step-000004.ckpt is not a readable "
+    with pytest.raises(ConfigError, match=r"resume=.*step-000004.ckpt: .*step-000004.ckpt is not a readable "
                                           r"checkpoint"):
         resolve_resume(str(folder / "step-000004.ckpt"), tmp_path)
     (folder / "step-000002.ckpt.sha256").write_text("0" * 64 + "  step-000002.ckpt\n")
@@ -180,7 +180,7 @@ def test_a_damaged_checkpoint_is_one_error_line_from_the_cli(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:-10])
     assert main(["pretrain", "--config", str(DEBUG), f"out_dir={tmp_path}", "resume=true"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: resume=True: checkpoint {path} is corrupt: {path} (") and err.count("\n") == 1
+    assert err.startswith(f"error: resume=true: checkpoint {path} is corrupt: {path} (") and err.count("\n") == 1
 
 
 def test_a_checkpoint_from_elsewhere_is_refused(tmp_path):

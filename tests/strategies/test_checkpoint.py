@@ -82,8 +82,8 @@ def test_a_damaged_checkpoint_is_refused_on_load_naming_the_file(tmp_path, fabri
     else:
         path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=rf"checkpoint {path} is corrupt: {path} \([\d,]+ bytes\) has SHA-256 "
-                                              r"[0-9a-f]{16}\.\.\., but ckpt.pt.sha256 recorded [0-9a-f]{16}\.\.\. when it "
-                                              r"was written .*; use an earlier checkpoint"):
+                                              r"[0-9a-f]{16}\.\.\., but ckpt.pt.sha256 recorded [0-9a-f]{16}\.\.\. "
+                                              r"when it was written .*; use an earlier checkpoint"):
         fabric.load(path, {"model": model})
 
 
