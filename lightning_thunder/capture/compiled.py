@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from lightning_thunder.capture.state import CompileState
+from lightning_thunder.capture.frames import note_eager_call, recompile_budget, user_stacklevel
+from lightning_thunder.capture.state import CompileState, current_state
 
 __all__ = [
     "ModuleView",
     "ThunderModule",
     "ThunderFunction",
+    "call_compiled",
+    "check_hooks",
     "compile_states",
     "compiled_objects",
     "COMPILED_METHODS",
@@ -72,24 +77,71 @@ def _describe_graph_break(reason: Any) -> str:
     return text
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def check_hooks(state: CompileState, module: nn.Module | None) -> None:
+    """Warn once per hook registered on ``module`` or a submodule after the first call of the compiled module.
+
+    Dynamo traces the hooks a module has when a graph is captured and does not guard on them afterwards
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a hook added later does not run in the compiled graphs
+    (as with ``torch.compile``). Hooks on the compiled module itself run outside the graphs and always work. The
+    check costs nothing until a hook handle is created anywhere (``RemovableHandle.next_id`` moves).
+    """
+    mark = RemovableHandle.next_id
+    if state.hooks_since is None:  # the first call: the hooks present now are captured with the graphs
+        state.hooks_since = state.hook_mark = mark
+        return
+    state.hook_mark = mark
+    if module is None:
+        return
+    late = []
+    for name, sub in module.named_modules():
+        for kind in _HOOK_DICTS:
+            for handle_id in sub.__dict__.get(kind) or ():
+                key = (id(sub), kind, handle_id)
+                if handle_id >= state.hooks_since and key not in state.warned_hooks:
+                    state.warned_hooks.add(key)
+                    late.append(f"{kind.strip('_').replace('_', ' ')[:-1]} on {name or 'the module'} "
+                                f"({type(sub).__name__})")
+    if late:
+        warnings.warn(
+            f"lightning_thunder: {', '.join(late)} registered after the first call of the compiled {state.label} "
+            "will not run: the compiled graphs keep the hooks present when they were captured (as with "
+            "torch.compile). Register hooks before the first call, or on the compiled module itself "
+            "(cm.register_forward_hook(...) runs outside the graphs).",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 @torch.compiler.disable
-def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: dict) -> Any:
-    """Run the Dynamo-compiled callable, recording graph breaks and the time of compiling calls.
+def call_compiled(
+    state: CompileState, compiled: Callable, args: tuple, kwargs: dict, module: nn.Module | None = None
+) -> Any:
+    """Run the Dynamo-compiled callable, recording graph breaks, the time of compiling calls, and calls that ran
+    eagerly (see :mod:`lightning_thunder.capture.frames`); warn about hooks added after the first call.
 
     Opaque to an enclosing compile: a compiled block inside a module that is compiled again runs its
     own graphs (the outer graph breaks around it) instead of being traced a second time.
     """
+    if RemovableHandle.next_id != state.hook_mark:
+        check_hooks(state, module)
     log = _graph_break_log()
-    n_breaks, n_graphs = len(log), len(state.records)
+    n_breaks, n_graphs, n_runs, n_hits = len(log), len(state.records), state.graph_runs, len(state.limit_hits)
     t0 = time.perf_counter()
+    # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module runs inside
+    # DDP; compile it whole (DDP then reduces after the compiled backward). The recompile limit applies per set of
+    # plugins (see capture/frames.py); a nested compiled call keeps the outer call's.
+    config = {"optimize_ddp": False}
+    if current_state() is None:
+        config["recompile_limit"] = recompile_budget(state.label)
     state.in_call += 1
     state.calls += 1
     token = state.activate()
     try:
-        # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module
-        # runs inside DDP; compile it whole (DDP then reduces after the compiled backward).
-        with torch._dynamo.config.patch(optimize_ddp=False):
-            return compiled(*args, **kwargs)
+        with torch._dynamo.config.patch(**config):
+            out = compiled(*args, **kwargs)
     finally:
         state.deactivate(token)
         state.in_call -= 1
@@ -99,6 +151,11 @@ def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: 
             text = _describe_graph_break(reason)
             if not state.graph_breaks or state.graph_breaks[-1] != text:
                 state.graph_breaks.append(text)
+    hit = state.limit_hits[-1] if len(state.limit_hits) > n_hits else None
+    ran_graph = state.graph_runs != n_runs or len(state.records) != n_graphs
+    if hit is not None or not ran_graph:  # a limit hit after a graph ran: the rest of the call (a resume) ran eagerly
+        note_eager_call(state, hit, partly=ran_graph)
+    return out
 
 
 class ModuleView(nn.Module):
@@ -185,7 +242,7 @@ class ThunderModule(ModuleView):
         own["_lt_backend"] = backend
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return call_compiled(state, compiled, args, kwargs)
+            return call_compiled(state, compiled, args, kwargs, module)
 
         own["forward"] = functools.wraps(module.forward)(forward)
 

@@ -28,7 +28,7 @@ from lightning_thunder.recipes.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from lightning_thunder.recipes.config import RecipeConfig, to_dict, to_yaml
+from lightning_thunder.recipes.config import RecipeConfig, check_environment, to_dict, to_yaml
 from lightning_thunder.recipes.data import TrainSampler, load_tokens, validation_batches
 from lightning_thunder.recipes.errors import ConfigError, require_litgpt
 from lightning_thunder.recipes.model import check_model, lm_loss, reset_parameters, set_initializers, training_flops
@@ -133,13 +133,14 @@ def pretrain(cfg: RecipeConfig) -> PretrainResult:
 
     Raises:
         ConfigError: for a config that cannot run (e.g. ``resume`` points nowhere, a checkpoint from another model).
-        MissingDependencyError: ``litgpt`` or a plugin's implementation (e.g. FP8) is not installed.
+        MissingDependencyError: ``litgpt`` is not installed.
     """
     require_litgpt()
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import CSVLogger
 
     wall_start = time.perf_counter()
+    check_environment(cfg)  # CUDA, FP8 hardware, precision and out_dir against this machine: one line each
     plugins = build_plugins(cfg.plugins)  # fails now, before any work, when e.g. FP8 is not installed
     out_dir = Path(cfg.out_dir)
     resume_path, start_step = _resume_point(cfg)
@@ -253,8 +254,9 @@ class _Run:
         self.peak = max(self.peak, peak_memory_bytes(fabric.device)[0])  # before MemoryMonitor resets CUDA's peak
         # The monitors see one batch per optimizer step: this rank's micro-batches together.
         batch = (torch.cat(inputs), torch.cat(targets)) if self.accumulation > 1 else (inputs[0], targets[0])
-        fabric.call("on_train_batch_end", batch=batch)
-        return loss_sum / self.accumulation, lr
+        loss = loss_sum / self.accumulation
+        fabric.call("on_train_batch_end", outputs=loss, batch=batch)  # the loss: throughput.png's loss panel
+        return loss, lr
 
     def train(self) -> None:
         """Steps ``state["step"] + 1`` to ``train.max_steps``, with logging, validation and checkpoints."""
