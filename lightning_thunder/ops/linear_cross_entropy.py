@@ -42,7 +42,6 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_thunder.executors.kernels.linear_cross_entropy import chunk_loss_reference, chunk_loss_triton
 from lightning_thunder.executors.triton.ops import interpreting
 
 __all__ = [
@@ -158,6 +157,9 @@ def _forward(
     gw = torch.empty((vocab, hidden), dtype=acc_dtype, device=device) if grad_weight else weight.new_empty(0)
     gb = torch.zeros(vocab, dtype=torch.float32, device=device) if grad_bias else x.new_empty(0)
     use_triton = x.is_cuda or interpreting()
+    # The kernel module needs Triton; imported here so that the op (and lightning_thunder) import without it.
+    from lightning_thunder.executors.kernels.linear_cross_entropy import chunk_loss_reference, chunk_loss_triton
+
     chunk_loss = chunk_loss_triton if use_triton else chunk_loss_reference
     if not x.is_cuda:  # checked where it costs no GPU synchronization (PyTorch's CUDA kernels assert instead)
         bad = target[(target != ignore_index) & ((target < 0) | (target >= vocab))]
