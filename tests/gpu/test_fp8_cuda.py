@@ -237,7 +237,7 @@ def test_thunder_fsdp_with_thunder_fp8_on_two_gpus(monkeypatch):
 def test_fused_amax_at_llm_sizes_quantizes_exactly(case):
     """The fusion region's partial maxima (atomics from thousands of programs, autotuned grid) give the same FP8
     tensors and scales as the reference quantization of the region's own output, at 8192 x 2048 bf16."""
-    from tests.fp8.test_fused_amax import _bits, _norm_then_quantize, _scaled_with_bias_sum, _swiglu_then_quantize
+    from tests.fp8.test_fused_amax import _bits, _norm_then_quantize, _plugins, _scaled_with_bias_sum, _swiglu_then_quantize
 
     fn, shapes = {
         "persistent": (_norm_then_quantize, [(4, 2048, 2048), (2048,)]),
@@ -246,11 +246,12 @@ def test_fused_amax_at_llm_sizes_quantizes_exactly(case):
     }[case]
     torch.manual_seed(0)
     args = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
-    compiled = lt.compile(fn, plugins=[Fusion()])
+    compiled = lt.compile(fn, plugins=_plugins())  # Fusion and FP8 (whose epilogue folds fp8_amax)
     for _ in range(2):  # the first call autotunes (launches each config several times into the same partials)
         outs = compiled(*[a * 3 for a in args])
     trace = lt.last_traces(compiled)[-1].python()
-    assert "fp8_amax.default(" not in trace and "lightning_thunder.fp8_amax.default" in trace
+    assert "fp8_amax.default(" not in trace and "fp8_amax_kernel(" not in trace
+    assert "lightning_thunder.fp8_amax.default" in trace
     h = outs[0]
     quantized = [o for o in outs[1:] if not (o.dim() == 1 and o.dtype == torch.float32)]
     expected = quantize_reference(h, quantized[0].dtype, False, len(quantized) == 4)

@@ -136,12 +136,12 @@ def _reader_layout(
 ) -> tuple[int, ...] | None:
     """The strides ``y`` should be stored with for its readers (adding the clones that become free to ``freed``),
     or ``None`` to keep it contiguous."""
-    if id(y) in graph_outputs or not y.is_tensor:
+    if not y.is_tensor:
         return None
     shape = tuple(y.shape)
     if len(shape) < 2 or not all(type(d) is int for d in shape) or not y.val.is_contiguous():
         return None
-    if len(readers[id(y)]) == 1:
+    if id(y) not in graph_outputs and len(readers[id(y)]) == 1:
         found = _permuted_clones(readers[id(y)][0], y, readers, graph_outputs)
         if found is not None and found[0] != list(range(len(shape))):
             perm, clones = found

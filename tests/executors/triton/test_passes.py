@@ -256,3 +256,22 @@ def test_validator_rejects_a_cat_with_columns_written_twice_or_not_at_all():
         validate_plan(plan.with_region(region.replace(outputs=moved)))
     with pytest.raises(PlanError, match="writers"):
         validate_plan(plan.replace(cats=(CatPlan(plan.cats[0].cat, plan.cats[0].removed, ()),)))
+
+
+def test_layout_stores_a_query_saved_for_backward_in_the_order_attention_reads_it():
+    """The query is a graph output of a training forward (saved for the backward); it still gets [B, T, H, D]
+    strides, so attention's output (in the query's order) needs no copy to merge the heads."""
+
+    def fn(x, k, v):
+        q = (x * 2).sin()
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(2, 16, 32), q
+
+    plan = _plan(fn, torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8))
+    from lightning_thunder.executors.triton.layout import _ATTENTION
+
+    if not any(op.target in _ATTENTION for op in plan.trace.ops):
+        pytest.fail("sdpa did not lower to a flash/cuDNN-style attention op here; the test needs one")
+    new = layout_pass(plan)
+    (out,) = [o for r in new.regions for o in r.outputs if tuple(o.proxy.shape) == (2, 4, 16, 8)]
+    assert out.strides == (512, 8, 32, 1) and len(new.freed) == 1
