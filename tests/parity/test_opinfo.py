@@ -1,0 +1,112 @@
+"""PyTorch's OpInfo database through lightning_thunder (see :mod:`tests.parity.sweep` for what a case checks).
+
+- ``test_default_plugins[<op>]``: every float32 op with autograd, default plugins (on CPU: the torch executor).
+- ``test_fusion[<dtype>:<op>]``: ~120 pointwise / reduction / softmax / norm / loss ops through
+  ``plugins=[Fusion()]`` (Triton's interpreter on CPU) in float32 and bfloat16, against fp64.
+
+The cases run in two worker processes (a module fixture runs the selected ones at once); each test
+reports its own case. A case that also fails under ``torch.compile(backend="aot_eager")`` is a harness
+limitation and is skipped with both errors as the reason; so is an op Dynamo runs without compiling
+anything (random ops wrapped in ``wrapper_set_seed``, data-dependent outputs).
+
+Known lightning_thunder bugs are ``xfail(strict=True)`` with ``reason="bug: <tag>: ..."``: when the fix
+lands, the case passes, the strict xfail fails, and its entry in :data:`KNOWN_BUGS` is removed.
+Run one op alone: ``pytest tests/parity/test_opinfo.py -k "softmax"``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("expecttest", reason="op_db needs expecttest (pip install -e '.[test]')")
+
+from tests.parity.sweep import case_id, default_case_names, fusion_case_names, run_cases  # noqa: E402
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
+    pytest.skip("fusion on CPU needs TRITON_INTERPRET=1", allow_module_level=True)
+
+#: Worker processes (the CI machine has two cores).
+WORKERS = int(os.environ.get("LT_SWEEP_WORKERS", "2"))
+
+_SOFTMAX_DIM0 = "bug: softmax-dim0: softmax/log_softmax/softmin over dim 0 of a 2-D input: ValueError '<Proxy ...> is not in list' compiling the backward (issue 22)"
+_NORMALIZE_CYCLE = "bug: region-cycle: F.normalize(x*1., p=1., dim=2)*1. on [2,1,4,5]: 'fusion created a cycle between regions' (issue 22)"
+_ROW_OPERAND_BEFORE_REDUCTION = (
+    "bug: row-operand-pre-reduction: where(y > 0, (a*1.).sum(-1), 0.) with a [M,N], y [M]: y > 0 is loaded along "
+    "the columns (in0 + cols), the store fails with 'Expected pointer argument to have shape [8,8] but got [8,1]'"
+)
+
+#: case id -> reason: lightning_thunder bugs, each an xfail(strict=True) until fixed.
+KNOWN_BUGS = {
+    **{
+        case_id("fusion", op, dtype): _SOFTMAX_DIM0
+        for op in ("softmax", "log_softmax", "nn.functional.softmin", "_softmax_backward_data")
+        for dtype in (torch.float32, torch.bfloat16)
+    },
+    **{case_id("fusion", "nn.functional.normalize", d): _NORMALIZE_CYCLE for d in (torch.float32, torch.bfloat16)},
+    **{
+        case_id("fusion", "nn.functional.cosine_embedding_loss", d): _ROW_OPERAND_BEFORE_REDUCTION
+        for d in (torch.float32, torch.bfloat16)
+    },
+}
+
+#: case id -> reason: cases not run at all. Keep it short; prefer KNOWN_BUGS (an xfail still runs).
+SKIPS: dict[str, str] = {}
+
+DEFAULT_CASES = [case_id("default", name) for name in default_case_names()]
+FUSION_CASES = [case_id("fusion", name, d) for d in (torch.float32, torch.bfloat16) for name in fusion_case_names(d)]
+
+
+def _params(cases: list[str]) -> list:
+    params = []
+    for case in cases:
+        marks = []
+        if case in KNOWN_BUGS:
+            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
+        if case in SKIPS:
+            marks.append(pytest.mark.skip(reason=SKIPS[case]))
+        params.append(pytest.param(case, marks=marks, id=case.split(":", 1)[1] if case.startswith("default") else case.removeprefix("fusion-")))
+    return params
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest) -> dict:
+    """Runs every selected case of this module at once, in :data:`WORKERS` processes."""
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+    ]
+    return run_cases([c for c in selected if c not in SKIPS], workers=WORKERS)
+
+
+def _check(case: str, outcomes: dict) -> None:
+    outcome = outcomes[case]
+    if outcome.status in ("harness", "nosample"):
+        pytest.skip(f"{outcome.status}: {outcome.message}")
+    assert outcome.status == "pass", outcome.message
+
+
+@pytest.mark.parametrize("case", _params(DEFAULT_CASES))
+def test_default_plugins(case: str, outcomes: dict) -> None:
+    _check(case, outcomes)
+
+
+@pytest.mark.parametrize("case", _params(FUSION_CASES))
+def test_fusion(case: str, outcomes: dict) -> None:
+    _check(case, outcomes)
+    assert outcomes[case].graphs > 0
+
+
+def test_sweep_covers_what_it_claims(outcomes: dict) -> None:
+    """The sweep cannot pass by running nothing: most default cases compile, most Fusion cases fuse."""
+    ran = [c for c in outcomes if c in DEFAULT_CASES]
+    fusion = [c for c in outcomes if c in FUSION_CASES]
+    if len(ran) < len(DEFAULT_CASES) or len(fusion) < len(FUSION_CASES):
+        pytest.skip("only part of the sweep was selected")
+    compiled = [c for c in ran if outcomes[c].graphs > 0]
+    fused = [c for c in fusion if outcomes[c].fused > 0]
+    assert len(compiled) >= 0.9 * len(ran), f"{len(compiled)} of {len(ran)} default cases compiled a graph"
+    assert len(fused) >= 0.6 * len(fusion), f"{len(fused)} of {len(fusion)} Fusion cases fused a region"
