@@ -265,7 +265,15 @@ def _counts(compiled: Any) -> tuple[int, int]:
 
 def _check_sample(op: Any, sample: Any, mode: str, dtype: torch.dtype, compiler: str) -> tuple[int, int]:
     """Compile ``op`` on ``sample`` with ``compiler`` (``"lt"`` or ``"aot_eager"``) and compare; returns
-    (fusion regions, graphs). Raises AssertionError (wrong values) or the compile/run error."""
+    (fusion regions, graphs). Raises _Mismatch (wrong values) or the compile/run error. New memory is
+    NaN-filled, so a value left unwritten fails every run."""
+    from tests.parity.fuzz import nan_filled_allocations
+
+    with nan_filled_allocations():
+        return _check_sample_unguarded(op, sample, mode, dtype, compiler)
+
+
+def _check_sample_unguarded(op: Any, sample: Any, mode: str, dtype: torch.dtype, compiler: str) -> tuple[int, int]:
     import lightning_thunder as lt
     from lightning_thunder.plugins import Fusion
 
