@@ -304,20 +304,31 @@ class Mismatch(AssertionError):
 
 
 def _grads(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seed: int) -> list:
+    """Gradients of the outputs that require grad (random cotangents) for each input that requires grad."""
+    outputs = [o for o in outputs if o.requires_grad]
+    inputs = [t for t in inputs if t.requires_grad]
+    if not outputs or not inputs:
+        return []
     gen = torch.Generator().manual_seed(seed)
     cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outputs]
-    return list(torch.autograd.grad(list(outputs), list(inputs), cots, allow_unused=True))
+    return list(torch.autograd.grad(outputs, inputs, cots, allow_unused=True))
+
+
+def _outputs(value: Any) -> list[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
 
 
 def _clone(inputs: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Copies with the same strides (expanded inputs stay expanded) that require grad."""
+    """Copies with the same strides (expanded inputs stay expanded) and ``requires_grad``; float ones
+    converted to ``dtype`` if given."""
     out = []
     for t in inputs:
         # an expanded input (stride 0) is copied once per distinct element and expanded again
         distinct = t.detach()[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
-        c = torch.empty_strided(distinct.shape, distinct.stride(), dtype=dtype or t.dtype, device=t.device)
+        to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        c = torch.empty_strided(distinct.shape, distinct.stride(), dtype=to, device=t.device)
         c.copy_(distinct)
-        out.append(c.expand(t.shape).requires_grad_())
+        out.append(c.expand(t.shape).requires_grad_(t.requires_grad))
     return out
 
 
@@ -342,19 +353,19 @@ def _check_program(program: Callable[..., Any], inputs: Sequence[torch.Tensor], 
     import lightning_thunder as lt
     from lightning_thunder.plugins import Fusion
 
-    low = inputs[0].dtype in (torch.bfloat16, torch.float16)
+    low = any(t.dtype in (torch.bfloat16, torch.float16) for t in inputs)
     eager_in, compiled_in, ref_in = _clone(inputs), _clone(inputs), _clone(inputs, torch.float64)
-    eager = program(*eager_in)
-    reference = program(*ref_in)
+    eager = _outputs(program(*eager_in))
+    reference = _outputs(program(*ref_in))
     torch._dynamo.reset()
     if compiler is not None:
         compiled_fn = compiler(program)
     else:
         compiled_fn = lt.compile(program, plugins=[Fusion()] if plugins is None else plugins)
     try:
-        actual = compiled_fn(*compiled_in)
+        actual = _outputs(compiled_fn(*compiled_in))
         results = [
-            ("output", list(actual), list(eager), list(reference)),
+            ("output", actual, eager, reference),
             ("grad of input", _grads(actual, compiled_in, 1), _grads(eager, eager_in, 1), _grads(reference, ref_in, 1)),
         ]
         try:
@@ -370,6 +381,7 @@ def _compare(results: list, low: bool) -> None:
     from tests.helpers import assert_close, assert_close_to_reference
 
     for kind, got, want, ref in results:
+        assert len(got) == len(want), f"{len(got)} {kind}s, eager has {len(want)}"
         for k, (a, e, r) in enumerate(zip(got, want, ref)):
             what = f"{kind} {k}"
             if e is None or a is None:
