@@ -5,9 +5,9 @@ bfloat16 for odd ones, forward and the gradient of every input). A failure print
 Python. More programs on demand: ``LT_FUZZ_PROGRAMS=2000 pytest tests/parity/test_fuzz.py -k many`` or
 ``python -m tests.parity.fuzz --programs 2000 --seed 1000 --workers 2 --minimize``.
 
-Seeds that fail today because of a known lightning_thunder bug are ``xfail(strict=True)`` with
-``reason="bug: <tag>: ..."``; when the fix lands the seed passes, the strict xfail fails, and the entry
-of :data:`KNOWN_BUGS` is removed.
+Seeds that fail today because of a known lightning_thunder bug (:mod:`tests.parity.bugs`) are
+``xfail(strict=True)`` with ``reason="bug: <tag>: ..."`` and must fail with that bug's error; when the fix
+lands the seed passes, the strict xfail fails, and the entry of :data:`KNOWN_BUGS` is removed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 
+from tests.parity.bugs import BUGS
 from tests.parity.fuzz import HarnessLimitation, check_seed, run_seeds
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
@@ -24,38 +25,23 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1": 
 
 CI_SEEDS = range(60)
 
-_NONLAST_SLICE = (
-    "bug: nonlast-slice-codegen: a slice/cat along a dim other than the last, in a backward region: "
-    "TypeError 'cannot unpack non-iterable NoneType' at codegen column_move (e.g. (x*x)[3:5] on [10,3])"
-)
-_SLICE_BACKWARD = (
-    "bug: slice-backward-unwritten: the backward of a last-dim slice leaves columns unwritten "
-    "(x[..., 3:8].sigmoid() on [8,8,8]: grad off by ~1e38; issue 22 item 2)"
-)
-_WIDTH1_SLICE_GRID = (
-    "bug: width1-slice-grid: x[..., 0:1].amax(1)*1. on [1,8,1,2], backward: AssertionError 'output of shape "
-    "(1, 8, 1, 2) does not fit the region grid (8, 1)'"
-)
-
-#: seed -> reason: CI seeds failing today because of a lightning_thunder bug.
+#: seed -> tag of the known bug (tests/parity/bugs.py) its program fails with today: xfail(strict=True).
 KNOWN_BUGS = {
-    4: _NONLAST_SLICE,
-    11: _NONLAST_SLICE,
-    32: _NONLAST_SLICE,
-    33: _NONLAST_SLICE,
-    35: _NONLAST_SLICE,
-    45: _NONLAST_SLICE,
-    47: _WIDTH1_SLICE_GRID,
-    51: _SLICE_BACKWARD,
-    57: _SLICE_BACKWARD,
+    4: "nonlast-slice-codegen",
+    11: "nonlast-slice-codegen",
+    27: "slice-backward-unwritten",
+    32: "nonlast-slice-codegen",
+    33: "nonlast-slice-codegen",
+    35: "nonlast-slice-codegen",
+    45: "nonlast-slice-codegen",
+    47: "width1-slice-grid",
+    51: "slice-backward-unwritten",
+    57: "rotation-slice-grad",
 }
 
 
 def _seed_params() -> list:
-    return [
-        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[s])) if s in KNOWN_BUGS else s
-        for s in CI_SEEDS
-    ]
+    return [pytest.param(s, marks=BUGS[KNOWN_BUGS[s]].mark()) if s in KNOWN_BUGS else s for s in CI_SEEDS]
 
 
 #: seed -> fusion regions of its program, filled by test_fuzz_program
@@ -68,6 +54,10 @@ def test_fuzz_program(seed: int) -> None:
         _REGIONS[seed] = check_seed(seed)
     except HarnessLimitation as e:
         pytest.skip(f"harness limitation: {e}")
+    except AssertionError as e:
+        if seed in KNOWN_BUGS:
+            BUGS[KNOWN_BUGS[seed]].expect(str(e))
+        raise
 
 
 def test_fuzz_programs_fuse() -> None:

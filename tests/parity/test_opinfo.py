@@ -9,8 +9,9 @@ reports its own case. A case that also fails under ``torch.compile(backend="aot_
 limitation and is skipped with both errors as the reason; so is an op Dynamo runs without compiling
 anything (random ops wrapped in ``wrapper_set_seed``, data-dependent outputs).
 
-Known lightning_thunder bugs are ``xfail(strict=True)`` with ``reason="bug: <tag>: ..."``: when the fix
-lands, the case passes, the strict xfail fails, and its entry in :data:`KNOWN_BUGS` is removed.
+Known lightning_thunder bugs (:mod:`tests.parity.bugs`) are ``xfail(strict=True)`` with
+``reason="bug: <tag>: ..."`` and must fail with that bug's error: when the fix lands, the case passes, the
+strict xfail fails, and its entry in :data:`KNOWN_BUGS` is removed.
 Run one op alone: ``pytest tests/parity/test_opinfo.py -k "softmax"``.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 pytest.importorskip("expecttest", reason="op_db needs expecttest (pip install -e '.[test]')")
 
+from tests.parity.bugs import BUGS  # noqa: E402
 from tests.parity.sweep import case_id, default_case_names, fusion_case_names, run_cases  # noqa: E402
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
@@ -31,23 +33,16 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1": 
 #: Worker processes (the CI machine has two cores).
 WORKERS = int(os.environ.get("LT_SWEEP_WORKERS", "2"))
 
-_SOFTMAX_DIM0 = "bug: softmax-dim0: softmax/log_softmax/softmin over dim 0 of a 2-D input: ValueError '<Proxy ...> is not in list' compiling the backward (issue 22)"
-_NORMALIZE_CYCLE = "bug: region-cycle: F.normalize(x*1., p=1., dim=2)*1. on [2,1,4,5]: 'fusion created a cycle between regions' (issue 22)"
-_ROW_OPERAND_BEFORE_REDUCTION = (
-    "bug: row-operand-pre-reduction: where(y > 0, (a*1.).sum(-1), 0.) with a [M,N], y [M]: y > 0 is loaded along "
-    "the columns (in0 + cols), the store fails with 'Expected pointer argument to have shape [8,8] but got [8,1]'"
-)
-
-#: case id -> reason: lightning_thunder bugs, each an xfail(strict=True) until fixed.
-KNOWN_BUGS = {
+#: case id -> tag of the known bug (tests/parity/bugs.py) it fails with today: xfail(strict=True).
+KNOWN_BUGS: dict[str, str] = {
     **{
-        case_id("fusion", op, dtype): _SOFTMAX_DIM0
+        case_id("fusion", op, dtype): "softmax-dim0"
         for op in ("softmax", "log_softmax", "nn.functional.softmin", "_softmax_backward_data")
         for dtype in (torch.float32, torch.bfloat16)
     },
-    **{case_id("fusion", "nn.functional.normalize", d): _NORMALIZE_CYCLE for d in (torch.float32, torch.bfloat16)},
+    **{case_id("fusion", "nn.functional.normalize", d): "region-cycle" for d in (torch.float32, torch.bfloat16)},
     **{
-        case_id("fusion", "nn.functional.cosine_embedding_loss", d): _ROW_OPERAND_BEFORE_REDUCTION
+        case_id("fusion", "nn.functional.cosine_embedding_loss", d): "row-operand-pre-reduction"
         for d in (torch.float32, torch.bfloat16)
     },
 }
@@ -64,7 +59,7 @@ def _params(cases: list[str]) -> list:
     for case in cases:
         marks = []
         if case in KNOWN_BUGS:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
+            marks.append(BUGS[KNOWN_BUGS[case]].mark())
         if case in SKIPS:
             marks.append(pytest.mark.skip(reason=SKIPS[case]))
         params.append(pytest.param(case, marks=marks, id=case.split(":", 1)[1] if case.startswith("default") else case.removeprefix("fusion-")))
@@ -86,6 +81,8 @@ def _check(case: str, outcomes: dict) -> None:
     outcome = outcomes[case]
     if outcome.status in ("harness", "nosample"):
         pytest.skip(f"{outcome.status}: {outcome.message}")
+    if outcome.status == "fail" and case in KNOWN_BUGS:
+        BUGS[KNOWN_BUGS[case]].expect(outcome.message)
     assert outcome.status == "pass", outcome.message
 
 
