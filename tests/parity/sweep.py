@@ -403,16 +403,19 @@ def run_case(cid: str, device: str = "cpu") -> Outcome:
 
 
 def _error_text(e: BaseException) -> str:
+    """``wrong result: ...``, or each exception of the cause chain (type and first line), outermost first."""
     if isinstance(e, _Mismatch):
         return f"wrong result: {str(e).strip()}"
-    inner = e
-    while getattr(inner, "inner_exception", None) is not None or inner.__cause__ is not None:
+    chain: list[str] = []
+    inner: BaseException | None = e
+    while inner is not None and len(chain) < 4:
+        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+        chain.append(f"{type(inner).__name__}: {lines[0][:300] if lines else ''}")
         inner = getattr(inner, "inner_exception", None) or inner.__cause__
-    lines = [ln for ln in str(inner).strip().splitlines() if ln.strip()]
-    text = f"{type(inner).__name__}: {lines[0] if lines else ''}"
+    text = " <- ".join(chain)
     if os.environ.get("LT_SWEEP_TRACEBACK"):
         text += "\n" + "".join(traceback.format_exception(e))
-    return text[:2000]
+    return text[:3000]
 
 
 def _worker_init() -> None:
