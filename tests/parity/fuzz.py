@@ -16,15 +16,13 @@ regression test by copy-paste. Run many programs::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import multiprocessing
 import os
 import random
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - programs are written with `F.`
 
-__all__ = ["Program", "make_program", "check_program", "nan_filled_allocations", "check_seed", "main", "Mismatch", "HarnessLimitation", "minimize", "run_seeds"]
+from tests.parity.checks import Mismatch, assert_results_match, clone_inputs, nan_filled_allocations, outputs_and_grads
+
+__all__ = ["HarnessLimitation", "Program", "check_program", "check_seed", "main", "make_program", "minimize", "run_seeds"]
 
 #: Largest element count of any value of a program (Triton's interpreter is slow).
 MAX_NUMEL = 1024
@@ -284,54 +284,6 @@ def make_program(seed: int, dtype: torch.dtype | None = None) -> Program:
 # --------------------------------------------------------------------------------------------- checking
 
 
-@contextlib.contextmanager
-def nan_filled_allocations() -> Iterator[None]:
-    """``torch.empty`` fills floats with NaN (PyTorch's deterministic mode, warnings only): a value left
-    unwritten then fails the comparison every run instead of by the luck of what the memory held."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*deterministic", category=UserWarning)
-            yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
-class Mismatch(AssertionError):
-    """The compiled program ran and computed other values than eager (an error raised inside
-    lightning_thunder, even an AssertionError, is not one)."""
-
-
-def _grads(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], seed: int) -> list:
-    """Gradients of the outputs that require grad (random cotangents) for each input that requires grad."""
-    outputs = [o for o in outputs if o.requires_grad]
-    inputs = [t for t in inputs if t.requires_grad]
-    if not outputs or not inputs:
-        return []
-    gen = torch.Generator().manual_seed(seed)
-    cots = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outputs]
-    return list(torch.autograd.grad(outputs, inputs, cots, allow_unused=True))
-
-
-def _outputs(value: Any) -> list[torch.Tensor]:
-    return [value] if isinstance(value, torch.Tensor) else list(value)
-
-
-def _clone(inputs: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Copies with the same strides (expanded inputs stay expanded) and ``requires_grad``; float ones
-    converted to ``dtype`` if given."""
-    out = []
-    for t in inputs:
-        # an expanded input (stride 0) is copied once per distinct element and expanded again
-        distinct = t.detach()[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
-        to = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        c = torch.empty_strided(distinct.shape, distinct.stride(), dtype=to, device=t.device)
-        c.copy_(distinct)
-        out.append(c.expand(t.shape).requires_grad_(t.requires_grad))
-    return out
-
-
 def check_program(
     program: Callable[..., Any],
     inputs: Sequence[torch.Tensor],
@@ -353,48 +305,18 @@ def _check_program(program: Callable[..., Any], inputs: Sequence[torch.Tensor], 
     import lightning_thunder as lt
     from lightning_thunder.plugins import Fusion
 
-    low = any(t.dtype in (torch.bfloat16, torch.float16) for t in inputs)
-    eager_in, compiled_in, ref_in = _clone(inputs), _clone(inputs), _clone(inputs, torch.float64)
-    eager = _outputs(program(*eager_in))
-    reference = _outputs(program(*ref_in))
+    eager = outputs_and_grads(program, clone_inputs(inputs))
+    reference = outputs_and_grads(program, clone_inputs(inputs, torch.float64))
     torch._dynamo.reset()
     if compiler is not None:
         compiled_fn = compiler(program)
     else:
         compiled_fn = lt.compile(program, plugins=[Fusion()] if plugins is None else plugins)
     try:
-        actual = _outputs(compiled_fn(*compiled_in))
-        results = [
-            ("output", actual, eager, reference),
-            ("grad of input", _grads(actual, compiled_in, 1), _grads(eager, eager_in, 1), _grads(reference, ref_in, 1)),
-        ]
-        try:
-            _compare(results, low)
-        except AssertionError as e:
-            raise Mismatch(str(e)) from e
+        assert_results_match(outputs_and_grads(compiled_fn, clone_inputs(inputs)), eager, reference)
         return 0 if compiler is not None else lt.compile_stats(compiled_fn).fusion_regions
     finally:
         torch._dynamo.reset()
-
-
-def _compare(results: list, low: bool) -> None:
-    from tests.helpers import assert_close, assert_close_to_reference
-
-    for kind, got, want, ref in results:
-        assert len(got) == len(want), f"{len(got)} {kind}s, eager has {len(want)}"
-        for k, (a, e, r) in enumerate(zip(got, want, ref)):
-            what = f"{kind} {k}"
-            if e is None or a is None:
-                assert a is None or not a.abs().any(), f"{what}: eager has none, compiled is nonzero"
-                assert e is None or not e.abs().any(), f"{what}: compiled has none, eager is nonzero"
-                continue
-            if low:
-                assert_close_to_reference(a, e, r, what)
-                continue
-            try:
-                assert_close(a, e, what)
-            except AssertionError:  # a fused sum rounds in another order: hold both against fp64
-                assert_close_to_reference(a, e, r, what)
 
 
 class HarnessLimitation(Exception):

@@ -3,16 +3,20 @@
 A *case* is one op of ``torch.testing._internal.common_methods_invocations.op_db`` in one *mode*:
 
 - ``default``: float32 through ``lightning_thunder.compile(fn)`` with the default plugins; outputs and the
-  gradients of a random-cotangent loss must match eager (fp32 tolerance of :mod:`tests.helpers`).
+  gradients of a random-cotangent loss must match eager (fp32 tolerance of :mod:`tests.helpers`). Runs up to
+  :data:`DEFAULT_SAMPLES` samples whose arguments differ in kind (``narrow``'s start as an int, then as a
+  tensor).
 - ``fusion``: through ``plugins=[Fusion()]`` in float32 or bfloat16, against an fp64 reference (at most
   twice eager's error plus about one ulp, :func:`tests.helpers.assert_close_to_reference`). Every float
-  input and output is multiplied by 1.0 so that a lone op gets fused (a region needs two compute ops), and
-  the samples are chosen among the op's reference inputs with two or more dims (lone 0-d/1-d samples are
-  never fused), a broadcasting one where there is one.
+  input and output is multiplied by 1.0 so that a lone op gets fused (a region needs two compute ops).
+  Samples come from the op's reference inputs with two or more dims and at most :data:`FUSION_MAX_NUMEL`
+  elements (lone 0-d/1-d samples are never fused): the first, the first that broadcasts and the first with
+  a non-contiguous tensor.
 
-A case that fails is run again under ``torch.compile(backend="aot_eager")``: when that fails too, the
-failure belongs to the harness (Dynamo, AOTAutograd or the sample), not to lightning_thunder, and the case
-is reported as ``"harness"`` instead of ``"fail"``.
+Samples whose eager result has NaN/inf are passed over. New memory is NaN-filled while a sample runs
+(:func:`tests.parity.fuzz.nan_filled_allocations`), so a value left unwritten fails every run. A sample that
+fails is run again under ``torch.compile(backend="aot_eager")``: when that fails too, the failure belongs to
+the harness (Dynamo, AOTAutograd or the sample), not to lightning_thunder (status ``"harness"``).
 
 :func:`run_cases` runs cases in worker processes and returns one :class:`Outcome` per case id.
 """
@@ -30,6 +34,8 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from tests.parity.checks import Mismatch, assert_results_match, clone_inputs, finite, nan_filled_allocations, outputs_and_grads
 
 __all__ = [
     "FUSION_OPS",
@@ -239,56 +245,6 @@ def _program(op: Any, sample: Any, *, scale: bool) -> tuple[Any, list[torch.Tens
     return fn, [leaves[i] for i in slots]
 
 
-def _clone(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    out = []
-    for t in tensors:
-        c = t.detach().clone()
-        if dtype is not None and c.is_floating_point():
-            c = c.to(dtype)
-        out.append(c.requires_grad_(t.requires_grad))
-    return out
-
-
-def _run(fn: Any, inputs: list[torch.Tensor], cotangent_seed: int, process: Any) -> tuple[list, list]:
-    """Outputs (float tensors and other leaves, processed) and input gradients of ``fn(*inputs)``."""
-    out = fn(*inputs)
-    leaves = tree_flatten(process(out))[0]
-    diff = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
-    wrt = [t for t in inputs if t.requires_grad]
-    grads: list = [None] * len(wrt)
-    if diff and wrt:
-        gen = torch.Generator(device="cpu").manual_seed(cotangent_seed)
-        cots = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in diff]
-        grads = list(torch.autograd.grad(diff, wrt, cots, allow_unused=True))
-    return [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves], grads
-
-
-def _finite(values: list) -> bool:
-    return all(torch.isfinite(t).all() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point())
-
-
-def _compare(actual: tuple[list, list], eager: tuple[list, list], reference: tuple[list, list] | None) -> None:
-    from tests.helpers import assert_close, assert_close_to_reference
-
-    for kind, got, want, ref in (
-        ("output", actual[0], eager[0], reference[0] if reference else None),
-        ("grad of input", actual[1], eager[1], reference[1] if reference else None),
-    ):
-        assert len(got) == len(want), f"{kind}s: {len(got)} vs eager's {len(want)}"
-        for k, (a, e) in enumerate(zip(got, want)):
-            what = f"{kind} {k}"
-            if e is None or a is None:  # an input the output does not depend on: None or zeros
-                other = a if e is None else e
-                assert other is None or not other.abs().any(), f"{what}: {'eager' if e is None else 'compiled'} has none"
-                continue
-            if isinstance(e, torch.Tensor) and e.numel() == 0:
-                assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {a.dtype}{list(a.shape)} vs {e.dtype}{list(e.shape)}"
-            elif ref is not None:
-                assert_close_to_reference(a, e, ref[k], what)
-            else:
-                assert_close(a, e, what)
-
-
 def _counts(compiled: Any) -> tuple[int, int]:
     """(fusion regions, graphs) of a compiled function."""
     import lightning_thunder as lt
@@ -299,10 +255,8 @@ def _counts(compiled: Any) -> tuple[int, int]:
 
 def _check_sample(op: Any, sample: Any, mode: str, dtype: torch.dtype, compiler: str) -> tuple[int, int]:
     """Compile ``op`` on ``sample`` with ``compiler`` (``"lt"`` or ``"aot_eager"``) and compare; returns
-    (fusion regions, graphs). Raises _Mismatch (wrong values) or the compile/run error. New memory is
+    (fusion regions, graphs). Raises Mismatch (wrong values) or the compile/run error. New memory is
     NaN-filled, so a value left unwritten fails every run."""
-    from tests.parity.fuzz import nan_filled_allocations
-
     with nan_filled_allocations():
         return _check_sample_unguarded(op, sample, mode, dtype, compiler)
 
@@ -314,9 +268,9 @@ def _check_sample_unguarded(op: Any, sample: Any, mode: str, dtype: torch.dtype,
     fusion = mode == "fusion"
     fn, inputs = _program(op, sample, scale=fusion)
     process = sample.output_process_fn_grad
-    eager = _run(fn, _clone(inputs), 7, process)
-    reference = _run(fn, _clone(inputs, torch.float64), 7, process) if fusion else None
-    if not _finite(eager[0] + eager[1]):
+    eager = outputs_and_grads(fn, clone_inputs(inputs), process=process)
+    reference = outputs_and_grads(fn, clone_inputs(inputs, torch.float64), process=process) if fusion else None
+    if not finite(eager):
         raise _NonFinite("eager gives NaN/inf on this sample")
     torch._dynamo.reset()
     if compiler == "aot_eager":
@@ -324,21 +278,13 @@ def _check_sample_unguarded(op: Any, sample: Any, mode: str, dtype: torch.dtype,
     else:
         compiled = lt.compile(fn, plugins=[Fusion()] if fusion else None)
     try:
-        actual = _run(compiled, _clone(inputs), 7, process)
-        try:
-            _compare(actual, eager, reference)
-        except AssertionError as e:
-            raise _Mismatch(str(e)) from e
+        assert_results_match(outputs_and_grads(compiled, clone_inputs(inputs), process=process), eager, reference)
         return _counts(compiled) if compiler == "lt" else (0, 0)
     finally:
         torch._dynamo.reset()
 
 
 class _NonFinite(Exception):
-    pass
-
-
-class _Mismatch(Exception):
     pass
 
 
@@ -404,7 +350,7 @@ def run_case(cid: str, device: str = "cpu") -> Outcome:
 
 def _error_text(e: BaseException) -> str:
     """``wrong result: ...``, or each exception of the cause chain (type and first line), outermost first."""
-    if isinstance(e, _Mismatch):
+    if isinstance(e, Mismatch):
         return f"wrong result: {str(e).strip()}"
     chain: list[str] = []
     inner: BaseException | None = e

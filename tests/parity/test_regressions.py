@@ -19,7 +19,8 @@ from torch._dynamo.exc import BackendCompilerFailed
 import lightning_thunder as lt
 from lightning_thunder.plugins import Fusion
 from tests.parity.bugs import BUGS
-from tests.parity.fuzz import Mismatch, check_program
+from tests.parity.checks import Mismatch
+from tests.parity.fuzz import check_program
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
     pytest.skip("fusion on CPU needs TRITON_INTERPRET=1", allow_module_level=True)
