@@ -144,6 +144,13 @@ _BUGS = [
         "check_program(lambda x: (torch.cat((x[:,1:], x[:,:1]),1)*2.)[:, 2:], [torch.randn(5,8).requires_grad_()])",
         "fuzzer",
     ),
+    Bug(
+        "vector-to-column-view",
+        "a [N] value viewed as [N, 1] (reshape / flatten between them) in a region: wrong gradient",
+        "error vs fp64",
+        "check_program(lambda x: torch.sigmoid(torch.sin(x).reshape(5,1)), [torch.randn(5).requires_grad_()])",
+        "fuzzer",
+    ),
 ]
 
 #: tag -> bug

@@ -4,6 +4,8 @@ compiled run with eager and an fp64 reference."""
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -13,10 +15,28 @@ from torch.utils._pytree import tree_flatten
 
 from tests.helpers import LOW_PRECISION, assert_close, assert_close_to_reference
 
-__all__ = ["Mismatch", "Results", "assert_results_match", "clone_inputs", "finite", "nan_filled_allocations", "outputs_and_grads"]
+__all__ = [
+    "Mismatch",
+    "Results",
+    "assert_results_match",
+    "clone_inputs",
+    "finite",
+    "init_worker",
+    "nan_filled_allocations",
+    "outputs_and_grads",
+]
 
 #: (outputs, gradients of the inputs that require grad)
 Results = tuple[list, list]
+
+
+def init_worker() -> None:
+    """Set up a worker process of the sweep or the fuzzer: one thread, and its own kernel cache directory
+    (a kernel's file is named by a hash of its code without the comments but holds them, so processes
+    generating it from different source lines would rewrite each other's file while Triton reads it)."""
+    torch.set_num_threads(1)
+    base = os.environ.get("LIGHTNING_THUNDER_CACHE") or tempfile.mkdtemp(prefix="lt-parity-")
+    os.environ["LIGHTNING_THUNDER_CACHE"] = os.path.join(base, f"worker-{os.getpid()}")
 
 
 class Mismatch(AssertionError):

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - programs are written with `F.`
 
-from tests.parity.checks import Mismatch, assert_results_match, clone_inputs, nan_filled_allocations, outputs_and_grads
+from tests.parity.checks import (
+    Mismatch,
+    assert_results_match,
+    clone_inputs,
+    init_worker,
+    nan_filled_allocations,
+    outputs_and_grads,
+)
 
 __all__ = ["HarnessLimitation", "Program", "check_program", "check_seed", "main", "make_program", "minimize", "run_seeds"]
 
@@ -101,17 +109,20 @@ class Program:
 
 
 def _input_shapes(rng: random.Random) -> list[tuple[int, ...]]:
-    """A base shape and up to two broadcasting partners (suffixes with some dims set to 1)."""
+    """A base shape and up to two broadcasting partners (suffixes with some dims set to 1). A quarter of
+    the programs get coincident element counts: a base [a, b, a] with a [b, a] partner (its numel is the
+    base's row count a * b)."""
+    coincident = rng.random() < 0.25
     while True:
-        if rng.random() < 0.25:  # coincident element counts: [a, b, a] with its [b, a] suffix
+        if coincident:
             a, b = rng.choice(_DIMS[2:]), rng.choice(_DIMS[2:])
             base = (a, b, a)
         else:
             base = tuple(rng.choice(_DIMS) for _ in range(rng.randint(1, 4)))
         if 2 <= math.prod(base) <= MAX_NUMEL // 2:
             break
-    shapes = [base]
-    for _ in range(rng.randint(0, 2)):
+    shapes = [base, base[1:]] if coincident else [base]
+    for _ in range(rng.randint(0, 3 - len(shapes))):
         suffix = list(base[rng.randrange(len(base)) :])
         for i in range(len(suffix)):
             if rng.random() < 0.25:
@@ -398,17 +409,13 @@ def _check_quietly(seed: int, device: str) -> tuple[int, str | None, int]:
         return seed, None, -1
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
 def run_seeds(seeds: Sequence[int], device: str = "cpu", workers: int = 1) -> dict[int, tuple[str | None, int]]:
     """``seed -> (failure message or None, fusion regions; -1 for a harness limitation)`` for each seed,
     in ``workers`` processes."""
     if workers <= 1:
         return {s: (msg, fused) for s, msg, fused in map(_check_quietly, seeds, [device] * len(seeds))}
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:
         results = pool.map(_check_quietly, seeds, [device] * len(seeds), chunksize=4)
         return {s: (msg, fused) for s, msg, fused in results}
 
@@ -426,8 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.show is not None:
         print(make_program(args.show).repro())
         return 0
-    if args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads TRITON_INTERPRET when it is first imported (it is, by now): start again with it set
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "tests.parity.fuzz", *(sys.argv[1:] if argv is None else argv)])
+    # a kernel cache of its own: processes sharing one race on kernel files (see checks.init_worker)
+    os.environ.setdefault("LIGHTNING_THUNDER_CACHE", tempfile.mkdtemp(prefix="lt-fuzz-"))
     start = time.perf_counter()
     results = run_seeds(range(args.seed, args.seed + args.programs), args.device, args.workers)
     failed = {s: msg for s, (msg, _) in results.items() if msg}

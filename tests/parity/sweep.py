@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import traceback
+import types
+import unittest
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +38,15 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tests.parity.checks import Mismatch, assert_results_match, clone_inputs, finite, nan_filled_allocations, outputs_and_grads
+from tests.parity.checks import (
+    Mismatch,
+    assert_results_match,
+    clone_inputs,
+    finite,
+    init_worker,
+    nan_filled_allocations,
+    outputs_and_grads,
+)
 
 __all__ = [
     "FUSION_OPS",
@@ -114,8 +125,22 @@ def _parse_case(cid: str) -> tuple[str, str, torch.dtype]:
     return mode, name, getattr(torch, dtype)
 
 
+def _ensure_expecttest() -> None:
+    """``torch.testing._internal`` imports ``expecttest`` (a test extra of this project) only as the base of
+    its ``TestCase``; where it is missing (a GPU image without it), a stand-in with that base is enough
+    to load ``op_db``."""
+    try:
+        import expecttest  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("expecttest")
+        stand_in.TestCase = unittest.TestCase  # type: ignore[attr-defined]
+        stand_in.ACCEPT = False  # type: ignore[attr-defined]
+        sys.modules["expecttest"] = stand_in
+
+
 @cache
 def _ops() -> dict[str, Any]:
+    _ensure_expecttest()
     from torch.testing._internal.common_methods_invocations import op_db
 
     return {op.full_name: op for op in op_db}
@@ -364,10 +389,6 @@ def _error_text(e: BaseException) -> str:
     return text[:3000]
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def _run_chunk(cids: list[str], device: str) -> list[tuple[str, Outcome]]:
     return [(cid, run_case(cid, device)) for cid in cids]
 
@@ -378,7 +399,7 @@ def run_cases(cids: list[str], device: str = "cpu", workers: int = 2) -> dict[st
         return dict(_run_chunk(cids, device))
     chunks = [cids[i::workers] for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:
         results = {}
         for part in pool.map(_run_chunk, chunks, [device] * workers):
             results.update(part)

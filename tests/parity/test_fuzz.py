@@ -23,20 +23,24 @@ from tests.parity.fuzz import HarnessLimitation, check_seed, run_seeds
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
     pytest.skip("fusion on CPU needs TRITON_INTERPRET=1", allow_module_level=True)
 
+#: Masked-off lanes of interpreted kernels compute on padding (numpy warns; the results are masked).
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
 CI_SEEDS = range(60)
 
 #: seed -> tag of the known bug (tests/parity/bugs.py) its program fails with today: xfail(strict=True).
 KNOWN_BUGS = {
     4: "nonlast-slice-codegen",
     11: "nonlast-slice-codegen",
+    18: "nonlast-slice-codegen",
     27: "slice-backward-unwritten",
-    32: "nonlast-slice-codegen",
+    31: "vector-to-column-view",
     33: "nonlast-slice-codegen",
     35: "nonlast-slice-codegen",
+    43: "nonlast-slice-codegen",
     45: "nonlast-slice-codegen",
-    47: "width1-slice-grid",
-    51: "slice-backward-unwritten",
-    57: "rotation-slice-grad",
+    57: "softmax-dim0",
+    59: "nonlast-slice-codegen",
 }
 
 
