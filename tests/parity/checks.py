@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "Results",
     "assert_results_match",
     "clone_inputs",
+    "describe_error",
     "finite",
     "init_worker",
     "nan_filled_allocations",
@@ -111,6 +113,24 @@ def assert_results_match(actual: Results, eager: Results, reference: Results | N
                 _assert_matches(a, e, r, f"{kind} {k}")
     except AssertionError as e:
         raise Mismatch(str(e)) from e
+
+
+def describe_error(e: BaseException) -> str:
+    """``wrong result: <what differs>`` for a :class:`Mismatch`; else each exception of the cause chain
+    (type and first line), outermost first (Dynamo wraps a backend's error in ``BackendCompilerFailed``).
+    With ``LT_PARITY_TRACEBACK=1``, the traceback too."""
+    if isinstance(e, Mismatch):
+        return f"wrong result: {str(e).strip()}"
+    chain: list[str] = []
+    inner: BaseException | None = e
+    while inner is not None and len(chain) < 4:
+        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
+        chain.append(f"{type(inner).__name__}: {lines[0][:300] if lines else ''}")
+        inner = getattr(inner, "inner_exception", None) or inner.__cause__
+    text = " <- ".join(chain)[:3000]
+    if os.environ.get("LT_PARITY_TRACEBACK") == "1":
+        text += "\n" + "".join(traceback.format_exception(e))
+    return text
 
 
 def _assert_matches(a: Any, e: Any, r: Any, what: str) -> None:

@@ -35,6 +35,7 @@ from tests.parity.checks import (
     Mismatch,
     assert_results_match,
     clone_inputs,
+    describe_error,
     init_worker,
     nan_filled_allocations,
     outputs_and_grads,
@@ -334,11 +335,6 @@ class HarnessLimitation(Exception):
     """The program fails under ``torch.compile(backend="aot_eager")`` too: not lightning_thunder's failure."""
 
 
-def _first_line(e: BaseException) -> str:
-    kind = "wrong result" if isinstance(e, Mismatch) else type(e).__name__
-    return f"{kind}: {next((ln for ln in str(e).strip().splitlines() if ln.strip()), '')[:500]}"
-
-
 def check_seed(seed: int, device: str = "cpu") -> int:
     """Check the program of ``seed``; returns its number of fusion regions. Raises AssertionError holding
     the runnable program on failure, or :class:`HarnessLimitation` when ``aot_eager`` fails as well."""
@@ -347,11 +343,11 @@ def check_seed(seed: int, device: str = "cpu") -> int:
     try:
         return check_program(program, make_inputs(prog.dtype, device))
     except Exception as e:
-        ours = _first_line(e)
+        ours = describe_error(e)
         try:
             check_program(prog.build()[0], make_inputs(prog.dtype, device), compiler=_aot_eager)
         except Exception as e2:  # noqa: BLE001 - calibration: the failure is Dynamo's / AOTAutograd's
-            raise HarnessLimitation(f"fuzz seed {seed}: {ours}; aot_eager: {_first_line(e2)}") from e
+            raise HarnessLimitation(f"fuzz seed {seed}: {ours}; aot_eager: {describe_error(e2)}") from e
         raise AssertionError(f"fuzz seed {seed}: {ours}\n\n{prog.repro()}") from e
 
 

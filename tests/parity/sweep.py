@@ -24,9 +24,7 @@ the harness (Dynamo, AOTAutograd or the sample), not to lightning_thunder (statu
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
-import traceback
 import types
 import unittest
 from collections.abc import Iterator
@@ -39,9 +37,9 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tests.parity.checks import (
-    Mismatch,
     assert_results_match,
     clone_inputs,
+    describe_error,
     finite,
     init_worker,
     nan_filled_allocations,
@@ -351,12 +349,12 @@ def run_case(cid: str, device: str = "cpu") -> Outcome:
             except _NonFinite:
                 continue
             except Exception as e:  # noqa: BLE001 - reported, then calibrated against aot_eager
-                ours = f"{name}{_describe(sample)}: {_error_text(e)}"
+                ours = f"{name}{_describe(sample)}: {describe_error(e)}"
                 try:
                     _check_sample(op, sample, mode, dtype, "aot_eager")
                     failures.append(ours)
                 except Exception as e2:  # noqa: BLE001
-                    harness.append(f"{ours}\n  aot_eager: {_error_text(e2)}")
+                    harness.append(f"{ours}\n  aot_eager: {describe_error(e2)}")
             chooser.take(sample)
             ran += 1
     except Exception as e:  # noqa: BLE001 - a broken sample generator is the harness's problem
@@ -371,22 +369,6 @@ def run_case(cid: str, device: str = "cpu") -> Outcome:
     if not graphs:
         return Outcome("harness", f"{name}: Dynamo compiled no graph (the op ran eagerly)")
     return Outcome("pass", f"{passed} of {ran} samples passed, the others fail under aot_eager too:\n" + "\n".join(harness) if harness else "", fused, graphs)
-
-
-def _error_text(e: BaseException) -> str:
-    """``wrong result: ...``, or each exception of the cause chain (type and first line), outermost first."""
-    if isinstance(e, Mismatch):
-        return f"wrong result: {str(e).strip()}"
-    chain: list[str] = []
-    inner: BaseException | None = e
-    while inner is not None and len(chain) < 4:
-        lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-        chain.append(f"{type(inner).__name__}: {lines[0][:300] if lines else ''}")
-        inner = getattr(inner, "inner_exception", None) or inner.__cause__
-    text = " <- ".join(chain)
-    if os.environ.get("LT_SWEEP_TRACEBACK"):
-        text += "\n" + "".join(traceback.format_exception(e))
-    return text[:3000]
 
 
 def _run_chunk(cids: list[str], device: str) -> list[tuple[str, Outcome]]:
