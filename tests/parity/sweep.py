@@ -368,21 +368,15 @@ def run_case(cid: str, device: str = "cpu") -> Outcome:
         return Outcome("nosample", f"{name}: no sample with a float input that requires grad{need} and a finite eager result")
     if not graphs:
         return Outcome("harness", f"{name}: Dynamo compiled no graph (the op ran eagerly)")
-    return Outcome("pass", f"{passed} of {ran} samples passed, the others fail under aot_eager too:\n" + "\n".join(harness) if harness else "", fused, graphs)
-
-
-def _run_chunk(cids: list[str], device: str) -> list[tuple[str, Outcome]]:
-    return [(cid, run_case(cid, device)) for cid in cids]
+    note = f"{passed} of {ran} samples passed; the others fail under aot_eager too:\n" + "\n".join(harness) if harness else ""
+    return Outcome("pass", note, fused, graphs)
 
 
 def run_cases(cids: list[str], device: str = "cpu", workers: int = 2) -> dict[str, Outcome]:
-    """Run ``cids`` in ``workers`` spawned processes (in this process when ``workers <= 1``)."""
+    """Run ``cids`` in ``workers`` spawned processes (in this process when ``workers <= 1``), handed out
+    a few at a time so that the workers finish together."""
     if workers <= 1 or len(cids) < 2:
-        return dict(_run_chunk(cids, device))
-    chunks = [cids[i::workers] for i in range(workers)]
+        return {cid: run_case(cid, device) for cid in cids}
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker) as pool:
-        results = {}
-        for part in pool.map(_run_chunk, chunks, [device] * workers):
-            results.update(part)
-    return results
+        return dict(zip(cids, pool.map(run_case, cids, [device] * len(cids), chunksize=8)))
