@@ -20,15 +20,13 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run tests/gpu on an H100)", allow_module_level=True)
 
+from tests.parity.bugs import FUZZ_BUGS, FUZZ_CI_SEEDS, SWEEP_BUGS  # noqa: E402
 from tests.parity.fuzz import run_seeds  # noqa: E402
 from tests.parity.sweep import case_id, fusion_case_names, run_cases  # noqa: E402
-from tests.parity.test_fuzz import CI_SEEDS  # noqa: E402
-from tests.parity.test_fuzz import KNOWN_BUGS as FUZZ_KNOWN_BUGS  # noqa: E402
-from tests.parity.test_opinfo import KNOWN_BUGS as SWEEP_KNOWN_BUGS  # noqa: E402
 
 WORKERS = int(os.environ.get("LT_SWEEP_WORKERS", "4"))
 FUZZ_WORKERS = int(os.environ.get("LT_FUZZ_WORKERS", "4"))
-FUZZ_SEEDS = [*CI_SEEDS, *range(1000, 1240)]
+FUZZ_SEEDS = [*FUZZ_CI_SEEDS, *range(1000, 1240)]
 
 #: Seeds of 1000-1239 whose programs fail on CPU (Triton's interpreter) at the commit that added this test
 #: (`python -m tests.parity.fuzz --programs 240 --seed 1000`); a seed fixed since then is not flagged.
@@ -48,8 +46,8 @@ def sweep_outcomes() -> dict:
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(c, marks=pytest.mark.xfail(strict=False, reason=f"known bug: {SWEEP_KNOWN_BUGS[c]}"))
-        if c in SWEEP_KNOWN_BUGS
+        pytest.param(c, marks=pytest.mark.xfail(strict=False, reason=f"known bug: {SWEEP_BUGS[c]}"))
+        if c in SWEEP_BUGS
         else c
         for c in FUSION_CASES
     ],
@@ -69,7 +67,7 @@ def test_fusion_sweep_cuda_fuses(sweep_outcomes: dict) -> None:
 def test_fuzz_programs_cuda() -> None:
     """Every program that passes on CPU passes with real kernels."""
     results = run_seeds(FUZZ_SEEDS, device="cuda", workers=FUZZ_WORKERS)
-    expected = set(FUZZ_KNOWN_BUGS) | CPU_FAILING_SEEDS
+    expected = set(FUZZ_BUGS) | CPU_FAILING_SEEDS
     failed = {s: msg for s, (msg, _) in results.items() if msg}
     gpu_only = sorted(set(failed) - expected)
     print(

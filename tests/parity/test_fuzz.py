@@ -1,13 +1,13 @@
 """The Fusion region planner against random programs (see :mod:`tests.parity.fuzz`).
 
-CI checks the fixed seeds :data:`CI_SEEDS` and :data:`PINNED_SEEDS` (one test each: its program, float32
-for even seeds and bfloat16 for odd ones, forward and the gradient of every input). A failure prints the program as runnable
-Python. More programs on demand: ``LT_FUZZ_PROGRAMS=2000 pytest tests/parity/test_fuzz.py -k many`` or
+CI checks the fixed seeds ``FUZZ_CI_SEEDS`` and ``FUZZ_PINNED_SEEDS`` of :mod:`tests.parity.bugs` (one test
+each: its program, float32 for even seeds and bfloat16 for odd ones, forward and the gradient of every
+input). A failure prints the program as runnable Python. More programs on demand: ``LT_FUZZ_PROGRAMS=2000 pytest tests/parity/test_fuzz.py -k many`` or
 ``python -m tests.parity.fuzz --programs 2000 --seed 1000 --workers 2 --minimize``.
 
 Seeds that fail today because of a known lightning_thunder bug (:mod:`tests.parity.bugs`) are
 ``xfail(strict=True)`` with ``reason="bug: <tag>: ..."`` and must fail with that bug's error; when the fix
-lands the seed passes, the strict xfail fails, and the entry of :data:`KNOWN_BUGS` is removed.
+lands the seed passes, the strict xfail fails, and its entry of ``FUZZ_BUGS`` is removed.
 """
 
 from __future__ import annotations
@@ -17,43 +17,23 @@ import os
 import pytest
 import torch
 
-from tests.parity.bugs import BUGS
+from tests.parity.bugs import BUGS, FUZZ_BUGS, FUZZ_CI_SEEDS, FUZZ_PINNED_SEEDS
 from tests.parity.fuzz import HarnessLimitation, check_seed, run_seeds
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
-    pytest.skip("fusion on CPU needs TRITON_INTERPRET=1", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it on machines without CUDA
+    pytest.skip(
+        "the parity nets run on CPU under Triton's interpreter (TRITON_INTERPRET=1); "
+        "with CUDA run tests/gpu/test_parity_sweep_cuda.py",
+        allow_module_level=True,
+    )
 
 #: Masked-off lanes of interpreted kernels compute on padding (numpy warns; the results are masked).
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
-CI_SEEDS = range(60)
-#: Seeds of longer runs whose programs found a bug the CI seeds do not show, kept as regression tests.
-PINNED_SEEDS = (1055, 1106, 1151, 1173, 1198)
-
-#: seed -> tag of the known bug (tests/parity/bugs.py) its program fails with today: xfail(strict=True).
-KNOWN_BUGS = {
-    4: "nonlast-slice-codegen",
-    11: "nonlast-slice-codegen",
-    18: "nonlast-slice-codegen",
-    27: "slice-backward-unwritten",
-    31: "vector-to-column-view",
-    33: "nonlast-slice-codegen",
-    35: "nonlast-slice-codegen",
-    43: "nonlast-slice-codegen",
-    45: "nonlast-slice-codegen",
-    57: "softmax-dim0",
-    59: "nonlast-slice-codegen",
-    1055: "bcast-index",
-    1106: "width1-slice-grid",
-    1151: "rotation-slice-grad",
-    1173: "colsum-count",
-    1198: "region-cycle",
-}
-
 
 def _seed_params() -> list:
-    seeds = [*CI_SEEDS, *PINNED_SEEDS]
-    return [pytest.param(s, marks=BUGS[KNOWN_BUGS[s]].mark()) if s in KNOWN_BUGS else s for s in seeds]
+    seeds = [*FUZZ_CI_SEEDS, *FUZZ_PINNED_SEEDS]
+    return [pytest.param(s, marks=BUGS[FUZZ_BUGS[s]].mark()) if s in FUZZ_BUGS else s for s in seeds]
 
 
 #: seed -> fusion regions of its program, filled by test_fuzz_program
@@ -67,14 +47,14 @@ def test_fuzz_program(seed: int) -> None:
     except HarnessLimitation as e:
         pytest.skip(f"harness limitation: {e}")
     except AssertionError as e:
-        if seed in KNOWN_BUGS:
-            BUGS[KNOWN_BUGS[seed]].expect(str(e))
+        if seed in FUZZ_BUGS:
+            BUGS[FUZZ_BUGS[seed]].expect(str(e))
         raise
 
 
 def test_fuzz_programs_fuse() -> None:
     """The fuzzer exercises the planner: most programs that pass fuse at least one region."""
-    if len(_REGIONS) < len(CI_SEEDS) // 2:
+    if len(_REGIONS) < len(FUZZ_CI_SEEDS) // 2:
         pytest.skip("needs the CI seeds' tests to have run first (in this session)")
     fused = [s for s, r in _REGIONS.items() if r > 0]
     assert len(fused) >= 0.6 * len(_REGIONS), f"only {len(fused)} of {len(_REGIONS)} programs fused a region"

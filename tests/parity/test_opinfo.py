@@ -11,7 +11,7 @@ anything (random ops wrapped in ``wrapper_set_seed``, data-dependent outputs).
 
 Known lightning_thunder bugs (:mod:`tests.parity.bugs`) are ``xfail(strict=True)`` with
 ``reason="bug: <tag>: ..."`` and must fail with that bug's error: when the fix lands, the case passes, the
-strict xfail fails, and its entry in :data:`KNOWN_BUGS` is removed.
+strict xfail fails, and its entry of ``SWEEP_BUGS`` (:mod:`tests.parity.bugs`) is removed.
 Run one op alone: ``pytest tests/parity/test_opinfo.py -k "softmax"``.
 """
 
@@ -22,11 +22,15 @@ import os
 import pytest
 import torch
 
-from tests.parity.bugs import BUGS
+from tests.parity.bugs import BUGS, SWEEP_BUGS
 from tests.parity.sweep import case_id, default_case_names, fusion_case_names, run_cases
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it
-    pytest.skip("fusion on CPU needs TRITON_INTERPRET=1", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it on machines without CUDA
+    pytest.skip(
+        "the parity nets run on CPU under Triton's interpreter (TRITON_INTERPRET=1); "
+        "with CUDA run tests/gpu/test_parity_sweep_cuda.py",
+        allow_module_level=True,
+    )
 
 #: Masked-off lanes of interpreted kernels compute on padding (numpy warns; the results are masked).
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -34,22 +38,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 #: Worker processes (the CI machine has two cores).
 WORKERS = int(os.environ.get("LT_SWEEP_WORKERS", "2"))
 
-#: case id -> tag of the known bug (tests/parity/bugs.py) it fails with today: xfail(strict=True).
-KNOWN_BUGS: dict[str, str] = {
-    **{case_id("default", op): "capture-graph-break" for op in ("narrow", "tensor_split", "index_fill")},
-    **{
-        case_id("fusion", op, dtype): "softmax-dim0"
-        for op in ("softmax", "log_softmax", "nn.functional.softmin", "_softmax_backward_data")
-        for dtype in (torch.float32, torch.bfloat16)
-    },
-    **{case_id("fusion", "nn.functional.normalize", d): "region-cycle" for d in (torch.float32, torch.bfloat16)},
-    **{
-        case_id("fusion", "nn.functional.cosine_embedding_loss", d): "row-operand-pre-reduction"
-        for d in (torch.float32, torch.bfloat16)
-    },
-}
 
-#: case id -> reason: cases not run at all. Keep it short; prefer KNOWN_BUGS (an xfail still runs).
+#: case id -> reason: cases not run at all. Keep it short; prefer a known bug in SWEEP_BUGS (an xfail still runs).
 SKIPS: dict[str, str] = {}
 
 DEFAULT_CASES = [case_id("default", name) for name in default_case_names()]
@@ -60,8 +50,8 @@ def _params(cases: list[str]) -> list:
     params = []
     for case in cases:
         marks = []
-        if case in KNOWN_BUGS:
-            marks.append(BUGS[KNOWN_BUGS[case]].mark())
+        if case in SWEEP_BUGS:
+            marks.append(BUGS[SWEEP_BUGS[case]].mark())
         if case in SKIPS:
             marks.append(pytest.mark.skip(reason=SKIPS[case]))
         params.append(pytest.param(case, marks=marks, id=case.split(":", 1)[1] if case.startswith("default") else case.removeprefix("fusion-")))
@@ -83,8 +73,8 @@ def _check(case: str, outcomes: dict) -> None:
     outcome = outcomes[case]
     if outcome.status in ("harness", "nosample"):
         pytest.skip(f"{outcome.status}: {outcome.message}")
-    if outcome.status == "fail" and case in KNOWN_BUGS:
-        BUGS[KNOWN_BUGS[case]].expect(outcome.message)
+    if outcome.status == "fail" and case in SWEEP_BUGS:
+        BUGS[SWEEP_BUGS[case]].expect(outcome.message)
     assert outcome.status == "pass", outcome.message
 
 
