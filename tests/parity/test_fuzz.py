@@ -20,16 +20,6 @@ import torch
 from tests.parity.bugs import BUGS, FUZZ_BUGS, FUZZ_CI_SEEDS, FUZZ_PINNED_SEEDS
 from tests.parity.fuzz import HarnessLimitation, check_seed, run_seeds
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it on machines without CUDA
-    pytest.skip(
-        "the parity nets run on CPU under Triton's interpreter (TRITON_INTERPRET=1); "
-        "with CUDA run tests/gpu/test_parity_sweep_cuda.py",
-        allow_module_level=True,
-    )
-
-#: Masked-off lanes of interpreted kernels compute on padding (numpy warns; the results are masked).
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-
 
 def _seed_params() -> list:
     seeds = [*FUZZ_CI_SEEDS, *FUZZ_PINNED_SEEDS]

@@ -25,16 +25,6 @@ import torch
 from tests.parity.bugs import BUGS, SWEEP_BUGS
 from tests.parity.sweep import case_id, default_case_names, fusion_case_names, run_cases
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it on machines without CUDA
-    pytest.skip(
-        "the parity nets run on CPU under Triton's interpreter (TRITON_INTERPRET=1); "
-        "with CUDA run tests/gpu/test_parity_sweep_cuda.py",
-        allow_module_level=True,
-    )
-
-#: Masked-off lanes of interpreted kernels compute on padding (numpy warns; the results are masked).
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-
 #: Worker processes (the CI machine has two cores).
 WORKERS = int(os.environ.get("LT_SWEEP_WORKERS", "2"))
 

@@ -9,8 +9,6 @@ bug's error: another failure behind the xfail fails the test.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -21,16 +19,6 @@ from lightning_thunder.plugins import Fusion
 from tests.parity.bugs import BUGS
 from tests.parity.checks import Mismatch
 from tests.parity.fuzz import check_program
-
-if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - conftest sets it on machines without CUDA
-    pytest.skip(
-        "the parity nets run on CPU under Triton's interpreter (TRITON_INTERPRET=1); "
-        "with CUDA run tests/gpu/test_parity_sweep_cuda.py",
-        allow_module_level=True,
-    )
-
-#: Masked-off lanes of interpreted kernels compute on padding (numpy warns; the results are masked).
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
 DEVICE = "cpu"
 
