@@ -52,6 +52,7 @@ __all__ = [
     "case_id",
     "default_case_names",
     "fusion_case_names",
+    "missing_fusion_ops",
     "run_case",
     "run_cases",
 ]
@@ -149,13 +150,16 @@ def default_case_names() -> list[str]:
     return [n for n, op in _ops().items() if op.supports_autograd and torch.float32 in op.supported_dtypes("cpu")]
 
 
+def missing_fusion_ops() -> list[str]:
+    """The names of :data:`FUSION_OPS` this torch's ``op_db`` does not have (a typo, or an older torch)."""
+    return [n for n in FUSION_OPS if n not in _ops()]
+
+
 def fusion_case_names(dtype: torch.dtype, device: str = "cpu") -> list[str]:
     """The ops of :data:`FUSION_OPS` that ``op_db`` has and that support ``dtype`` with autograd."""
     ops = _ops()
-    missing = [n for n in FUSION_OPS if n not in ops]
-    if missing:
-        raise LookupError(f"FUSION_OPS names ops op_db does not have: {missing}")
-    return [n for n in FUSION_OPS if ops[n].supports_autograd and dtype in ops[n].supported_dtypes(device)]
+    present = [n for n in FUSION_OPS if n in ops]
+    return [n for n in present if ops[n].supports_autograd and dtype in ops[n].supported_dtypes(device)]
 
 
 # ----------------------------------------------------------------------------------------------- samples

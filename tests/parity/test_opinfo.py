@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from tests.parity.bugs import BUGS, SWEEP_BUGS
-from tests.parity.sweep import case_id, default_case_names, fusion_case_names, run_cases
+from tests.parity.sweep import case_id, default_case_names, fusion_case_names, missing_fusion_ops, run_cases
 
 #: Worker processes (the CI machine has two cores).
 WORKERS = int(os.environ.get("LT_SWEEP_WORKERS", "2"))
@@ -77,6 +77,10 @@ def test_default_plugins(case: str, outcomes: dict) -> None:
 def test_fusion(case: str, outcomes: dict) -> None:
     _check(case, outcomes)
     assert outcomes[case].graphs > 0
+
+
+def test_fusion_ops_are_in_op_db() -> None:
+    assert not missing_fusion_ops(), "FUSION_OPS names ops this torch's op_db does not have"
 
 
 def test_sweep_covers_what_it_claims(outcomes: dict) -> None:
