@@ -1,9 +1,10 @@
-"""The lightning_thunder bugs the parity tests know about, one entry per root cause (as far as known).
+"""The lightning_thunder bugs the parity tests found, one entry per root cause (as far as known). Every one below
+is fixed; its repro runs as a regression test (tests/parity/test_regressions.py).
 
-The tables at the end name the OpInfo-sweep cases and fuzz seeds that fail today, by tag. A test that
-fails today because of one of them is marked with :meth:`Bug.mark` (``xfail(strict=True)``,
-reason ``"bug: <tag>: ..."``): when the fix lands the test passes, the strict xfail fails, and the mark
-(and, once no test uses it, the entry) is removed. :meth:`Bug.expect` checks that a failure is this bug and
+The tables at the end name the OpInfo-sweep cases and fuzz seeds that fail today, by tag (none now). A test that
+fails because of a bug not yet fixed is marked with :meth:`Bug.mark` (``xfail(strict=True)``,
+reason ``"bug: <tag>: ..."``): when the fix lands the test passes, the strict xfail fails, and the mark is
+removed. :meth:`Bug.expect` checks that a failure is this bug and
 not another one hiding behind the xfail. Each ``repro`` runs as is (CPU: ``TRITON_INTERPRET=1``) after
 ``import torch, torch.nn.functional as F; from tests.parity.fuzz import check_program``.
 """
@@ -159,42 +160,14 @@ _BUGS = [
 BUGS: dict[str, Bug] = {b.tag: b for b in _BUGS}
 
 
-def _sweep_bugs() -> dict[str, str]:
-    from tests.parity.sweep import case_id
-
-    both = (torch.float32, torch.bfloat16)
-    softmaxes = ("softmax", "log_softmax", "nn.functional.softmin", "_softmax_backward_data")
-    return {
-        **{case_id("default", op): "capture-graph-break" for op in ("narrow", "tensor_split", "index_fill")},
-        **{case_id("fusion", op, d): "softmax-dim0" for op in softmaxes for d in both},
-        **{case_id("fusion", "nn.functional.normalize", d): "region-cycle" for d in both},
-        **{case_id("fusion", "nn.functional.cosine_embedding_loss", d): "row-operand-pre-reduction" for d in both},
-    }
-
-
-#: OpInfo sweep case id (tests/parity/sweep.py) -> tag of the bug it fails with today.
-SWEEP_BUGS: dict[str, str] = _sweep_bugs()
+#: OpInfo sweep case id (tests/parity/sweep.py) -> tag of the bug it fails with today (none: the sweep's failures
+#: softmax-dim0, region-cycle, row-operand-pre-reduction and capture-graph-break are fixed).
+SWEEP_BUGS: dict[str, str] = {}
 
 #: The fuzzer's seeds in CI, and seeds of longer runs that found a bug the CI seeds do not show.
 FUZZ_CI_SEEDS = range(60)
 FUZZ_PINNED_SEEDS = (1055, 1106, 1151, 1173, 1198)
 
-#: fuzz seed -> tag of the bug its program fails with today.
-FUZZ_BUGS: dict[int, str] = {
-    4: "nonlast-slice-codegen",
-    11: "nonlast-slice-codegen",
-    18: "nonlast-slice-codegen",
-    27: "slice-backward-unwritten",
-    31: "vector-to-column-view",
-    33: "nonlast-slice-codegen",
-    35: "nonlast-slice-codegen",
-    43: "nonlast-slice-codegen",
-    45: "nonlast-slice-codegen",
-    57: "softmax-dim0",
-    59: "nonlast-slice-codegen",
-    1055: "bcast-index",
-    1106: "width1-slice-grid",
-    1151: "rotation-slice-grad",
-    1173: "colsum-count",
-    1198: "region-cycle",
-}
+#: fuzz seed -> tag of the bug its program fails with today (none: the seeds that failed, 4 11 18 27 31 33 35 43 45
+#: 57 59 1055 1106 1151 1173 1198, pass since the fixes; they stay in the CI and pinned seeds).
+FUZZ_BUGS: dict[int, str] = {}
