@@ -9,8 +9,10 @@ written to the original module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ _SHARED = (
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
 )
+_WARNED_SMALL_BUCKETS = "_lt_warned_small_buckets"  # set on a DDP module once its bucket size was warned about
 _OWN = ("_lt_module", "_lt_compiled", "_lt_state", "_lt_backend", "forward")
 
 
@@ -60,12 +63,41 @@ def _describe_graph_break(reason: Any) -> str:
     return text
 
 
+def _ddp_graph_splitting(module: nn.Module | None) -> contextlib.AbstractContextManager:
+    """Dynamo's DDPOptimizer for a compiled call running inside DDP's forward (or compiling a DDP ``module``): the graph is split at DDP's bucket
+    boundaries and each piece compiled on its own, so each bucket's all-reduce starts as soon as the backward of
+    its piece is done, overlapping the rest of the backward. Dynamo cannot split buckets smaller than DDP's first
+    bucket (1 MB): then the graph stays whole and gradients are all-reduced after its backward, with a warning."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel._get_active_ddp_module() if dist.is_available() else None
+    if ddp is None and isinstance(module, DistributedDataParallel):
+        ddp = module
+    first = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 0)
+    if ddp is None or ddp.bucket_bytes_cap >= first:
+        return contextlib.nullcontext()
+    if not getattr(ddp, _WARNED_SMALL_BUCKETS, False):
+        setattr(ddp, _WARNED_SMALL_BUCKETS, True)
+        warnings.warn(
+            f"DDP's bucket_cap_mb={ddp.bucket_bytes_cap / 2**20:g} is below its first bucket's "
+            f"{first / 2**20:g} MB, which Dynamo's DDPOptimizer cannot split at: the compiled backward runs as one "
+            "graph and every gradient is all-reduced after it (no overlap with the backward); use bucket_cap_mb >= "
+            f"{first / 2**20:g} to overlap",
+            stacklevel=3,
+        )
+    return torch._dynamo.config.patch(optimize_ddp=False)
+
+
 @torch.compiler.disable
-def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: dict) -> Any:
+def call_compiled(
+    state: CompileState, compiled: Callable, args: tuple, kwargs: dict, module: nn.Module | None = None
+) -> Any:
     """Run the Dynamo-compiled callable, recording graph breaks and the time of compiling calls.
 
     Opaque to an enclosing compile: a compiled block inside a module that is compiled again runs its
-    own graphs (the outer graph breaks around it) instead of being traced a second time.
+    own graphs (the outer graph breaks around it) instead of being traced a second time. ``module`` is the
+    compiled module, if any (see :func:`_ddp_graph_splitting`).
     """
     log = _graph_break_log()
     n_breaks, n_graphs = len(log), len(state.records)
@@ -74,9 +106,7 @@ def call_compiled(state: CompileState, compiled: Callable, args: tuple, kwargs: 
     state.calls += 1
     token = state.activate()
     try:
-        # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module
-        # runs inside DDP; compile it whole (DDP then reduces after the compiled backward).
-        with torch._dynamo.config.patch(optimize_ddp=False):
+        with _ddp_graph_splitting(module):
             return compiled(*args, **kwargs)
     finally:
         state.deactivate(token)
@@ -108,7 +138,7 @@ class ThunderModule(nn.Module):
         own["training"] = module.training
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return call_compiled(state, compiled, args, kwargs)
+            return call_compiled(state, compiled, args, kwargs, module)
 
         own["forward"] = functools.wraps(module.forward)(forward)
 
