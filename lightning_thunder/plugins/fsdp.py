@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-__all__ = ["FSDP", "require_process_group"]
+__all__ = ["FSDP", "require_process_group", "default_device_mesh"]
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,12 @@ def require_process_group(what: str) -> None:
         )
 
 
-def _default_mesh() -> DeviceMesh:
+def default_device_mesh(what: str) -> DeviceMesh:
+    """A 1-D mesh of every rank of the default process group (CUDA with NCCL, else CPU); ``what`` names the
+    caller in the error raised when there is no process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    require_process_group(what)
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
@@ -113,10 +116,7 @@ class FSDP(Plugin):
         """Apply activation checkpointing (if enabled) and ``fully_shard`` to each block, then to the root."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        mesh = self.mesh
-        if mesh is None:
-            require_process_group("The FSDP plugin")
-            mesh = _default_mesh()
+        mesh = self.mesh if self.mesh is not None else default_device_mesh("The FSDP plugin")
         if self.cpu_offload and mesh.device_type == "cpu":
             raise ValueError(
                 "cpu_offload=True needs a CUDA device mesh (FSDP2 keeps offloaded shards in pinned host memory "
