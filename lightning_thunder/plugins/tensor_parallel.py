@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lightning_thunder.plugins.base import Plugin
-from lightning_thunder.plugins.blocks import BlockClass, find_block_class, find_blocks
+from lightning_thunder.plugins.blocks import HEAD_NAMES, BlockClass, find_block_class, find_blocks, find_outer_modules
 from lightning_thunder.plugins.fsdp import default_device_mesh
 
 if TYPE_CHECKING:
@@ -58,10 +58,6 @@ __all__ = ["TensorParallel", "infer_plan", "keep_qkv_state_order"]
 
 log = logging.getLogger(__name__)
 
-#: Names of the modules outside the blocks, as LitGPT spells them (and torchtitan / Hugging Face Llama).
-EMBEDDING_NAMES = ("wte", "tok_embeddings", "embed_tokens")
-FINAL_NORM_NAMES = ("ln_f", "norm")
-HEAD_NAMES = ("lm_head", "output")
 #: Norms inside a LitGPT block (``nn.Identity`` or ``None`` when the config has none).
 BLOCK_NORM_NAMES = ("norm_1", "norm_2", "post_attention_norm", "post_mlp_norm")
 #: LitGPT MLPs: their input projections (column-split) and output projection (row-split).
@@ -138,10 +134,14 @@ class TensorParallel(Plugin):
             _split_attention_heads(module, size, self.block_cls)
         parallelize_module(module, mesh, plan)
         if self.plan is None:
-            outer = _outer_modules(module, _block_names(module, self.block_cls or find_block_class(module)))
-            for kind in ("embedding", "head"):
-                if kind in outer:
-                    module.get_submodule(outer[kind]).register_forward_hook(_completed_collective)
+            block_cls = self.block_cls or find_block_class(module)
+            outer = find_outer_modules(module, block_cls)
+            for name in (outer.embedding, outer.head):
+                if name is not None:
+                    module.get_submodule(name).register_forward_hook(_completed_collective)
+            if not self.sequence_parallel:
+                for norm in _norms(module, block_cls, outer.final_norm):
+                    _replicate(norm, mesh)
         log.info(
             "TensorParallel: %d modules of %s split over %d ranks (sequence parallel %s, loss parallel %s)",
             len(plan), type(module).__name__, size, "on" if self.sequence_parallel else "off",
@@ -186,12 +186,12 @@ def infer_plan(
     plan: dict[str, ParallelStyle] = {}
 
     def gathered_input(submodule: nn.Module) -> PrepareModuleInput:
-        # attn/mlp take the sequence-sharded normalized input (their first argument) whole.
+        # attn/mlp take the sequence-sharded normalized input (their first argument) whole, as a DTensor: the
+        # partial input gradients of its consumers (qkv; fc_1 and fc_2) add up before one reduce-scatter.
         n_args = _positional_arity(submodule)
         return PrepareModuleInput(
             input_layouts=(Shard(1),) + (None,) * (n_args - 1),
             desired_input_layouts=(Replicate(),) + (None,) * (n_args - 1),
-            use_local_output=True,
         )
 
     for name, block in blocks.items():
@@ -210,8 +210,13 @@ def infer_plan(
                 if _has_parameters(getattr(block, norm, None)):
                     plan[f"{name}.{norm}"] = SequenceParallel(use_local_output=True)
 
-    outer = _outer_modules(module, blocks)
-    embedding, final_norm, head = (outer.get(kind) for kind in ("embedding", "final_norm", "head"))
+    outer = find_outer_modules(module, block_cls)
+    embedding, final_norm, head = outer.embedding, outer.final_norm, outer.head
+    if outer.tied:
+        raise ValueError(
+            f"`{head}` shares its weight with `{embedding}` (tied embeddings), which the inferred plan shards "
+            "differently (vocabulary rows for both, but as separate parameters); pass TensorParallel(plan=...)"
+        )
     if embedding is not None:
         plan[embedding] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks)
     if final_norm is not None and sp:
@@ -285,20 +290,26 @@ def _check_mlp(where: str, mlp: nn.Module | None, size: int) -> tuple[str, ...]:
     raise _not_litgpt(where, f"a {type(mlp).__name__} (mixture-of-experts and other MLPs are not covered)")
 
 
-def _outer_modules(module: nn.Module, blocks: Mapping[str, nn.Module]) -> dict[str, str]:
-    """The qualified names of the embedding, final norm and output head outside the blocks (by LitGPT's names)."""
-    kinds = {"embedding": EMBEDDING_NAMES, "final_norm": FINAL_NORM_NAMES, "head": HEAD_NAMES}
-    found: dict[str, str] = {}
-    for name, child in module.named_modules():
-        if not name or any(name == b or name.startswith(b + ".") for b in blocks):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        for kind, names in kinds.items():
-            if leaf in names and kind not in found and _has_parameters(child):
-                expected = nn.Embedding if kind == "embedding" else nn.Linear if kind == "head" else None
-                if expected is None or isinstance(child, expected):
-                    found[kind] = name
-    return found
+def _norms(module: nn.Module, block_cls: BlockClass, final_norm: str | None) -> list[nn.Module]:
+    norms = [getattr(b, n, None) for _, _, b in find_blocks(module, block_cls) for n in BLOCK_NORM_NAMES]
+    norms.append(module.get_submodule(final_norm) if final_norm is not None else None)
+    return [n for n in norms if _has_parameters(n)]
+
+
+def _replicate(norm: nn.Module, mesh: DeviceMesh) -> None:
+    """Without sequence parallelism a norm sees the whole (replicated) activation: its parameters become
+    replicated ``DTensor``s of the tensor-parallel mesh (so every parameter of the model lives on one mesh, which
+    FSDP and gradient clipping expect) and it computes on local tensors."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def to_dtensor(mod: nn.Module, inputs: tuple, device_mesh: DeviceMesh) -> tuple:
+        x, *rest = inputs
+        return (DTensor.from_local(x, device_mesh, [Replicate()], run_check=False), *rest)
+
+    def to_local(mod: nn.Module, output: Any, device_mesh: DeviceMesh) -> Any:
+        return output.to_local()
+
+    distribute_module(norm, mesh, input_fn=to_dtensor, output_fn=to_local)
 
 
 def _completed_collective(module: nn.Module, args: Any, output: Any) -> Any:
