@@ -276,3 +276,71 @@ def _eager_state_after(steps: int) -> dict:
         opt.step()
         opt.zero_grad()
     return model.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ single process
+def test_inferred_plan_for_litgpt_blocks():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+    from lightning_thunder.plugins.tensor_parallel import infer_plan
+
+    plan = infer_plan(tp_gpt(), 2)
+    block = {k.removeprefix("transformer.h.0."): type(v) for k, v in plan.items() if k.startswith("transformer.h.0.")}
+    assert block == {
+        "attn.qkv": ColwiseParallel, "attn.proj": RowwiseParallel, "mlp.fc_1": ColwiseParallel,
+        "mlp.fc_2": ColwiseParallel, "mlp.proj": RowwiseParallel, "attn": PrepareModuleInput,
+        "mlp": PrepareModuleInput, "norm_1": SequenceParallel, "norm_2": SequenceParallel,
+    }
+    assert {k for k in plan if not k.startswith("transformer.h.")} == {"transformer.wte", "transformer.ln_f", "lm_head"}
+    assert plan["transformer.wte"].output_layouts == (Shard(1),) and plan["lm_head"].output_layouts == (Replicate(),)
+    # Without sequence parallelism the residual stream is replicated: no norm entries, no input gathering.
+    plain = infer_plan(tp_gpt(), 2, sequence_parallel=False)
+    assert not any(isinstance(v, (SequenceParallel, PrepareModuleInput)) for v in plain.values())
+    assert plain["transformer.h.1.attn.proj"].output_layouts == (Replicate(),)
+    # loss_parallel leaves the logits sharded over the vocabulary (a DTensor).
+    sharded = infer_plan(tp_gpt(), 2, loss_parallel=True)["lm_head"]
+    assert sharded.output_layouts == (Shard(-1),) and sharded.use_local_output is False
+
+
+def test_qkv_rows_are_reordered_into_whole_query_groups_per_rank():
+    from lightning_thunder.plugins.tensor_parallel import qkv_tp_order
+
+    # 4 query heads in 2 groups, head size 1: rows q0 q1 q2 q3 | k0 k1 | v0 v1.
+    order = qkv_tp_order(n_head=4, n_query_groups=2, head_size=1, size=2)
+    assert order.tolist() == [0, 1, 4, 6, 2, 3, 5, 7]  # rank 0: q0 q1 k0 v0; rank 1: q2 q3 k1 v1
+    assert sorted(qkv_tp_order(8, 4, 3, 4).tolist()) == list(range((8 + 2 * 4) * 3))
+
+
+def test_tensor_parallel_errors_name_the_sizes_and_the_fix():
+    from lightning_thunder.plugins import TensorParallel
+    from lightning_thunder.plugins.tensor_parallel import infer_plan
+    from tests.strategies.helpers import tiny_gpt
+
+    with pytest.raises(ValueError, match=r"n_head=8 and n_query_groups=4: both must be divisible by the tensor-par"
+                                         r"allel size 3; choose a tensor-parallel size that divides 4"):
+        infer_plan(tp_gpt(), 3)
+    with pytest.raises(ValueError, match=r"n_head=4 and n_query_groups=2: .* divisible by the tensor-parallel size 4"):
+        infer_plan(tiny_gpt(), 4)  # GQA with 2 groups cannot be split 4 ways
+    with pytest.raises(ValueError, match=r"cannot infer a plan for `0.attn`: no fused `qkv`.*TensorParallel\(plan="):
+        infer_plan(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 2, block_cls=nn.Linear)
+    with pytest.raises(ValueError, match=r"1-D mesh, got a 2-D mesh"):
+        TensorParallel(mesh=type("Mesh", (), {"ndim": 2, "mesh_dim_names": ("a", "b")})())
+    with pytest.raises(TypeError, match="plan must map qualified module names to ParallelStyle"):
+        TensorParallel(plan=["attn.qkv"])
+    with pytest.raises(RuntimeError, match="The TensorParallel plugin needs an initialized process group"):
+        TensorParallel().transform_module(tp_gpt())
+
+
+@pytest.mark.parametrize("kind", ["fabric", "trainer"])
+def test_world_size_not_divisible_by_the_tensor_parallel_size(kind):
+    from lightning_thunder.strategies import ThunderFSDPStrategy, ThunderFSDPTrainerStrategy
+
+    cls = ThunderFSDPStrategy if kind == "fabric" else ThunderFSDPTrainerStrategy
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=0 must be an int >= 1"):
+        cls(tensor_parallel_size=0)
+    strategy = cls(tensor_parallel_size=2)
+    strategy.parallel_devices = [torch.device("cpu")] * 3
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide the world size 3 \(num_nodes=1 x "
+                                         r"devices=3\).*choose tensor_parallel_size among 1, 3"):
+        strategy.setup_environment()
