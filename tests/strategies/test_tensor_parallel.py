@@ -358,3 +358,26 @@ def test_world_size_not_divisible_by_the_tensor_parallel_size(kind):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not divide the world size 3 \(num_nodes=1 x "
                                          r"devices=3\).*choose tensor_parallel_size among 1, 3"):
         strategy.setup_environment()
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def test_recipe_key_tensor_parallel_size():
+    from lightning_thunder.recipes import load_config
+    from lightning_thunder.recipes.errors import ConfigError
+    from lightning_thunder.recipes.plugins import RecipePlugins, build_strategy
+
+    recipe = Path(__file__).resolve().parents[2] / "examples" / "recipes" / "llama-fsdp-tp-4gpu.yaml"
+    cfg = load_config(recipe)
+    assert (cfg.strategy, cfg.devices, cfg.tensor_parallel_size) == ("thunder_fsdp", 4, 2)
+    strategy = build_strategy(cfg.strategy, RecipePlugins(activation_checkpointing=True), cfg.tensor_parallel_size)
+    assert strategy.tensor_parallel_size == 2 and strategy.fsdp.activation_checkpointing
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 does not divide devices=3: .* allowed "
+                                          r"tensor_parallel_size values for devices=3: 1, 3"):
+        load_config(recipe, ["devices=3"])
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 with strategy='thunder_ddp'.*set strategy=thunder_fsdp"):
+        load_config(recipe, ["strategy=thunder_ddp"])
+    # A tensor-parallel pair reads one batch: the global batch counts data-parallel ranks, not devices.
+    with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size \(2\) times the data-parallel size "
+                                          r"\(devices 4 / tensor_parallel_size 2\) = 4"):
+        load_config(recipe, ["train.global_batch_size=6"])
+    assert load_config(recipe, ["train.global_batch_size=4"]).train.global_batch_size == 4
