@@ -36,6 +36,7 @@ compile, FSDP): a compiled block then sees local shapes, and the collectives DTe
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -139,6 +140,9 @@ class TensorParallel(Plugin):
             for name in (outer.embedding, outer.head):
                 if name is not None:
                     module.get_submodule(name).register_forward_hook(_completed_collective)
+            if self.sequence_parallel and outer.embedding is not None:
+                check = functools.partial(_check_sequence_length, size)
+                module.get_submodule(outer.embedding).register_forward_pre_hook(check, prepend=True)
             if not self.sequence_parallel:
                 for norm in _norms(module, block_cls, outer.final_norm):
                     _replicate(norm, mesh)
@@ -310,6 +314,19 @@ def _replicate(norm: nn.Module, mesh: DeviceMesh) -> None:
         return output.to_local()
 
     distribute_module(norm, mesh, input_fn=to_dtensor, output_fn=to_local)
+
+
+def _check_sequence_length(size: int, module: nn.Module, args: tuple) -> None:
+    """Sequence parallelism splits the sequence evenly; an uneven split would leave the ranks' collectives
+    mismatched (a hang), so refuse it before the embedding runs."""
+    tokens = args[0]
+    length = tokens.shape[1] if tokens.ndim > 1 else tokens.shape[0]
+    if length % size:
+        raise ValueError(
+            f"sequence_parallel=True splits the sequence over the {size} tensor-parallel ranks, but this batch has "
+            f"sequence length {length}, not divisible by {size}; pad or crop sequences to a multiple of {size} (e.g. "
+            f"{length - length % size or size}), or set sequence_parallel=False"
+        )
 
 
 def _completed_collective(module: nn.Module, args: Any, output: Any) -> Any:

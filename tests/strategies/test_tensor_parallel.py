@@ -121,6 +121,11 @@ def _fabric_run(
         out["forward_ops"] = [op.name for op in forward.ops]
         out["backward_ops"] = [op.name for op in backward.ops]
         out["forward_inputs"] = [tuple(p.val.shape) for p in forward.inputs if hasattr(p.val, "shape")]
+    if tp > 1:  # sequence parallelism needs a sequence length divisible by tp: refused up front, not a hang
+        try:
+            model(token_batches(1)[0][0][:, : 12 - 1])
+        except ValueError as e:
+            out["uneven_sequence"] = str(e)
     if not replay:
         return out
     # A fresh model with other weights (and a fresh optimizer) loads the checkpoint and replays the last steps.
@@ -260,6 +265,8 @@ def test_fsdp_and_tensor_parallel_on_2d_meshes_match_eager_training(tmp_path):
     qkv_rows = (TP_LLAMA["n_head"] + 2 * TP_LLAMA["n_query_groups"]) * 4  # head size 4
     assert res["2x2"]["local_qkv"] == (qkv_rows // 4, 32), "qkv rows split over tp=2, then over dp=2"
     assert res["1x4"]["local_qkv"] == (qkv_rows // 4, 32) and res["4x1"]["local_qkv"] == (qkv_rows // 4, 32)
+    assert "sequence length 11, not divisible by 2" in res["2x2"]["uneven_sequence"]
+    assert "sequence length 11, not divisible by 4" in res["1x4"]["uneven_sequence"]
     # The compiled block runs per-rank shapes (the sequence-sharded input, a quarter of qkv for tp=4) and the
     # tensor-parallel collectives are in its traces.
     for name, tp in (("2x2", 2), ("1x4", 4)):
