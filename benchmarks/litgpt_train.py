@@ -71,9 +71,18 @@ class WithLoss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device):
+def thunder_plugins(exclude: str = "") -> list:
+    """lightning_thunder's default plugins without those whose class names ``exclude`` lists (comma-separated)."""
+    import lightning_thunder
+
+    names = {n for n in exclude.split(",") if n}
+    return [p for p in lightning_thunder.default_plugins() if type(p).__name__ not in names]
+
+
+def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device, exclude: str = ""):
     """Returns ``(step, net)``: ``step(idx, targets) -> loss`` for ``mode`` (its optimizer is ``step.optimizer``)
-    and the compiled (or eager) model with the loss, ``net(idx, targets) -> loss``."""
+    and the compiled (or eager) model with the loss, ``net(idx, targets) -> loss``. ``exclude`` names default
+    plugins the thunder modes leave out (``FusedLinearCrossEntropy``: the loss fused as before that plugin)."""
     if mode == "torchao-fp8":
         try:
             from torchao.float8 import convert_to_float8_training
@@ -97,12 +106,12 @@ def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device):
     elif mode == "thunder":
         import lightning_thunder
 
-        net = lightning_thunder.compile(wrapped)
+        net = lightning_thunder.compile(wrapped, plugins=thunder_plugins(exclude))
     elif mode == "thunder+fp8":
         import lightning_thunder
         from lightning_thunder.plugins import FP8
 
-        net = lightning_thunder.compile(wrapped, plugins=[*lightning_thunder.default_plugins(), FP8()])
+        net = lightning_thunder.compile(wrapped, plugins=[*thunder_plugins(exclude), FP8()])
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     fused = device.type == "cuda"
@@ -128,7 +137,7 @@ def build_step(args: argparse.Namespace, mode: str, device: torch.device):
     config = build_config(args)
     with device:
         model = GPT(config).to(DTYPES[args.dtype])
-    step, net = make_step_fn(mode, model, device)
+    step, net = make_step_fn(mode, model, device, getattr(args, "exclude_plugins", ""))
     idx = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
     targets = torch.randint(0, config.padded_vocab_size, (args.batch, args.seq), device=device)
     return step, net, idx, targets
@@ -235,6 +244,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 2048 on CUDA, 128 on CPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--modes", default="eager,torch.compile,thunder", help=f"comma-separated, from {MODES}")
+    p.add_argument(
+        "--exclude-plugins", default="", help="default plugins the thunder modes leave out, by class name (comma-separated)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,7 @@ Public API::
     lightning_thunder.last_backward_traces(cm)   # backward traces
     lightning_thunder.compile_stats(cm)          # compile time, graphs, graph breaks, ...
     lightning_thunder.kernel_sources(cm)         # generated Triton kernels of the fused regions
+    lightning_thunder.explain(cm)                # what was fused, and why each other op was not
 
 Write a plugin by subclassing :class:`Plugin`. FP8 training: the compiler plugin
 ``lightning_thunder.plugins.FP8``, or the Lightning precision plugin :class:`ThunderFP8`
@@ -26,6 +27,7 @@ from lightning_thunder.api import (
 )
 from lightning_thunder.capture import CaptureError, CompileOptions, CompileStats, ThunderModule
 from lightning_thunder.executors import Executor, OpExecutor
+from lightning_thunder.explain import explain
 from lightning_thunder.plugins import Plugin
 from lightning_thunder.precision import ThunderFP8
 from lightning_thunder.strategies import register_strategies
@@ -48,6 +50,7 @@ __all__ = [
     "compile",
     "compile_stats",
     "default_plugins",
+    "explain",
     "kernel_sources",
     "last_backward_traces",
     "last_traces",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import builtins
 import functools
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_thunder.capture.backend import get_backend
 from lightning_thunder.capture.compiled import ThunderFunction, ThunderModule, compile_states
+from lightning_thunder.capture.frames import dynamo_backend, function_for, install_limit_filter, module_caller
 from lightning_thunder.capture.options import CompileOptions
 from lightning_thunder.capture.state import CompileState, CompileStats, GraphRecord
 from lightning_thunder.plugins.base import Plugin
@@ -30,16 +31,15 @@ _DEFAULT_PLUGINS: list[Plugin] | None = None
 def default_plugins() -> list[Plugin]:
     """The plugins :func:`compile` uses when ``plugins=None`` (the same instances every time).
 
-    With CUDA: ``[NativeGQA(), Fusion()]`` (attention reads grouped keys/values without repeated copies;
-    generated Triton kernels for pointwise and reduction regions). Without CUDA: none, so every op
-    runs on the torch executor.
+    With CUDA: ``[NativeGQA(), FusedLinearCrossEntropy(), Fusion()]`` (attention reads grouped keys/values
+    without repeated copies; an output head and its loss run chunked, without the logits; generated Triton
+    kernels for pointwise and reduction regions). Without CUDA: none, so every op runs on the torch executor.
     """
     global _DEFAULT_PLUGINS
     if _DEFAULT_PLUGINS is None:
-        from lightning_thunder.plugins.fusion import Fusion
-        from lightning_thunder.plugins.gqa import NativeGQA
+        from lightning_thunder.plugins import FusedLinearCrossEntropy, Fusion, NativeGQA
 
-        _DEFAULT_PLUGINS = [NativeGQA(), Fusion()] if torch.cuda.is_available() else []
+        _DEFAULT_PLUGINS = [NativeGQA(), FusedLinearCrossEntropy(), Fusion()] if torch.cuda.is_available() else []
     return list(_DEFAULT_PLUGINS)
 
 
@@ -48,6 +48,11 @@ def _check_plugins(plugins: Sequence[Plugin] | None) -> list[Plugin]:
         return default_plugins()
     if isinstance(plugins, Plugin):
         raise TypeError(f"plugins must be a list of Plugin instances; wrap the single plugin: plugins=[{plugins!r}]")
+    if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Iterable):
+        raise TypeError(
+            f"plugins={plugins!r} must be a list of Plugin instances (a {type(plugins).__name__} is not); e.g. "
+            "plugins=[Fusion()] with `from lightning_thunder.plugins import Fusion`, or None for default_plugins()"
+        )
     checked = []
     for p in plugins:
         if isinstance(p, type) and issubclass(p, Plugin):
@@ -56,33 +61,6 @@ def _check_plugins(plugins: Sequence[Plugin] | None) -> list[Plugin]:
             raise TypeError(f"plugins must hold lightning_thunder.Plugin instances, got {type(p).__name__}: {p!r}")
         checked.append(p)
     return checked
-
-
-_CALLERS: dict[type, Callable] = {}
-
-
-def module_caller(cls: type) -> Callable:
-    """A function ``call(module, *args, **kwargs) -> module(*args, **kwargs)`` with its own code object
-    for ``cls``: what Dynamo compiles for modules of that class.
-
-    Why not ``torch.compile(module)``: its ``OptimizedModule`` forwards attribute writes to the module,
-    so Lightning's wrapper of ``torch.compile`` stores its kwargs (our backend) on the user's module,
-    where they break pickling. Why not ``module.__call__``: Dynamo skips frames in ``torch.nn`` files,
-    so ``nn.Sequential`` would silently run eagerly. Why one code object per class: Dynamo keeps its
-    compiled graphs and its recompile budget per code object; instances of a class share graphs
-    (every transformer block runs one), other classes neither collide with them nor use up their budget.
-    """
-    caller = _CALLERS.get(cls)
-    if caller is None:
-
-        def call(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            return module(*args, **kwargs)
-
-        name = "call_" + "".join(ch if ch.isalnum() else "_" for ch in cls.__qualname__)
-        call.__code__ = call.__code__.replace(co_name=name)
-        call.__name__ = call.__qualname__ = name
-        caller = _CALLERS[cls] = call
-    return caller
 
 
 def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options: Any) -> T:  # noqa: A001
@@ -114,6 +92,8 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
     if isinstance(fn_or_module, (ThunderModule, ThunderFunction)):
         raise TypeError("this object is already compiled by lightning_thunder; compile the original instead")
     backend = get_backend(plugin_list, opts)
+    entry = dynamo_backend(backend)  # what Dynamo is given: graphs shared per backend, each run recorded
+    install_limit_filter()
     if isinstance(fn_or_module, nn.Module):
         module: nn.Module = fn_or_module
         for p in plugin_list:
@@ -121,37 +101,40 @@ def compile(fn_or_module: T, plugins: Sequence[Plugin] | None = None, **options:
             if not isinstance(new, nn.Module):
                 raise TypeError(f"{p.name}.transform_module must return an nn.Module, got {type(new).__name__}")
             module = new
-        caller = torch.compile(module_caller(type(module)), backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        call = module_caller(type(module), backend)
+        caller = torch.compile(call, backend=entry, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
         compiled = functools.partial(caller, module)
         state = CompileState(type(module).__qualname__, module)
+        state.shared = entry.shared_code(call, call.__name__)
         return ThunderModule(module, compiled, state, backend)  # type: ignore[return-value]
     if callable(fn_or_module):
-        compiled_fn = torch.compile(fn_or_module, backend=backend, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
+        fn = function_for(fn_or_module, backend)
+        compiled_fn = torch.compile(fn, backend=entry, dynamic=opts.dynamic, fullgraph=opts.fullgraph)
         state = CompileState(getattr(fn_or_module, "__qualname__", type(fn_or_module).__qualname__))
+        if fn is not fn_or_module:
+            state.shared = entry.shared_code(getattr(fn, "__func__", fn), fn.__name__)
         return ThunderFunction(fn_or_module, compiled_fn, state, backend)  # type: ignore[return-value]
     raise TypeError(f"lightning_thunder.compile expects an nn.Module or a callable, got {type(fn_or_module).__name__}")
 
 
 def _last_record(cm: Any, *, with_backward: bool = False) -> GraphRecord:
+    """The most recently compiled graph that ran in a call of ``cm`` (compiled by it, or by another instance of
+    its class with the same plugins and shared)."""
     states = compile_states(cm)
-    records = [r for s in states for r in s.records if r.backward_traces or not with_backward]
-    if not records:
-        # This instance reused graphs another instance of its class compiled with the same plugins.
-        latest = [(s, b.latest_training if with_backward else b.latest) for s, b in zip(states, _backends_of(cm))]
-        records = [table[s.label] for s, table in latest if s.calls and not s.records and s.label in table]
-    if not records and with_backward:
+    records = [r for s in states for r in (*s.records, *s.ran.values()) if r.backward_traces or not with_backward]
+    if not records and with_backward and any(s.records or s.ran for s in states):
         raise LookupError("no graph with a backward has been compiled yet (only inference graphs)")
     if not records:
+        eager = [f"{s.label}: {s.eager_fallbacks[-1]}" for s in states if s.eager_fallbacks]
+        if eager:
+            raise RuntimeError(
+                "no compiled graph ran for this module or function: its calls ran eagerly, without lightning_thunder "
+                f"and its plugins ({'; '.join(eager)}); see compile_stats(...).eager_calls"
+            )
         raise RuntimeError(
             "nothing has been compiled yet: traces exist once the compiled module or function has been called"
         )
     return builtins.max(records, key=lambda r: r.sequence)
-
-
-def _backends_of(cm: Any) -> list[Any]:
-    from lightning_thunder.capture.compiled import compiled_objects
-
-    return [obj._lt_backend for obj in compiled_objects(cm)]
 
 
 def last_traces(cm: Any) -> list[Trace]:
@@ -199,9 +182,9 @@ def compile_stats(cm: Any) -> CompileStats:
         recompiles=[r for p in parts for r in p.recompiles],
         fusion_regions=sum(p.fusion_regions for p in parts),
         executor_counts=dict(counts),
+        eager_calls=sum(p.eager_calls for p in parts),
+        eager_fallbacks=[r for p in parts for r in p.eager_fallbacks],
     )
-
-
 
 
 def kernel_sources(cm: Any) -> dict[str, str]:

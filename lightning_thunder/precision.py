@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 from torch import nn
 from typing_extensions import override
 
-from lightning_thunder.capture.compiled import ThunderModule
+from lightning_thunder.capture.compiled import COMPILED_METHODS, ThunderModule
 from lightning_thunder.fp8.module import swap_linears
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.fp8 import FP8, OUTPUT_HEAD_NAMES, LinearInfo
@@ -90,8 +90,11 @@ class ThunderFP8(HalfPrecision):
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Cast to bf16, and make the chosen ``nn.Linear`` modules :class:`~lightning_thunder.fp8.FP8Linear` in place
-        (modules already compiled by lightning_thunder are skipped: the compiler does FP8 there)."""
+        (modules already compiled by lightning_thunder, or whose steps are, are skipped: the compiler does FP8
+        there)."""
         module = super().convert_module(module)
+        if COMPILED_METHODS in module.__dict__:  # the Trainer strategies compiled its steps: FP8 is in their traces
+            return module
 
         def accept(name: str, linear: nn.Linear) -> bool:
             return self._fp8.accepts(LinearInfo(name, linear.in_features, linear.out_features))

@@ -9,6 +9,9 @@ import torch
 # Without a GPU, generated Triton kernels run in Triton's interpreter (must be set before kernels are made).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fusion pass that produces an invalid plan, or a region whose kernel cannot be generated, raises in the tests
+# (users get a FusionWarning and the unfused program).
+os.environ.setdefault("LIGHTNING_THUNDER_STRICT_FUSION", "1")
 
 import pytest  # noqa: E402
 

@@ -80,3 +80,17 @@ def test_step_phases_needs_a_gpu_and_says_so():
     )
     assert proc.returncode != 0 and "step_phases.py times CUDA events: it needs a CUDA GPU" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_e2e_train_benchmark_on_cpu(tmp_path):
+    """Two of the user paths (the recipe run by the benchmark, the Trainer with compiled steps), a tiny model."""
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    out_json = tmp_path / "e2e.json"
+    out = _run("benchmarks/e2e_train.py", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",
+               "--modes", "recipe,trainer-thunder", "--json", str(out_json))
+    assert "| mode | step ms | tokens/s | vs torch.compile | peak GiB | first step s | max micro-batch |" in out
+    by_mode = {r["mode"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert set(by_mode) == {"recipe", "trainer-thunder"}
+    for r in by_mode.values():
+        assert r["step_ms"] > 0 and r["first_step_s"] > 0, r
+    assert by_mode["trainer-thunder"]["graphs"] >= 1 and by_mode["recipe"]["recipe_tokens_per_s"] > 0

@@ -31,6 +31,13 @@ def test_trainer_litgpt_example_runs_a_few_steps(tmp_path):
     assert "ThroughputMonitor: 3 batches" in out and "CompileReport:" in out and "finished: 3 steps" in out
 
 
+def test_fabric_loss_in_graph_example():
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    out = _run("examples/fabric_loss_in_graph.py", "--steps", "2")
+    assert "step 2: loss" in out and "1 linear + cross_entropy -> linear_cross_entropy" in out
+    assert "in the final forward: " in out and "torch.ops.lightning_thunder.linear_cross_entropy.default(" in out
+
+
 def test_make_train_runs_the_debug_recipe():
     """The README's main job is one recipe (the recipe itself is tested in tests/recipes)."""
     makefile = (ROOT / "Makefile").read_text()

@@ -335,7 +335,7 @@ def test_wide_bias_gradient_splits_the_columns(dtype):
     """A bias gradient over more than COLUMN_TILE_MIN_N columns (an MLP's intermediate size) is summed by
     programs that each take a block of columns; a norm over as many columns (a reduction along the row)
     keeps whole rows per program. Both match eager."""
-    from lightning_thunder.executors.triton.codegen import COLUMN_TILE_MIN_N
+    from lightning_thunder.executors.triton.shapes import COLUMN_TILE_MIN_N
 
     n = COLUMN_TILE_MIN_N + 52  # ragged against the 512-column blocks
     bias = torch.randn(n, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -530,7 +530,7 @@ def test_cpu_tensors_are_not_fused_without_the_interpreter(monkeypatch):
 
 def test_default_plugins_fuse_only_with_cuda():
     names = [type(p).__name__ for p in lt.default_plugins()]
-    assert names == (["NativeGQA", "Fusion"] if torch.cuda.is_available() else [])
+    assert names == (["NativeGQA", "FusedLinearCrossEntropy", "Fusion"] if torch.cuda.is_available() else [])
     assert lt.default_plugins()[0] is lt.default_plugins()[0] if names else True
 
 

@@ -13,7 +13,8 @@ Fabric hook protocol (what a Fabric training loop calls)::
     for batch in loader:
         ...                                              # forward, fabric.backward(loss)
         optimizer.step()                                 # calls on_after_optimizer_step for you
-        fabric.call("on_train_batch_end", batch=batch)   # required, every batch, on every rank
+        fabric.call("on_train_batch_end", batch=batch)   # required, every batch, on every rank (outputs=loss: the
+                                                     # loss panel of throughput.png)
         # around a validation loop (its time is left out of throughput):
         # fabric.call("on_validation_start"); ...; fabric.call("on_validation_end")
     fabric.call("on_train_end")                          # required: summary, plots, loggers flushed
@@ -37,6 +38,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_thunder.callbacks.context import RunContext
+from lightning_thunder.callbacks.plot import matplotlib_missing
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -53,11 +55,24 @@ class MonitorCallback(Callback):
         super().__init__()
         self._context: RunContext | None = None
         self._last_logged_step = -1
+        self.plot = False
+        #: Why a figure (or the plot) is missing: ``{"tokens": "pass length_fn=...", ...}``.
+        self.unavailable: dict[str, str] = {}
+
+    def _check_plot_dependency(self, filename: str) -> None:
+        """At construction, with plotting on: without matplotlib, warn now (not after training) and record why
+        ``filename`` will not be written in ``self.unavailable`` (the summary lists it)."""
+        if not self.plot:
+            return
+        missing = matplotlib_missing(f"{type(self).__name__}'s {filename}")
+        if missing is not None:
+            self.unavailable["plot"] = f"{missing}; or pass plot=False"
+            warnings.warn(f"{self.unavailable['plot']}; training runs without it", stacklevel=3)
 
     def _write_plot_at_end(self, log_dir: Path | None, filename: str) -> None:
-        """When plotting is on (``self.plot``), write ``self.write_plot`` to ``log_dir / filename`` and keep
-        the path in ``self.plot_path``; without a log directory, warn that the plot was not written."""
-        if not self.plot:
+        """When plotting is on (``self.plot``) and possible, write ``self.write_plot`` to ``log_dir / filename``
+        and keep the path in ``self.plot_path``; without a log directory, warn that the plot was not written."""
+        if not self.plot or "plot" in self.unavailable:
             return
         name = type(self).__name__
         if log_dir is None:
@@ -111,13 +126,14 @@ class MonitorCallback(Callback):
         batch: Any = None,
         batch_idx: int = 0,
     ) -> None:
-        """A training batch ended (under Fabric: ``fabric.call("on_train_batch_end", batch=batch)``)."""
+        """A training batch ended (under Fabric: ``fabric.call("on_train_batch_end", batch=batch)``, and
+        ``outputs=loss`` for the loss panel of ``throughput.png``)."""
         if trainer is None and batch is None:
             raise TypeError(
                 f"{type(self).__name__}.on_train_batch_end needs the batch: call "
                 "`fabric.call('on_train_batch_end', batch=batch)`"
             )
-        self._on_train_batch_end(self._resolve(trainer, pl_module, "on_train_batch_end"), batch)
+        self._on_train_batch_end(self._resolve(trainer, pl_module, "on_train_batch_end"), batch, outputs)
 
     @override
     def on_validation_start(self, trainer: Trainer | None = None, pl_module: LightningModule | None = None) -> None:
@@ -149,8 +165,8 @@ class MonitorCallback(Callback):
     def _on_train_start(self, context: RunContext) -> None:
         """Training starts."""
 
-    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
-        """A training batch ended (every rank)."""
+    def _on_train_batch_end(self, context: RunContext, batch: Any, outputs: Any = None) -> None:
+        """A training batch ended (every rank); ``outputs``: the step's loss or output, when the loop gives it."""
 
     def _on_validation_start(self, context: RunContext) -> None:
         """Validation starts."""

@@ -34,6 +34,7 @@ COMPILE_METRICS = (
     "compile/recompiles",
     "compile/fusion_regions",  # regions run by a fused kernel in the final traces
     "compile/kernels_per_step",  # kernels the compiled forward+backward launch per training step
+    "compile/eager_calls",  # calls that ran eagerly, without lightning_thunder (Dynamo's recompile limit)
 )
 
 
@@ -84,7 +85,7 @@ class CompileReport(MonitorCallback):
     def _on_validation_end(self, context: RunContext) -> None:
         self._calls = self._call_counts(context)  # validation calls are not a training step's
 
-    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
+    def _on_train_batch_end(self, context: RunContext, batch: Any, outputs: Any = None) -> None:
         self._batches += 1
         parts = compiled_parts(context.wrapped_model)
         if self._enabled is None:
@@ -141,6 +142,7 @@ class CompileReport(MonitorCallback):
             "compile/graph_breaks": float(len(self.stats.graph_breaks)),
             "compile/recompiles": float(len(self.stats.recompiles)),
             "compile/fusion_regions": float(self.stats.fusion_regions),
+            "compile/eager_calls": float(self.stats.eager_calls),
         }
         if self.kernels_per_step is not None:
             metrics["compile/kernels_per_step"] = float(self.kernels_per_step)
@@ -200,4 +202,7 @@ class CompileReport(MonitorCallback):
         ]
         lines += [f"  graph break: {reason}" for reason in s.graph_breaks]
         lines += [f"  recompile: {reason}" for reason in s.recompiles]
+        if s.eager_calls:
+            lines.append(f"  {s.eager_calls} calls ran eagerly, without lightning_thunder and its plugins:")
+            lines += [f"    {reason}" for reason in s.eager_fallbacks]
         return "\n".join(lines)

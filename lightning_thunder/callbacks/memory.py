@@ -90,7 +90,8 @@ class MemoryMonitor(MonitorCallback):
         log_every_n_steps: log every this many steps; default: the Trainer's ``log_every_n_steps``
             (50 under Fabric).
         breakdown: report the breakdown after the first optimizer step.
-        plot: write ``memory.png`` at the end of training.
+        plot: write ``memory.png`` at the end of training (needs matplotlib, the extra ``plot``; without it: a
+            warning now, and no plot).
         log_dir: where the plot goes; default: the Trainer's ``log_dir`` / the first Fabric logger's.
         progress_bar: show ``mem_gib`` in the Trainer's progress bar.
     """
@@ -122,6 +123,7 @@ class MemoryMonitor(MonitorCallback):
         self.unavailable: dict[str, str] = {}
         #: Where the plot was written (after training).
         self.plot_path: Path | None = None
+        self._check_plot_dependency("memory.png")
         self._batches = 0
         self._optimizers: list[torch.optim.Optimizer] = []
 
@@ -141,7 +143,7 @@ class MemoryMonitor(MonitorCallback):
         if self.breakdown and self.breakdown_bytes is None:
             self._take_breakdown(context, self._optimizers)  # gradients are still there now
 
-    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
+    def _on_train_batch_end(self, context: RunContext, batch: Any, outputs: Any = None) -> None:
         self._batches += 1
         step = context.step(self._batches)
         if self.breakdown and self.breakdown_bytes is None and context.is_trainer and step >= 1:
@@ -266,4 +268,4 @@ class MemoryMonitor(MonitorCallback):
             points = [(s, m[f"memory/max/{key}"]) for s, m in self.history if f"memory/max/{key}" in m]
             if points:
                 series.append(Series(label, points))
-        return write_plot(path, [Panel("memory gib, max over ranks", series)])
+        return write_plot(path, [Panel("memory, max over ranks", series, ylabel="GiB")])

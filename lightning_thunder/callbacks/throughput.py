@@ -5,14 +5,25 @@ Rates are windowed averages computed by Lightning's
 *Global* figures are not this device's times the world size: every batch, the per-rank counters
 (batches, samples, tokens, FLOPs, elapsed time, peak) are gathered from all ranks and summed (time:
 the slowest rank), and a second ``Throughput`` computes rates from those totals.
+
+The end-of-run summary gives two rates, because a short run's wall clock is dominated by one-time costs:
+
+- **steady state**: the median of the steps' rates, a step's work over its time (between two step ends, the
+  slowest rank's; an optimizer step under the Trainer, its batches together with gradient accumulation). One-time
+  costs land in a few steps and do not move the median: compilation and the first batch, the FLOP count on a meta
+  copy, the memory breakdown, a recompile, a checkpoint write. This is the rate a longer run converges to.
+- **wall clock**: everything done after the first batch over the time it took (validation excluded), one-time
+  costs included. This is what this run achieved.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +53,9 @@ THROUGHPUT_METRICS = (
 )
 
 # Lightning's Throughput keys -> ours (per scope).
+#: Per-step deltas kept for the steady-state figures (the median over the last this many steps).
+_STEPS_KEPT = 10_000
+
 _RATES = {
     "device/batches_per_sec": "batches_per_sec",
     "device/samples_per_sec": "samples_per_sec",
@@ -68,8 +82,11 @@ class ThroughputMonitor(MonitorCallback):
     r"""Logs training throughput per device and for all devices together, for the Trainer and Fabric.
 
     Logged names: :data:`THROUGHPUT_METRICS`. The progress bar shows ``tok/s`` (``samples/s`` without
-    ``length_fn``); at the end of training a summary is printed and ``throughput.png`` (global
-    tokens or samples per second, and TFLOP/s per device, over steps) is written to the log directory.
+    ``length_fn``). At the end of training a summary gives the steady-state and the wall-clock rates (see the
+    module docstring), and ``throughput.png`` is written to the log directory (needs matplotlib, the extra
+    ``plot``): tokens or samples per second over steps with the steady-state rate, TFLOP/s per device, and the
+    training loss when the loop passes it (Trainer: always; Fabric: ``fabric.call("on_train_batch_end",
+    batch=batch, outputs=loss)``).
 
     FLOPs per batch: the model's ``flops_per_batch`` attribute when it has one (Lightning's convention),
     else measured once, on the first batch, with ``FlopCounterMode`` on a meta copy of the model
@@ -90,7 +107,7 @@ class ThroughputMonitor(MonitorCallback):
         window_size: batches the rates are averaged over (at least 2; rates appear once it is full).
         log_every_n_steps: log every this many steps; default: the Trainer's ``log_every_n_steps``
             (50 under Fabric).
-        plot: write ``throughput.png`` at the end of training.
+        plot: write ``throughput.png`` at the end of training (without matplotlib: a warning now, and no plot).
         log_dir: where the plot goes; default: the Trainer's ``log_dir`` / the first Fabric logger's.
         progress_bar: show the rate in the Trainer's progress bar.
     """
@@ -136,8 +153,10 @@ class ThroughputMonitor(MonitorCallback):
         self.metrics: dict[str, float] = {}
         #: Where the plot was written (after training).
         self.plot_path: Path | None = None
-        #: Why a figure is missing: ``{"tokens": "pass length_fn=...", ...}``.
-        self.unavailable: dict[str, str] = {}
+        #: The training loss at logged steps, when the loop passes it (``outputs``): ``(step, loss)``, kept as
+        #: detached tensors (no device sync during training) and read for the plot.
+        self.losses: list[tuple[int, Any]] = []
+        self._check_plot_dependency("throughput.png")
         self._reset()
 
     def _reset(self) -> None:
@@ -158,8 +177,14 @@ class ThroughputMonitor(MonitorCallback):
         self.peak_source = ""
         self._device: Throughput | None = None
         self._global: Throughput | None = None
+        self._world_size = 1
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
         self._last: list[float] | None = None
+        #: Global deltas per step (optimizer step under the Trainer, batch under Fabric) after the first batch:
+        #: (seconds, batches, samples, tokens, flops); with gradient accumulation a step sums its batches.
+        self._steps: deque[tuple[float, ...]] = deque(maxlen=_STEPS_KEPT)
+        self._pending: list[float] | None = None  # the deltas of the step in progress
+        self._pending_step: int | None = None
 
     # ------------------------------------------------------------------------------------ hooks
     def _on_train_start(self, context: RunContext) -> None:
@@ -174,7 +199,7 @@ class ThroughputMonitor(MonitorCallback):
             self._paused += _now() - self._pause_start
             self._pause_start = None
 
-    def _on_train_batch_end(self, context: RunContext, batch: Any) -> None:
+    def _on_train_batch_end(self, context: RunContext, batch: Any, outputs: Any = None) -> None:
         context.synchronize()  # CUDA work is asynchronous: time what has run
         now = _now()
         if self._t0 is None:  # Fabric without on_train_start: the clock starts at the first batch's end
@@ -196,6 +221,7 @@ class ThroughputMonitor(MonitorCallback):
         ranks = context.all_gather(
             [elapsed, self._batches, self._samples, self._tokens, self._flops, float(flops is not None), peak]
         )
+        self._world_size = len(ranks)
         g_time = max(r[0] for r in ranks)
         g_batches, g_samples, g_tokens, g_flops = (sum(r[i] for r in ranks) for i in range(1, 5))
         self._all_flops = all_flops = all(r[5] for r in ranks)
@@ -218,15 +244,25 @@ class ThroughputMonitor(MonitorCallback):
             flops=(g_flops - self._global_flops) if all_flops else None,
         )
         self._global_flops = g_flops
-        self._last = [g_time, g_batches, g_samples, g_tokens, g_flops]
+        previous, self._last = self._last, [g_time, g_batches, g_samples, g_tokens, g_flops]
         if self._first is None:
             self._first = list(self._last)
+        else:
+            delta = [now - before for now, before in zip(self._last, previous)]
+            self._pending = delta if self._pending is None else [a + b for a, b in zip(self._pending, delta)]
         self.metrics = self._compute()
 
         step = context.step(self._batches)
+        if self._pending is not None and step != self._pending_step:  # a step ended with this batch
+            self._steps.append(tuple(self._pending))
+            self._pending = None
+        self._pending_step = step
         if self._due_for_logging(context, step, self.log_every_n_steps):
             context.log_metrics(self.metrics, step)
             self.history.append((step, dict(self.metrics)))
+            loss = _loss_of(outputs)
+            if loss is not None:
+                self.losses.append((step, loss))
         if self.progress_bar:
             context.show_in_progress_bar(self.progress_bar_metrics)
 
@@ -317,22 +353,35 @@ class ThroughputMonitor(MonitorCallback):
         )
         return {label: round(self.metrics[key], 1)} if key in self.metrics else {}
 
-    def run_averages(self) -> dict[str, float]:
-        """Global rates over the whole run after the first batch (which includes compilation)."""
-        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
-            return {}
-        seconds = self._last[0] - self._first[0]
-        out = {
-            "batches_per_sec": (self._last[1] - self._first[1]) / seconds,
-            "samples_per_sec": (self._last[2] - self._first[2]) / seconds,
-        }
+    def _rates(self, seconds: float, batches: float, samples: float, tokens: float, flops: float) -> dict[str, float]:
+        out = {"batches_per_sec": batches / seconds, "samples_per_sec": samples / seconds}
         if self.length_fn is not None:
-            out["tokens_per_sec"] = (self._last[3] - self._first[3]) / seconds
+            out["tokens_per_sec"] = tokens / seconds
         if self._all_flops:
-            out["tflops_per_sec"] = (self._last[4] - self._first[4]) / seconds / 1e12
-            if self._global.available_flops:
+            out["tflops_per_sec"] = flops / seconds / 1e12
+            if self._global is not None and self._global.available_flops:
                 out["mfu"] = out["tflops_per_sec"] * 1e12 / self._global.available_flops
         return out
+
+    def run_averages(self) -> dict[str, float]:
+        """Wall-clock global rates: what was done after the first batch (which includes compilation) over the time
+        it took, validation excluded and every one-time cost between batches included."""
+        if self._first is None or self._last is None or self._last[0] <= self._first[0]:
+            return {}
+        return self._rates(*(last - first for last, first in zip(self._last, self._first)))
+
+    def steady_state(self) -> dict[str, float]:
+        """Steady-state global rates: the median over the steps after the first batch of each step's rate (its work
+        over its time, the slowest rank's), so one-time costs (the first batch, FLOP counting, the memory
+        breakdown, recompiles, checkpoint writes) do not count. A step is an optimizer step under the Trainer (its
+        batches together, with gradient accumulation) and a batch under Fabric. Also ``step_time_s`` and ``steps``
+        (how many steps the median is over). Empty before the second step."""
+        steps = [step for step in self._steps if step[0] > 0]
+        if not steps:
+            return {}
+        rates = [self._rates(*step) for step in steps]
+        out = {key: statistics.median(r[key] for r in rates) for key in rates[0]}
+        return {**out, "step_time_s": statistics.median(step[0] for step in steps), "steps": float(len(steps))}
 
     def summary(self) -> str:
         """A compact, printable summary of the run."""
@@ -342,38 +391,67 @@ class ThroughputMonitor(MonitorCallback):
         head = f"ThroughputMonitor: {int(batches):,} batches, {int(samples):,} samples"
         if self.length_fn is not None:
             head += f", {int(tokens):,} tokens"
-        head += f" in {t:.1f} s of training (validation excluded)"
+        head += f" in {t:.1f} s of training (validation excluded); all ranks:"
         lines = [head]
-        avg = self.run_averages()
-        if avg:
-            labels = {"tokens_per_sec": "tokens/s", "samples_per_sec": "samples/s", "batches_per_sec": "batches/s"}
-            parts = [f"{avg[k]:,.1f} {label}" for k, label in labels.items() if k in avg]
-            if "tflops_per_sec" in avg:
-                parts.append(f"{avg['tflops_per_sec']:.3g} TFLOP/s")
-            if "mfu" in avg:
-                parts.append(f"MFU {100 * avg['mfu']:.1f}% of {self.peak_source}")
-            lines.append("  all ranks, after the first batch: " + ", ".join(parts))
+        steady, wall = self.steady_state(), self.run_averages()
+        if steady:
+            lines.append(
+                f"  steady state: {self._format_rates(steady)} (median step {1e3 * steady['step_time_s']:.1f} ms over "
+                f"{int(steady['steps'])} steps after the first: training steps only, one-time costs left out)"
+            )
+        if wall:
+            batches = int(self._last[1] - self._first[1])
+            lines.append(
+                f"  wall clock: {self._format_rates(wall)} ({batches:,} batches after the first in "
+                f"{self._last[0] - self._first[0]:.1f} s, validation excluded; includes one-time costs: recompiles, "
+                "FLOP counting, memory breakdown, checkpoint writes, logging)"
+            )
         if self.flops_per_batch is not None:
             lines.append(f"  FLOPs per batch (this rank, forward + backward): {self.flops_per_batch:.4g}")
         lines += [f"  {what} unavailable: {why}" for what, why in self.unavailable.items()]
         return "\n".join(lines)
 
+    def _format_rates(self, rates: dict[str, float]) -> str:
+        labels = {"tokens_per_sec": "tokens/s", "samples_per_sec": "samples/s", "batches_per_sec": "batches/s"}
+        parts = [f"{rates[k]:,.1f} {label}" for k, label in labels.items() if k in rates]
+        if "tflops_per_sec" in rates:
+            parts.append(f"{rates['tflops_per_sec']:.3g} TFLOP/s")
+        if "mfu" in rates:
+            parts.append(f"MFU {100 * rates['mfu']:.1f}% of {self.peak_source}")
+        return ", ".join(parts)
+
     def _points(self, name: str) -> list[tuple[float, float]]:
         return [(step, metrics[name]) for step, metrics in self.history if name in metrics]
 
     def write_plot(self, path: str | Path) -> Path:
-        """Write the logged history as a PNG: global throughput, and TFLOP/s per device when known."""
+        """Write the logged history as a PNG: throughput (all ranks; this device too when there are several),
+        with the steady-state rate as a reference line; TFLOP/s per device when known; the training loss when the
+        loop passed it."""
         key, unit = ("tokens_per_sec", "tokens/s") if self.length_fn is not None else ("samples_per_sec", "samples/s")
-        panels = [
-            Panel(
-                f"throughput: {unit}",
-                [
-                    Series("all ranks", self._points(f"throughput/global/{key}")),
-                    Series("this device", self._points(f"throughput/device/{key}")),
-                ],
-            )
-        ]
+        rate = [Series("all ranks" if self._world_size > 1 else unit, self._points(f"throughput/global/{key}"))]
+        if self._world_size > 1:  # on one device the two lines are the same: draw one
+            rate.append(Series("this device", self._points(f"throughput/device/{key}")))
+        steady = self.steady_state().get(key)
+        references = [(f"steady state {steady:,.0f} {unit}", steady)] if steady is not None else []
+        panels = [Panel(f"throughput, windowed over {self.window_size} batches", rate, ylabel=unit,
+                        references=references)]
         tflops = self._points("throughput/device/tflops_per_sec")
         if tflops:
-            panels.append(Panel("tflop/s per device", [Series("this device", tflops)]))
+            panels.append(Panel("TFLOP/s per device", [Series("this device", tflops)], ylabel="TFLOP/s"))
+        if self.losses:
+            label = "training loss" + (" (rank 0)" if self._world_size > 1 else "")
+            points = [(step, float(loss)) for step, loss in self.losses]
+            panels.append(Panel(label, [Series(label, points)], ylabel="loss", from_zero=False))
         return write_plot(path, panels)
+
+
+def _loss_of(outputs: Any) -> Any:
+    """The loss in a training step's ``outputs`` (a scalar tensor, or a mapping with ``"loss"``), detached; else
+    ``None``."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
+        return outputs.detach()
+    if isinstance(outputs, (int, float)):
+        return float(outputs)
+    return None

@@ -24,7 +24,7 @@ from torch._functorch.partitioners import default_partition, min_cut_remateriali
 from lightning_thunder.capture.errors import WORKAROUND, CaptureError, locate_failure
 from lightning_thunder.capture.options import CompileOptions
 from lightning_thunder.capture.state import CompileState, GraphRecord, current_state
-from lightning_thunder.executors.base import Executor
+from lightning_thunder.executors.base import ClaimContext, Executor
 from lightning_thunder.executors.torch_executor import TorchExecutor
 from lightning_thunder.passes import (
     common_subexpression_elimination,
@@ -36,6 +36,9 @@ from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace import Trace, fx_from_trace, trace_from_fx
 
 __all__ = ["ThunderBackend", "get_backend"]
+
+#: Errors from a backend that Dynamo turns into a graph break (data-dependent outputs, unsupported fake-tensor ops).
+_DYNAMO_FALLBACKS: tuple[type[BaseException], ...] = tuple(getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ()))
 
 _AOT_PROVENANCE = "AOTAutograd (functionalization, autodiff, decomposition) and {} partition"
 
@@ -84,6 +87,7 @@ class ThunderBackend:
         self.latest: dict[str, GraphRecord] = {}  # per compiled class: its most recent graph
         self.latest_training: dict[str, GraphRecord] = {}  # ... and its most recent graph with a backward
         self.executors: list[Executor] = [ex for p in self.plugins for ex in p.executors()]
+        self.epilogues = tuple(e for p in self.plugins for e in p.fusion_epilogues())
         self.executors.append(TorchExecutor())
         self.decompositions: dict[Any, Callable] = {}
         self.partition_options: dict[str, Any] = {}
@@ -141,9 +145,17 @@ class ThunderBackend:
                 decompositions=self.decompositions,
                 keep_inference_input_mutations=True,
             )
-        except (CaptureError, torch._dynamo.exc.TorchDynamoException):
-            # Dynamo's own signals (restart the analysis, skip the frame) must reach Dynamo untouched.
+        except (CaptureError, torch._dynamo.exc.TorchDynamoException, *_DYNAMO_FALLBACKS) as e:
+            # Dynamo's own signals (restart the analysis, skip the frame) must reach Dynamo untouched, and so must
+            # the errors it answers with a graph break (an op whose output depends on tensor data, such as
+            # `narrow` with a tensor start): Dynamo then splits the graph there, runs that op eagerly and warns.
             state.discard(record)
+            if isinstance(e, _DYNAMO_FALLBACKS):
+                where = locate_failure(e, aot_input)
+                state.graph_breaks.append(
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    + (f" (at {where}; handed back to Dynamo, which splits the graph there)" if where else "")
+                )
             raise
         except Exception as e:
             state.discard(record)
@@ -262,11 +274,13 @@ class ThunderBackend:
         out = [dead_code_elimination(trace, name=f"{stage}/dce")]
         if self.options.cse:
             out.append(common_subexpression_elimination(out[-1], name=f"{stage}/cse"))
+        context = ClaimContext(stage=stage, epilogues=self.epilogues)
         for ex in self.executors:
-            claimed = ex.claim(out[-1])
-            if not isinstance(claimed, Trace):
-                raise TypeError(f"executor {ex.name!r}.claim must return a Trace, got {type(claimed).__name__}")
-            out.append(claimed.renamed(f"{stage}/executor:{ex.name}"))
+            traces = ex.claim_stages(out[-1], context)
+            if not traces or not all(isinstance(t, Trace) for t in traces):
+                raise TypeError(f"executor {ex.name!r}.claim must return a Trace, got {traces!r}")
+            out.extend(t.renamed(f"{stage}/{t.name}") for t in traces[:-1])
+            out.append(traces[-1].renamed(f"{stage}/executor:{ex.name}"))
         out.append(insert_deletions(out[-1], name=f"{stage}/final"))
         return out
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_thunder.trace.trace import DELETE, Trace
 
-__all__ = ["GraphRecord", "CompileState", "CompileStats", "current_state"]
+__all__ = ["GraphRecord", "CompileState", "CompileStats", "SharedCode", "current_state"]
 
 _SEQUENCE = itertools.count()
 
@@ -79,6 +79,9 @@ class CompileStats:
         fusion_regions: regions run by a fused kernel in the final traces.
         executor_counts: executor name -> number of ops it runs in the final traces (ops of a fused
             region count individually).
+        eager_calls: calls that ran eagerly, without lightning_thunder and its plugins, because Dynamo ran
+            none of the compiled graphs and compiled no new one (its recompile limit; a warning says so).
+        eager_fallbacks: why, once per distinct reason (Dynamo's limit and its last guard failure).
     """
 
     compile_time_s: float
@@ -87,6 +90,24 @@ class CompileStats:
     recompiles: list[str]
     fusion_regions: int
     executor_counts: dict[str, int]
+    eager_calls: int = 0
+    eager_fallbacks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SharedCode:
+    """What the compiled objects calling through one Dynamo code object share (see
+    :mod:`lightning_thunder.capture.frames`).
+
+    Attributes:
+        name: the code object's name, as Dynamo's messages show it.
+        ran_graph: whether a compiled graph has run through it (a later call running none ran eagerly).
+        limit_hits: Dynamo's recompile-limit messages for it.
+    """
+
+    name: str
+    ran_graph: bool = False
+    limit_hits: list[str] = field(default_factory=list)
 
 
 class CompileState:
@@ -107,6 +128,24 @@ class CompileState:
         self.backward_compile_time_s = 0.0
         self.in_call = 0  # > 0 while a call of the compiled callable runs (its time already counts)
         self.calls = 0
+        #: Graphs this object's calls ran (its own or shared with other instances of its class), by sequence.
+        self.ran: dict[int, GraphRecord] = {}
+        self.graph_runs = 0
+        #: The code object this object is called through, shared with instances compiled with the same plugins.
+        self.shared: SharedCode | None = None
+        self.limit_hits: list[str] = []  # Dynamo's recompile-limit messages during this object's calls
+        self.eager_calls = 0
+        self.eager_fallbacks: list[str] = []
+        self.hooks_since: int | None = None  # hook handle ids from here on were created after the first call
+        self.hook_mark: int | None = None  # ... and when hooks were last checked (see compiled.check_hooks)
+        self.warned_hooks: set[tuple[int, str, int]] = set()
+
+    def note_run(self, record: GraphRecord) -> None:
+        """A compiled graph ran during a call of this object."""
+        self.graph_runs += 1
+        self.ran[record.sequence] = record
+        if self.shared is not None:
+            self.shared.ran_graph = True
 
     def new_record(self, frame_id: int | None = None, frame_compile_id: int | None = None) -> GraphRecord:
         """Start the record of a newly captured graph."""
@@ -201,4 +240,6 @@ class CompileState:
             recompiles=list(self.recompiles),
             fusion_regions=regions,
             executor_counts=dict(counts),
+            eager_calls=self.eager_calls,
+            eager_fallbacks=list(self.eager_fallbacks),
         )

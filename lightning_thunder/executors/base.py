@@ -9,11 +9,26 @@ claims everything left, so an op no other executor wants always runs on PyTorch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from lightning_thunder.trace.trace import BoundOp, Trace, timed_pass
 
-__all__ = ["Executor", "OpExecutor"]
+__all__ = ["ClaimContext", "Executor", "OpExecutor"]
+
+
+@dataclass(frozen=True)
+class ClaimContext:
+    """What the compiler tells an executor besides the trace it claims from.
+
+    Attributes:
+        stage: ``"forward"`` or ``"backward"``.
+        epilogues: the :class:`~lightning_thunder.executors.triton.epilogues.Epilogue` objects the compiling
+            plugins declare (:meth:`lightning_thunder.Plugin.fusion_epilogues`).
+    """
+
+    stage: str = "forward"
+    epilogues: tuple[Any, ...] = ()
 
 
 class Executor:
@@ -32,6 +47,15 @@ class Executor:
         """Return ``trace`` with the ops this executor runs marked (``op.executor = self.name``) or
         replaced by ops that run its kernels. Ops already claimed (``op.executor`` set) are left alone."""
         return trace
+
+    def claim_stages(self, trace: Trace, context: ClaimContext) -> list[Trace]:
+        """The traces of claiming ``trace``, stage by stage; the last one is the claimed trace.
+
+        An executor that works in several steps (the fusion executor's plan passes) returns one trace per step,
+        each named after it (``"fusion:layout"``: the compiler shows it as ``"forward/fusion:layout"``). The default
+        is :meth:`claim` alone.
+        """
+        return [self.claim(trace)]
 
     def decompositions(self) -> dict[Any, Callable]:
         """ATen decompositions this executor wants AOTAutograd to apply (op -> decomposition)."""

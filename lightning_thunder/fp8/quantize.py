@@ -30,15 +30,12 @@ from __future__ import annotations
 
 import torch
 
-from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton, groupable
-from lightning_thunder.executors.kernels.fp8_quant import (
+from lightning_thunder.executors.kernels.fp8_formats import (
     EPS,
     FP8_FORMATS,
     amax_partial_count,
     check_fp8_input,
-    fp8_amax_partials_triton,
-    fp8_cast_triton,
-    fp8_quantize_triton,
+    groupable,
 )
 
 __all__ = [
@@ -130,6 +127,8 @@ def _tensorwise_reference(
 
 def _run(x: torch.Tensor, dtype: torch.dtype, rowwise: bool, transpose: bool) -> tuple[torch.Tensor, ...]:
     if x.is_cuda:
+        from lightning_thunder.executors.kernels.fp8_quant import fp8_quantize_triton
+
         return fp8_quantize_triton(x, dtype, rowwise, transpose)  # checks its input
     check_fp8_input(x, dtype)
     return quantize_reference(x, dtype, rowwise, transpose)
@@ -173,6 +172,8 @@ def _(
 
 def _amax_partials(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
+        from lightning_thunder.executors.kernels.fp8_quant import fp8_amax_partials_triton
+
         return fp8_amax_partials_triton(x)  # checks its input
     check_fp8_input(x)
     partials = torch.zeros(amax_partial_count(x.device), device=x.device, dtype=torch.float32)
@@ -184,6 +185,8 @@ def _cast_from_partials(
     x: torch.Tensor, partials: torch.Tensor, dtype: torch.dtype, transpose: bool
 ) -> tuple[torch.Tensor, ...]:
     if x.is_cuda:
+        from lightning_thunder.executors.kernels.fp8_quant import fp8_cast_triton
+
         return fp8_cast_triton(x, partials, dtype, transpose)  # checks its input
     check_fp8_input(x, dtype)
     return _tensorwise_reference(x.float().contiguous(), partials.max(), dtype, transpose)
@@ -295,6 +298,8 @@ def fp8_quantize_group_kernel(*tensors: torch.Tensor, dtype: torch.dtype, transp
     that kernel cannot address, such as a misaligned view, is quantized on its own); elsewhere the reference,
     tensor by tensor."""
     together = [t for t in tensors if t.is_cuda and groupable(t)]
+    from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+
     quantized = dict(zip(map(id, together), fp8_quantize_group_triton(together, dtype, transpose)))
     groups = [
         quantized[id(t)] if id(t) in quantized else _cast_from_partials(t, _amax_partials(t), dtype, transpose)

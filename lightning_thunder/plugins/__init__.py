@@ -1,4 +1,5 @@
-"""Compiler plugins: fusion, grouped-query attention, FP8, parallelism (FSDP, DDP, TensorParallel) and helpers for block-wise (regional) compilation."""
+"""Compiler plugins: fusion, grouped-query attention, fused output head + loss, FP8, parallelism (FSDP, DDP,
+TensorParallel) and helpers for block-wise (regional) compilation."""
 
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import checkpoint_block, compile_blocks, find_block_class, find_blocks
@@ -7,12 +8,14 @@ from lightning_thunder.plugins.fp8 import FP8, LinearInfo, default_filter
 from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.plugins.fusion import Fusion
 from lightning_thunder.plugins.gqa import NativeGQA
+from lightning_thunder.plugins.linear_cross_entropy import FusedLinearCrossEntropy
 from lightning_thunder.plugins.tensor_parallel import TensorParallel
 
 __all__ = [
     "DDP",
     "FP8",
     "FSDP",
+    "FusedLinearCrossEntropy",
     "Fusion",
     "LinearInfo",
     "NativeGQA",

@@ -8,6 +8,8 @@ each one's effect shows up as its own named trace in :func:`lightning_thunder.la
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lightning_thunder.executors.base import Executor
@@ -50,6 +52,12 @@ class Plugin:
 
     def executors(self) -> list[Executor]:
         """Executors this plugin brings; they run before the torch executor, in plugin order."""
+        return []
+
+    def fusion_epilogues(self) -> list[Any]:
+        """Reductions of this plugin's ops that a fusion region may fold into its kernel
+        (:class:`lightning_thunder.executors.triton.Epilogue`; FP8's partial maxima). Where no fusion executor
+        runs, they are not used."""
         return []
 
     def __repr__(self) -> str:

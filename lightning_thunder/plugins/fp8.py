@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_thunder.executors.base import Executor, OpExecutor
+from lightning_thunder.executors.triton.epilogues import Epilogue
 from lightning_thunder.fp8.config import check_fp8_hardware, check_recipe
 from lightning_thunder.fp8.linear import fp8_linear
 from lightning_thunder.fp8.module import restore_linears
@@ -281,6 +282,13 @@ class FP8(Plugin):
     def executors(self) -> list[Executor]:
         """``fp8``: runs the quantization ops' kernels directly (the Triton kernel pair on CUDA)."""
         return [self._executor]
+
+    def fusion_epilogues(self) -> list[Epilogue]:
+        """:class:`~lightning_thunder.fp8.epilogue.AbsmaxEpilogue`: a fusion region that computes a value this plugin
+        quantizes folds its ``fp8_amax`` into its kernel (whatever the order of the plugins)."""
+        from lightning_thunder.fp8.epilogue import AbsmaxEpilogue
+
+        return [AbsmaxEpilogue()]
 
     def __repr__(self) -> str:
         filt = "" if self.filter is None else f", filter={getattr(self.filter, '__name__', self.filter)!r}"

@@ -91,6 +91,13 @@ class Fusion(Plugin):
     """
 
     def __init__(self, fuel: int | None = None, *, autotune: bool = True) -> None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "lightning_thunder.plugins.Fusion generates Triton kernels and needs Triton: pip install triton "
+                "(it comes with PyTorch's CUDA builds); without it, compile with plugins=[] (every op runs on PyTorch)"
+            ) from e
         from lightning_thunder.executors.triton import FusionExecutor
 
         self.executor = FusionExecutor(fuel, autotune=autotune)

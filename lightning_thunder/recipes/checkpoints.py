@@ -10,11 +10,14 @@ shards for ``thunder_fsdp``) with everything the next step depends on::
      "rng",                           # torch's (and CUDA's) global RNG state
      "config"}                        # the recipe config, to check a resume against
 
-so a run resumed from step k computes the same step k + 1 as the run that saved it.
+so a run resumed from step k computes the same step k + 1 as the run that saved it. The strategies write it
+atomically with its SHA-256 (``step-<step>.ckpt.sha256``, or ``checksums.sha256`` inside a directory of shards);
+``resume`` verifies it, and ``resume=auto`` falls back to the newest checkpoint that verifies, saying so.
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_thunder.recipes.errors import ConfigError
-from lightning_thunder.strategies.checkpoint import atomic_checkpoint_path
+from lightning_thunder.strategies.checkpoint import CheckpointError, verify_checkpoint
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -35,6 +38,7 @@ __all__ = [
     "resolve_resume",
     "read_checkpoint_metadata",
     "check_resumable",
+    "checkpoint_problem",
     "save_checkpoint",
     "rng_state",
     "set_rng_state",
@@ -60,12 +64,36 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _say(line: str) -> None:
+    """Print on the launching process only (before Fabric starts, the other ranks re-run the same resolution)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(line, flush=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (its checksums do not match, a shard is missing, it is
+    unreadable or not a recipe's), or ``None`` when it can."""
+    try:
+        verify_checkpoint(path)
+        read_checkpoint_metadata(path)
+    except (CheckpointError, ConfigError, OSError) as e:
+        return str(e).removeprefix("resume: ")
+    return None
+
+
 def resolve_resume(resume: bool | str, out_dir: str | Path) -> Path | None:
     """The checkpoint ``resume`` names, or ``None`` to start fresh.
 
     ``False``: start fresh; ``out_dir`` must hold no checkpoint (so a later ``resume: auto`` cannot pick up a
-    stale one). ``"auto"``: the latest checkpoint in ``out_dir``, or none. ``True``: the latest, which must
-    exist. A string: that checkpoint path.
+    stale one). ``"auto"``: the newest *valid* checkpoint in ``out_dir`` (checksums match, readable), saying which
+    newer ones it skipped and why; none when there is no checkpoint. ``True``: the latest, which must exist and be
+    valid. A string: that checkpoint path, which must be valid.
+
+    Raises:
+        ConfigError: no checkpoint where one is required, or the one required is corrupt or incomplete (the message
+            names the file and what is wrong).
     """
     latest = list_checkpoints(out_dir)
     if resume is False:
@@ -77,17 +105,38 @@ def resolve_resume(resume: bool | str, out_dir: str | Path) -> Path | None:
             )
         return None
     if resume == "auto":
-        return latest[-1][1] if latest else None
+        if not latest:
+            return None
+        skipped = []
+        for _, path in reversed(latest):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if skipped:
+                    _say(f"resume=auto: resuming from {path}, the newest valid checkpoint ({len(skipped)} newer one(s) "
+                         "skipped above)")
+                return path
+            _say(f"resume=auto: skipping {path.name}: {problem}")
+            skipped.append(f"{path.name}: {problem}")
+        raise ConfigError(
+            f"resume=auto: none of the {len(latest)} checkpoint(s) in {Path(out_dir) / 'checkpoints'} can be resumed "
+            f"from ({'; '.join(skipped)}); restore one, or move them away to start over"
+        )
     if resume is True:
         if not latest:
             raise ConfigError(
                 f"resume=true, but out_dir={str(out_dir)!r} holds no checkpoint (looked for "
                 f"{Path(out_dir) / 'checkpoints'}/step-*.ckpt); use resume=auto to start fresh when there is none"
             )
-        return latest[-1][1]
-    path = Path(str(resume)).expanduser()
-    if not path.exists():
-        raise ConfigError(f"resume={resume!r}: no checkpoint at that path; allowed: false, true, auto, or a path")
+        path = latest[-1][1]
+    else:
+        path = Path(str(resume)).expanduser()
+        if not path.exists():
+            raise ConfigError(f"resume={resume!r}: no checkpoint at that path; allowed: false, true, auto, or a path")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        shown = "true" if resume is True else str(resume)
+        fallback = "; resume=auto falls back to the newest valid checkpoint" if len(latest) > 1 else ""
+        raise ConfigError(f"resume={shown}: {problem}{fallback}")
     return path
 
 
@@ -98,8 +147,9 @@ def read_checkpoint_metadata(path: Path) -> dict[str, Any]:
             meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
         else:
             meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError) as e:
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({e})") from e
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({reason})") from e
     if not isinstance(meta, Mapping) or "config" not in meta or "step" not in meta:
         raise ConfigError(f"resume: {path} was not written by a lightning_thunder recipe (it has no step or config)")
     return {k: v for k, v in meta.items() if k not in ("model", "optimizer")}
@@ -115,11 +165,33 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _resolved_model(model: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``litgpt.Config`` fields of a config's ``model`` section (``None`` when LitGPT refuses it)."""
+    import dataclasses
+
+    from lightning_thunder.recipes.model import litgpt_config
+
+    try:
+        return dataclasses.asdict(litgpt_config(model["name"], dict(model.get("overrides") or {})))
+    except (ConfigError, KeyError, TypeError):
+        return None
+
+
 def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
     """Raise :class:`ConfigError` listing the keys in :data:`RESUME_MUST_MATCH` whose values differ between the
-    checkpoint's config ``saved`` and the run's ``current`` one."""
+    checkpoint's config ``saved`` and the run's ``current`` one.
+
+    The model is compared as LitGPT builds it (``model.name`` and ``model.overrides`` resolved into a
+    ``litgpt.Config``), so an override equal to the model's default (``n_layer: 6`` on pythia-14m) is no change.
+    """
     old, new = _flatten(saved), _flatten(current)
     keys = sorted(k for k in set(old) | set(new) if any(k == m or k.startswith(m) for m in RESUME_MUST_MATCH))
+    old_model, new_model = _resolved_model(saved.get("model", {})), _resolved_model(current.get("model", {}))
+    if old_model is not None and new_model is not None:
+        keys = [k for k in keys if not k.startswith("model.")]
+        old.update({f"model.{k}": v for k, v in old_model.items()})
+        new.update({f"model.{k}": v for k, v in new_model.items()})
+        keys += sorted(f"model.{k}" for k in set(old_model) | set(new_model))
     diffs = [f"{k}: {old.get(k, '(unset)')!r} in the checkpoint, {new.get(k, '(unset)')!r} now" for k in keys
              if old.get(k) != new.get(k)]
     if diffs:
@@ -130,22 +202,10 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], path: 
 
 
 def save_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
-    """``fabric.save(path, state)``, atomically: a crash mid-write leaves the previous checkpoints intact and no
-    partial ``step-*.ckpt``.
-
-    ``thunder_fsdp`` writes atomically itself; for the others (whose file write goes through a temporary file
-    that may be on another file system, then a copy), the checkpoint is written to a hidden sibling path and
-    renamed into place once complete.
-    """
-    from lightning_thunder.strategies import ThunderFSDPStrategy
-
-    if isinstance(fabric.strategy, ThunderFSDPStrategy):
-        fabric.save(path, state)
-        return
-    with atomic_checkpoint_path(
-        path, sharded=False, is_global_zero=fabric.is_global_zero, barrier=fabric.barrier
-    ) as partial:
-        fabric.save(partial, state)
+    """``fabric.save(path, state)``: the thunder strategies write atomically (a crash mid-write leaves the previous
+    checkpoints intact, no partial ``step-*.ckpt`` and no temporary file outside ``checkpoints/``) and record the
+    checkpoint's SHA-256 beside it (see :mod:`lightning_thunder.strategies.checkpoint`)."""
+    fabric.save(path, state)
 
 
 def rng_state() -> dict[str, Any]:

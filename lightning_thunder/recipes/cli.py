@@ -5,7 +5,8 @@
     lightning-thunder pretrain --help                                               # every key, with its help
 
 ``python -m lightning_thunder.recipes.pretrain ...`` is the same as ``lightning-thunder pretrain ...``. Config
-errors and missing optional packages print one ``error:`` line and exit with status 2.
+errors, what this machine cannot run, a damaged checkpoint and missing optional packages print one ``error:`` line
+(on rank 0) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from lightning_thunder.recipes.errors import ConfigError, MissingDependencyError
+from lightning_thunder.strategies.checkpoint import CheckpointError
 
 __all__ = ["main", "pretrain_main"]
 
@@ -55,8 +57,11 @@ def _pretrain(argv: Sequence[str]) -> int:
         from lightning_thunder.recipes.loop import pretrain
 
         pretrain(cfg)
-    except (ConfigError, MissingDependencyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, MissingDependencyError, CheckpointError) as e:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # one line, not one per process of a multi-device run
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,6 +13,7 @@ naming the key, the bad value and what is allowed. Nothing is dropped or replace
 # No `from __future__ import annotations`: OmegaConf reads these annotations at run time.
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "OptimizerConfig",
     "RecipeConfig",
     "TrainConfig",
+    "check_environment",
     "describe_schema",
     "load_config",
     "to_dict",
@@ -53,10 +55,12 @@ OPTIMIZERS = ("AdamW",)
 
 
 def _key(default: Any, help: str, *, choices: Sequence[Any] | None = None, minimum: float | None = None,
-         above: float | None = None, below: float | None = None) -> Any:
+         above: float | None = None, below: float | None = None, maximum: float | None = None) -> Any:
     """A schema field: its default (a callable makes a fresh default per instance), help text and limits
-    (``minimum``: value >= minimum; ``above``: value > above; ``below``: value < below)."""
-    metadata = {"help": help, "choices": choices, "minimum": minimum, "above": above, "below": below}
+    (``minimum``: value >= minimum; ``above``: value > above; ``below``: value < below; ``maximum``: value <=
+    maximum). Numbers must also be finite (no nan or inf)."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "above": above, "below": below,
+                "maximum": maximum}
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -116,7 +120,8 @@ class TrainConfig:
     save_interval: Optional[int] = _key(
         100, "save a checkpoint every this many steps (and always at the end); null: only at the end", minimum=1
     )
-    seed: int = _key(42, "seed of the weights' initialization and of the order of training sequences")
+    seed: int = _key(42, "seed of the weights' initialization and of the order of training sequences", minimum=0,
+                     maximum=2**32 - 1)
 
 
 @dataclass
@@ -186,6 +191,7 @@ def load_config(
     if check_model:
         from lightning_thunder.recipes.model import check_model as _check_model
 
+        _check_model_overrides(cfg)
         _check_model(cfg)
     return cfg
 
@@ -254,18 +260,23 @@ def _check_fields(obj: Any, prefix: str) -> None:
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, choices))}")
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        minimum, above, below = (f.metadata.get(k) for k in ("minimum", "above", "below"))
+        minimum, above, below, maximum = (f.metadata.get(k) for k in ("minimum", "above", "below", "maximum"))
+        allowed = [f"value >= {minimum}"] if minimum is not None else []
+        allowed += [f"value > {above}"] if above is not None else []
+        allowed += [f"value < {below}"] if below is not None else []
+        allowed += [f"value <= {maximum}"] if maximum is not None else []
+        if not math.isfinite(value):
+            what = " and ".join(allowed) or "a finite number"
+            raise ConfigError(f"{key}={value!r} is not a finite number; allowed: {what}")
         bad = (
             (minimum is not None and value < minimum)
             or (above is not None and value <= above)
             or (below is not None and value >= below)
+            or (maximum is not None and value > maximum)
         )
         if bad:
-            allowed = [f"value >= {minimum}"] if minimum is not None else []
-            allowed += [f"value > {above}"] if above is not None else []
-            allowed += [f"value < {below}"] if below is not None else []
             raise ConfigError(f"{key}={value!r} is out of range; allowed: {' and '.join(allowed)}")
 
 
@@ -290,7 +301,7 @@ def _check_combinations(cfg: RecipeConfig) -> None:
             f"train.global_batch_size={max(per_step, cfg.train.global_batch_size // per_step * per_step)}"
         )
     betas = cfg.optimizer.betas
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"optimizer.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if cfg.train.min_lr > cfg.optimizer.lr:
         raise ConfigError(
@@ -318,6 +329,126 @@ def _check_tensor_parallel(cfg: RecipeConfig) -> None:
             f"tensor_parallel_size={tp} does not divide devices={cfg.devices}: the devices form a (data_parallel x "
             f"tensor_parallel) mesh; allowed tensor_parallel_size values for devices={cfg.devices}: {sizes}"
         )
+
+
+#: ``litgpt.Config`` fields that count something: integers >= 1 (what each counts, for the message).
+_MODEL_COUNTS = {
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads",
+    "n_embd": "the embedding width",
+    "n_query_groups": "key/value heads",
+    "head_size": "channels per head",
+    "intermediate_size": "the MLP's hidden width",
+    "block_size": "the longest sequence, in tokens",
+    "vocab_size": "token ids",
+    "padded_vocab_size": "rows of the embedding",
+}
+
+
+def _check_model_overrides(cfg: RecipeConfig) -> None:
+    """What ``litgpt.Config`` would accept silently or refuse without a reason: counts below 1, non-finite numbers,
+    a head count that does not divide the width (or a group count the head count)."""
+    import dataclasses as dc
+
+    from lightning_thunder.recipes.errors import require_litgpt
+
+    overrides = dict(cfg.model.overrides)
+    for key, value in overrides.items():
+        if key in _MODEL_COUNTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(
+                f"model.overrides.{key}={value!r} is out of range; allowed: an integer >= 1 ({_MODEL_COUNTS[key]})"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"model.overrides.{key}={value!r} is not a finite number")
+    require_litgpt()
+    from litgpt import Config
+    from litgpt.config import name_to_config
+
+    if cfg.model.name not in name_to_config:
+        return  # check_model names the model and its close matches
+    defaults = {f.name: f.default for f in dc.fields(Config) if f.default is not dc.MISSING}
+    model = {**defaults, **name_to_config[cfg.model.name], **overrides}
+
+    def source(key: str) -> str:
+        return f"model.overrides.{key}" if key in overrides else f"{cfg.model.name}'s {key}"
+
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    n_embd, n_head, groups = model.get("n_embd"), model.get("n_head"), model.get("n_query_groups")
+    if model.get("head_size") is None and isinstance(n_embd, int) and isinstance(n_head, int) and n_embd % n_head:
+        key = "n_head" if "n_head" in overrides or "n_embd" not in overrides else "n_embd"
+        raise ConfigError(
+            f"{source(key)}={model[key]} does not fit: n_head ({n_head}, {source('n_head')}) must divide n_embd "
+            f"({n_embd}, {source('n_embd')}), each head getting n_embd / n_head channels; allowed n_head: "
+            f"{divisors(n_embd)}, or set model.overrides.head_size"
+        )
+    if isinstance(groups, int) and isinstance(n_head, int) and n_head % groups:
+        raise ConfigError(
+            f"{source('n_query_groups')}={groups} does not fit: it must divide n_head ({n_head}, {source('n_head')}), "
+            f"each group of query heads sharing one key/value head; allowed: {divisors(n_head)}"
+        )
+
+
+def check_environment(cfg: RecipeConfig) -> None:
+    """What the config asks of this machine, checked before a run starts (``load_config`` checks the config alone,
+    so a GPU recipe still validates and prints on a laptop).
+
+    Raises:
+        ConfigError: CUDA asked for where there is none (or fewer devices than ``devices``), FP8 without FP8
+            hardware (and without ``emulate``), ``precision=16-mixed`` on CPU (Lightning would run bf16-mixed),
+            an ``out_dir`` that is a file or cannot be written.
+    """
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.accelerator == "cuda" and not cuda:
+        raise ConfigError(
+            "accelerator='cuda', but this machine has no CUDA GPU (torch.cuda.is_available() is False); use "
+            "accelerator=cpu, or accelerator=auto to use a GPU only where there is one"
+        )
+    on_cuda = cfg.accelerator == "cuda" or (cfg.accelerator == "auto" and cuda)
+    if on_cuda and cfg.devices > torch.cuda.device_count():
+        raise ConfigError(
+            f"devices={cfg.devices}, but this machine has {torch.cuda.device_count()} CUDA GPU(s); use "
+            f"devices<={torch.cuda.device_count()}"
+        )
+    where = "CUDA" if on_cuda else "CPU"
+    if cfg.precision == "16-mixed" and not on_cuda:
+        raise ConfigError(
+            "precision='16-mixed' on CPU: fp16 autocast needs CUDA, and Lightning would run bf16-mixed instead; set "
+            "precision=bf16-mixed (what would run), precision=32-true, or train on a GPU"
+        )
+    for entry in parse_plugins(cfg.plugins):
+        if entry.name != "fp8" or entry.options.get("emulate"):
+            continue
+        capability = torch.cuda.get_device_capability() if on_cuda else None
+        if capability is None or capability < (8, 9):
+            found = "this run is on CPU" if capability is None else (
+                f"this GPU has compute capability {capability[0]}.{capability[1]}"
+            )
+            raise ConfigError(
+                f"plugins=[fp8] needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or more), but {found}; "
+                "use plugins=[{fp8: {emulate: true}}] to run FP8's numerics emulated (slow), or remove fp8"
+            )
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r} is a file; out_dir must be a directory (it will hold config.yaml, checkpoints/, "
+            "logs/ and summary.json): choose another path"
+        )
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"out_dir={cfg.out_dir!r} cannot be written ({e.strerror or e}: {e.filename or out}); choose a directory "
+            f"you can write to ({where} run)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ schema help

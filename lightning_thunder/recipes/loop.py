@@ -1,7 +1,10 @@
 """The pretraining loop of a recipe, on Fabric with lightning_thunder's strategies and callbacks.
 
 One optimizer step: ``global_batch_size / (micro_batch_size * devices)`` micro-batches per device (gradient
-synchronization only on the last), gradient clipping, AdamW with a warmup + cosine learning rate. Every
+synchronization only on the last), gradient clipping, AdamW (fused on CUDA, as LitGPT) with a warmup + cosine learning
+rate. The model and its loss are one module (:class:`~lightning_thunder.strategies.ModelWithLoss`), so ``thunder`` and
+``thunder_ddp`` compile the loss with the model: the output head and the cross-entropy run as one chunked op
+(:class:`~lightning_thunder.plugins.FusedLinearCrossEntropy`, a default plugin with CUDA), without the logits. Every
 ``train.log_interval`` steps a line with the loss, learning rate, tokens/s and memory; every ``eval.interval``
 steps the validation loss; every ``train.save_interval`` steps and at the end a checkpoint (see
 :mod:`~lightning_thunder.recipes.checkpoints` for what it holds and how ``resume`` continues from it).
@@ -25,7 +28,7 @@ from lightning_thunder.recipes.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from lightning_thunder.recipes.config import RecipeConfig, to_dict, to_yaml
+from lightning_thunder.recipes.config import RecipeConfig, check_environment, to_dict, to_yaml
 from lightning_thunder.recipes.data import TrainSampler, load_tokens, validation_batches
 from lightning_thunder.recipes.errors import ConfigError, require_litgpt
 from lightning_thunder.recipes.model import check_model, lm_loss, reset_parameters, set_initializers, training_flops
@@ -71,7 +74,7 @@ def _monitors(cfg: RecipeConfig, plugins: RecipePlugins) -> list[Any]:
     return [
         ThroughputMonitor(
             length_fn=lambda batch: batch[0].numel(),
-            step_fn=lambda model, batch: model(batch[0]),
+            step_fn=lambda model, batch: model(*batch),
             precision="fp8" if plugins.fp8 else None,
             log_every_n_steps=every,
             window_size=max(2, min(50, cfg.train.max_steps // 4)),
@@ -84,8 +87,11 @@ def _monitors(cfg: RecipeConfig, plugins: RecipePlugins) -> list[Any]:
 def _build_model(
     fabric: Fabric, cfg: RecipeConfig, config: Any, plugins: RecipePlugins
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The LitGPT model for ``config`` (a ``litgpt.Config``) and its AdamW, set up by Fabric (compiled, sharded)."""
+    """The LitGPT model for ``config`` (a ``litgpt.Config``) with its loss (``model(x, y)`` returns the loss; the
+    parameters and ``state_dict`` keys are the GPT's) and its AdamW, set up by Fabric (compiled, sharded)."""
     from litgpt import GPT
+
+    from lightning_thunder.strategies import ModelWithLoss
 
     sharded = cfg.strategy == "thunder_fsdp"
     with fabric.init_module(empty_init=sharded):  # thunder_fsdp: meta device, materialized after sharding
@@ -101,9 +107,11 @@ def _build_model(
     blocks = apply_activation_checkpointing(model, cfg.strategy, plugins)
     if blocks:
         fabric.print(f"activation checkpointing: {blocks} blocks")
+    model = ModelWithLoss(model, lm_loss)
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.betas[0], opt.betas[1]), eps=opt.eps
+        model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.betas[0], opt.betas[1]), eps=opt.eps,
+        fused=True if fabric.device.type == "cuda" else None,  # one kernel for all parameters, as LitGPT on CUDA
     )
     return fabric.setup(model, optimizer)
 
@@ -133,13 +141,14 @@ def pretrain(cfg: RecipeConfig) -> PretrainResult:
 
     Raises:
         ConfigError: for a config that cannot run (e.g. ``resume`` points nowhere, a checkpoint from another model).
-        MissingDependencyError: ``litgpt`` or a plugin's implementation (e.g. FP8) is not installed.
+        MissingDependencyError: ``litgpt`` is not installed.
     """
     require_litgpt()
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import CSVLogger
 
     wall_start = time.perf_counter()
+    check_environment(cfg)  # CUDA, FP8 hardware, precision and out_dir against this machine: one line each
     plugins = build_plugins(cfg.plugins)  # fails now, before any work, when e.g. FP8 is not installed
     out_dir = Path(cfg.out_dir)
     resume_path, start_step = _resume_point(cfg)
@@ -240,7 +249,7 @@ class _Run:
         for micro in range(self.accumulation):
             x, y = fabric.to_device(self.sampler.next_batch())
             with fabric.no_backward_sync(model, enabled=micro < self.accumulation - 1):
-                loss = lm_loss(model(x), y)
+                loss = model(x, y)  # the model and its loss: one compiled graph
                 fabric.backward(loss / self.accumulation)
             loss_sum += loss.detach()
             inputs.append(x)
@@ -254,8 +263,9 @@ class _Run:
         self.peak = max(self.peak, peak_memory_bytes(fabric.device)[0])  # before MemoryMonitor resets CUDA's peak
         # The monitors see one batch per optimizer step: this rank's micro-batches together.
         batch = (torch.cat(inputs), torch.cat(targets)) if self.accumulation > 1 else (inputs[0], targets[0])
-        fabric.call("on_train_batch_end", batch=batch)
-        return loss_sum / self.accumulation, lr
+        loss = loss_sum / self.accumulation
+        fabric.call("on_train_batch_end", outputs=loss, batch=batch)  # the loss: throughput.png's loss panel
+        return loss, lr
 
     def train(self) -> None:
         """Steps ``state["step"] + 1`` to ``train.max_steps``, with logging, validation and checkpoints."""
@@ -305,7 +315,7 @@ class _Run:
         fabric.call("on_validation_start")
         model.eval()
         with torch.no_grad():
-            losses = [lm_loss(model(x), y) for x, y in (fabric.to_device(b) for b in self.val_batches)]
+            losses = [model(x, y) for x, y in (fabric.to_device(b) for b in self.val_batches)]
         model.train()
         value = float(fabric.all_reduce(torch.stack(losses).mean(), reduce_op="mean").item())
         fabric.call("on_validation_end")

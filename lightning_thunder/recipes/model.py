@@ -121,6 +121,10 @@ def training_flops(config: Config, micro_batch_size: int, seq_length: int) -> in
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over every position: ``logits`` (B, T, V), ``targets`` (B, T)."""
+    """Next-token cross-entropy, averaged over every position: ``logits`` (B, T, V), ``targets`` (B, T).
+
+    The recipe compiles it with the model (``ModelWithLoss(model, lm_loss)``): ``linear`` (the head), ``reshape``,
+    ``float`` and ``cross_entropy`` are the pattern :class:`~lightning_thunder.plugins.FusedLinearCrossEntropy` fuses.
+    """
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 

@@ -15,8 +15,8 @@ name                         what it maps to (at run time)
                              every transformer block before the model is compiled
 ===========================  ====================================================================================
 
-Names are checked when the config is loaded; FP8 is imported only when a run starts, so a recipe that asks for
-it validates everywhere and fails at launch, with the way out, where FP8 is not installed.
+Names are checked when the config is loaded, and ``fp8`` against the machine when a run starts
+(:func:`~lightning_thunder.recipes.config.check_environment`: FP8 hardware, or ``emulate: true``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lightning_thunder.recipes.errors import ConfigError, MissingDependencyError
+from lightning_thunder.recipes.errors import ConfigError
 
 if TYPE_CHECKING:
     from lightning.fabric.strategies import Strategy
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
     from lightning_thunder.plugins.base import Plugin
 
-__all__ = ["PLUGINS", "PluginEntry", "RecipePlugins", "parse_plugins", "build_plugins", "fp8_plugin_class",
-           "build_strategy", "data_parallel_rank_and_size", "apply_activation_checkpointing"]
+__all__ = ["PLUGINS", "PluginEntry", "RecipePlugins", "parse_plugins", "build_plugins", "build_strategy",
+           "data_parallel_rank_and_size", "apply_activation_checkpointing"]
 
 #: The names ``plugins`` accepts, with what each does.
 PLUGINS = {
@@ -107,18 +107,6 @@ class RecipePlugins:
         return [*default_plugins(), *self.compile_plugins]
 
 
-def fp8_plugin_class() -> type[Plugin]:
-    """``lightning_thunder.plugins.FP8``, or :class:`MissingDependencyError` when this version lacks it."""
-    try:
-        from lightning_thunder.plugins import FP8
-    except ImportError as e:
-        raise MissingDependencyError(
-            "FP8 support is not installed in this version: lightning_thunder.plugins.FP8 is missing. Remove fp8 "
-            "from the recipe's plugins (e.g. plugins=[]) or install a lightning_thunder that has it"
-        ) from e
-    return FP8
-
-
 def build_plugins(entries: Sequence[Any]) -> RecipePlugins:
     """Validate ``plugins`` and build what each entry maps to (imports optional features now)."""
     resolved = RecipePlugins()
@@ -126,7 +114,8 @@ def build_plugins(entries: Sequence[Any]) -> RecipePlugins:
         if entry.name == "activation_checkpointing":
             resolved.activation_checkpointing = True
         elif entry.name == "fp8":
-            cls = fp8_plugin_class()
+            from lightning_thunder.plugins import FP8 as cls
+
             try:
                 resolved.compile_plugins.append(cls(**entry.options))
             except (TypeError, ValueError) as e:

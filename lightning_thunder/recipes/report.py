@@ -131,9 +131,12 @@ def format_summary(result: PretrainResult, outputs: list[str]) -> str:
         history = ", ".join(f"{v:.4f} (step {s})" for s, v in sorted(result.val_losses.items()))
         lines.append(f"  validation loss {result.val_losses[step]:.4f} at step {step}; all: {history}")
     if result.tokens_per_sec is not None:
+        wall = result.tokens / result.wall_time_s if result.wall_time_s > 0 else 0.0
         lines.append(
-            f"  throughput {result.tokens_per_sec:,.0f} tokens/s (all ranks; training steps after the run's first, "
-            f"which compiles; validation and checkpointing excluded); {result.tokens:,} tokens this run"
+            f"  throughput {result.tokens_per_sec:,.0f} tokens/s in training steps (all ranks; the steps after the "
+            f"run's first, which compiles; validation and checkpointing excluded); wall clock {wall:,.0f} tokens/s "
+            f"({result.tokens:,} tokens this run over its {result.wall_time_s:.1f} s: start-up, compilation, "
+            "validation and checkpoints included)"
         )
     if result.peak_memory_gib is not None:
         lines.append(f"  memory: {result.peak_memory_kind} {result.peak_memory_gib:.2f} GiB (max over ranks)")

@@ -6,6 +6,9 @@
     Fabric(strategy=ThunderFSDPStrategy(plugins=[...], block_cls=Block, activation_checkpointing=True))
     Trainer(strategy=ThunderFSDPTrainerStrategy(reshard_after_forward=False))
 
+The Trainer strategies compile the LightningModule's steps, loss included; with Fabric, set up a module whose forward
+returns the loss, e.g. ``fabric.setup(ModelWithLoss(model, loss_fn))`` (:class:`ModelWithLoss`).
+
 ========================  ===============================  ==========================================
 name                      Fabric                           Trainer
 ========================  ===============================  ==========================================
@@ -15,20 +18,23 @@ name                      Fabric                           Trainer
 ========================  ===============================  ==========================================
 """
 
-from lightning_thunder.strategies.fabric import ThunderDDPStrategy, ThunderFSDPStrategy, ThunderStrategy
+from lightning_thunder.strategies.fabric import ModelWithLoss, ThunderDDPStrategy, ThunderFSDPStrategy, ThunderStrategy
 from lightning_thunder.strategies.registry import register_strategies
 from lightning_thunder.strategies.trainer import (
     ThunderDDPTrainerStrategy,
     ThunderFSDPTrainerStrategy,
     ThunderTrainerStrategy,
+    compile_steps,
 )
 
 __all__ = [
+    "ModelWithLoss",
     "ThunderDDPStrategy",
     "ThunderDDPTrainerStrategy",
     "ThunderFSDPStrategy",
     "ThunderFSDPTrainerStrategy",
     "ThunderStrategy",
     "ThunderTrainerStrategy",
+    "compile_steps",
     "register_strategies",
 ]

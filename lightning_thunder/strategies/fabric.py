@@ -9,11 +9,19 @@ Each is Lightning's own strategy with the model compiled by lightning_thunder at
   :class:`~lightning_thunder.plugins.TensorParallel` plugin, compiles each transformer block and applies the
   :class:`~lightning_thunder.plugins.FSDP` plugin; Lightning's machinery does launching, distributed checkpoints,
   clipping and ``no_backward_sync``.
+
+The loss in the compiled graph: ``fabric.setup`` compiles the module's ``forward``, so a module whose forward returns
+the loss is compiled with its loss. :class:`ModelWithLoss` makes one from a model and a loss function without changing
+the model or its checkpoints::
+
+    model, optimizer = fabric.setup(ModelWithLoss(GPT(config), loss_fn), optimizer)
+    loss = model(input_ids, targets)          # logits and loss in one graph: FusedLinearCrossEntropy applies
+    fabric.backward(loss)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +37,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_thunder.api import compile as thunder_compile
+from lightning_thunder.capture.compiled import ModuleView
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import BlockClass
 from lightning_thunder.plugins.fsdp import FSDP
@@ -56,7 +65,56 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["ThunderStrategy", "ThunderDDPStrategy", "ThunderFSDPStrategy"]
+__all__ = ["ModelWithLoss", "ThunderStrategy", "ThunderDDPStrategy", "ThunderFSDPStrategy"]
+
+
+class ModelWithLoss(ModuleView):
+    """A model and its loss as one module: ``ModelWithLoss(model, loss_fn)(inputs, targets)`` returns
+    ``loss_fn(model(inputs), targets)``.
+
+    Compiled as a whole (``fabric.setup`` with ``strategy="thunder"`` or ``"thunder_ddp"``,
+    :func:`lightning_thunder.compile`), the loss is part of the graph: it runs fused, and
+    :class:`~lightning_thunder.plugins.FusedLinearCrossEntropy` (a default plugin with CUDA) replaces the output head
+    and the cross-entropy by one chunked op that never materializes the logits. (``thunder_fsdp`` compiles the
+    transformer blocks, not the root, so there the loss runs eagerly.)
+
+    Nothing about the model changes: this module shares the model's parameters, buffers, submodules and state-dict
+    hooks, so ``parameters()``, ``state_dict()`` keys (no ``model.`` prefix) and ``load_state_dict`` are the model's,
+    checkpoints load into either, and attributes it does not have (``config``, ``flops_per_batch``) are read from and
+    written to the model.
+
+    Args:
+        model: the network; ``model(inputs, **kwargs)`` returns the logits.
+        loss_fn: ``loss_fn(logits, targets) -> loss``, e.g. the cross-entropy over the last dimension (in fp32, as
+            LitGPT computes it): ``F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())``.
+
+    Example (a LitGPT-style Fabric loop)::
+
+        fabric = Fabric(strategy="thunder", precision="bf16-mixed")
+        model = ModelWithLoss(GPT(config), lm_loss)
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+        model, optimizer = fabric.setup(model, optimizer)
+        loss = model(input_ids, targets)
+        fabric.backward(loss)
+    """
+
+    _target = "model"
+    _own = ("loss_fn",)
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ModelWithLoss(model, loss_fn) takes an nn.Module as model, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(logits, targets), got {loss_fn!r}")
+        super().__init__(model)
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs: Any, targets: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``loss_fn(model(inputs, **kwargs), targets)``."""
+        return self.loss_fn(self.model(inputs, **kwargs), targets)
+
+    def extra_repr(self) -> str:
+        return f"loss_fn={getattr(self.loss_fn, '__name__', self.loss_fn)}"
 
 
 class ThunderStrategy(OneDevice, AtomicFabricSave, SingleDeviceStrategy):

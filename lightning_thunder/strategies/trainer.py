@@ -1,16 +1,21 @@
 """Trainer strategies: ``Trainer(strategy="thunder" | "thunder_ddp" | "thunder_fsdp")``.
 
-The LightningModule's own methods (``training_step``, logging) stay eager; the networks it holds are
-compiled with lightning_thunder:
+By default (``compile_step=True``) the LightningModule's ``training_step``, ``validation_step``, ``test_step`` and
+``predict_step`` are compiled with lightning_thunder (:func:`compile_steps`): the model *and the loss* are one graph,
+so the loss runs fused and :class:`~lightning_thunder.plugins.FusedLinearCrossEntropy` replaces the output head and
+the cross-entropy by one chunked op. ``self.log`` & co. run eagerly (a graph break each). With ``compile_step=False``
+(and for manual optimization, with a warning) the steps stay eager and the networks the LightningModule holds are
+compiled:
 
 - ``thunder`` (:class:`ThunderTrainerStrategy`) and ``thunder_ddp`` (:class:`ThunderDDPTrainerStrategy`):
-  each direct submodule of the LightningModule that holds parameters is compiled (``self.model`` in the
+  the steps, or each direct submodule of the LightningModule that holds parameters (``self.model`` in the
   usual layout); ``thunder_ddp`` then wraps the LightningModule in DDP as Lightning's ``DDPStrategy`` does.
 - ``thunder_fsdp`` (:class:`ThunderFSDPTrainerStrategy`): Lightning's ``ModelParallelStrategy`` (FSDP2, and
   tensor parallelism with ``tensor_parallel_size=N``) with the parallelization done for you after
   ``configure_model``: the layers are split over the tensor-parallel ranks, each transformer block is compiled
   and sharded, and the LightningModule is the FSDP root (its ``*_step`` methods are registered as FSDP forward
-  methods, so the root's parameters are gathered around them).
+  methods, so the root's parameters are gathered around them). With ``compile_step`` the steps are compiled too; the
+  blocks inside them run their own compiled graphs (a graph break around each).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_thunder.capture.compiled import COMPILED_METHODS
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import BlockClass
 from lightning_thunder.plugins.fsdp import FSDP
@@ -53,20 +60,85 @@ from lightning_thunder.strategies.common import (
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["ThunderTrainerStrategy", "ThunderDDPTrainerStrategy", "ThunderFSDPTrainerStrategy"]
+__all__ = ["ThunderTrainerStrategy", "ThunderDDPTrainerStrategy", "ThunderFSDPTrainerStrategy", "compile_steps"]
 
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _PARALLELIZED = "_lt_thunder_fsdp_applied"  # set on a LightningModule this strategy has sharded
+#: LightningModule methods a compiled step calls eagerly: they talk to the Trainer (a graph break each).
+_EAGER_METHODS = ("log", "log_dict", "print")
 
 
-class ThunderTrainerStrategy(OneDevice, AtomicTrainerSave, SingleDeviceStrategy):
-    """``Trainer(strategy="thunder")``: one device; the LightningModule's submodules are compiled at setup.
+def compile_steps(
+    module: pl.LightningModule, plugins: Sequence[Plugin] | None, options: Mapping[str, Any], strategy: str
+) -> list[str]:
+    """Compile ``module``'s ``training_step``, ``validation_step``, ``test_step`` and ``predict_step`` (those it
+    overrides) in place.
+
+    Each becomes an instance attribute running its compiled graphs (listed under
+    :data:`~lightning_thunder.capture.compiled.COMPILED_METHODS`, where :func:`lightning_thunder.compile_stats` and
+    the callbacks find them), so everything a step computes, the model and the loss, is captured together. Each step
+    is its own compiled function: validation compiles its own (inference) graphs and never recompiles training's.
+    ``self.log``, ``self.log_dict`` and ``self.print`` run eagerly (``torch.compiler.disable``): a graph break each.
+    The plugins' ``transform_module`` runs once on ``module`` (it must change it in place). Steps compiled before
+    are kept. Returns the names of the compiled steps.
+    """
+    import types
+
+    import torch
+
+    from lightning_thunder.api import compile as thunder_compile
+    from lightning_thunder.api import default_plugins
+
+    compiled = module.__dict__.get(COMPILED_METHODS)
+    if compiled is None:
+        for plugin in default_plugins() if plugins is None else plugins:
+            if plugin.transform_module(module) is not module:
+                raise TypeError(
+                    f"{plugin.name}.transform_module returned another module, but strategy={strategy!r} compiles the "
+                    "LightningModule's steps in place; pass compile_step=False to compile its submodules instead"
+                )
+        for name in _EAGER_METHODS:  # bound methods: a copy of the module (deepcopy) rebinds them to the copy
+            setattr(module, name, types.MethodType(torch.compiler.disable(getattr(type(module), name)), module))
+        compiled = module.__dict__[COMPILED_METHODS] = {}
+    for name in _STEP_METHODS:  # those the LightningModule overrides: every step the Trainer calls
+        if name not in compiled and is_overridden(name, module):
+            compiled[name] = thunder_compile(getattr(module, name), plugins=plugins, **options)
+            setattr(module, name, compiled[name])
+    return list(compiled)
+
+
+class _StepCompilation:
+    """What the Trainer strategies share: compiling the LightningModule's steps (``compile_step``)."""
+
+    compile_step: bool
+    compile_options: dict[str, Any]
+
+    def _compile_steps(self, module: pl.LightningModule, plugins: Sequence[Plugin] | None, strategy: str) -> bool:
+        """Compile the steps when ``compile_step`` is on and the module optimizes automatically; whether it did."""
+        if not self.compile_step:
+            return False
+        if not module.automatic_optimization:
+            rank_zero_warn(
+                f"strategy={strategy!r} does not compile the steps of {type(module).__name__}: it uses manual "
+                "optimization (automatic_optimization=False), whose backward and optimizer calls inside training_step "
+                "cannot be captured; the networks it holds are compiled and the loss runs eagerly. Pass "
+                "compile_step=False to keep this without the warning"
+            )
+            return False
+        compile_steps(module, plugins, self.compile_options, strategy)
+        return True
+
+
+class ThunderTrainerStrategy(_StepCompilation, OneDevice, AtomicTrainerSave, SingleDeviceStrategy):
+    """``Trainer(strategy="thunder")``: one device; the LightningModule's steps (model + loss) are compiled at setup.
 
     Args:
         plugins: compiler plugins (``None``: the compiler's defaults).
         compile_options: options for :func:`lightning_thunder.compile`.
         device: the device; by default the one the Trainer's ``accelerator``/``devices`` select.
         accelerator, checkpoint_io, precision_plugin: as for Lightning's ``SingleDeviceStrategy``.
+        compile_step: compile the ``*_step`` methods (:func:`compile_steps`); ``False``: the steps stay eager and
+            each submodule that holds parameters is compiled.
     """
 
     def __init__(
@@ -77,6 +149,7 @@ class ThunderTrainerStrategy(OneDevice, AtomicTrainerSave, SingleDeviceStrategy)
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        compile_step: bool = True,
     ) -> None:
         super().__init__(
             device="cpu" if device is None else device,
@@ -86,23 +159,28 @@ class ThunderTrainerStrategy(OneDevice, AtomicTrainerSave, SingleDeviceStrategy)
         )
         self.plugins = check_plugins(plugins, "thunder")
         self.compile_options = check_compile_options(compile_options)
+        self.compile_step = bool(compile_step)
         self._init_one_device(device)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        """Compile the LightningModule's submodules that hold parameters, then set up as ``SingleDeviceStrategy``."""
+        """Compile the LightningModule's steps (or its submodules that hold parameters), then set up as
+        ``SingleDeviceStrategy``."""
         assert self.lightning_module is not None
         plugins = with_precision_plugins(self.plugins, self.precision_plugin)
-        compile_submodules(self.lightning_module, plugins, self.compile_options, "thunder")
+        if not self._compile_steps(self.lightning_module, plugins, "thunder"):
+            compile_submodules(self.lightning_module, plugins, self.compile_options, "thunder")
         super().setup(trainer)
 
 
-class ThunderDDPTrainerStrategy(AtomicTrainerSave, DDPStrategy):
-    """``Trainer(strategy="thunder_ddp")``: the LightningModule's submodules compiled, then DDP around it.
+class ThunderDDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, DDPStrategy):
+    """``Trainer(strategy="thunder_ddp")``: the LightningModule's steps (model + loss) compiled, then DDP around it.
 
     Args:
         plugins: compiler plugins (``None``: the compiler's defaults).
         compile_options: options for :func:`lightning_thunder.compile`.
+        compile_step: compile the steps (:func:`compile_steps`); ``False``: compile each submodule that holds
+            parameters.
         **kwargs: Lightning's ``DDPStrategy`` arguments and ``DistributedDataParallel`` options.
     """
 
@@ -110,23 +188,26 @@ class ThunderDDPTrainerStrategy(AtomicTrainerSave, DDPStrategy):
         self,
         plugins: Sequence[Plugin] | None = None,
         compile_options: Mapping[str, Any] | None = None,
+        compile_step: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.plugins = check_plugins(plugins, "thunder_ddp")
         self.compile_options = check_compile_options(compile_options)
+        self.compile_step = bool(compile_step)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        """Compile the LightningModule's submodules that hold parameters, then set up as ``DDPStrategy`` (which wraps
-        the LightningModule in DDP when fitting)."""
+        """Compile the LightningModule's steps (or its submodules that hold parameters), then set up as
+        ``DDPStrategy`` (which wraps the LightningModule in DDP when fitting; DDP's forward runs the compiled step)."""
         assert self.lightning_module is not None
         plugins = with_precision_plugins(self.plugins, self.precision_plugin)
-        compile_submodules(self.lightning_module, plugins, self.compile_options, "thunder_ddp")
+        if not self._compile_steps(self.lightning_module, plugins, "thunder_ddp"):
+            compile_submodules(self.lightning_module, plugins, self.compile_options, "thunder_ddp")
         super().setup(trainer)
 
 
-class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
+class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParallelStrategy):
     """``Trainer(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder, and
     tensor parallelism on a 2-D mesh with ``tensor_parallel_size=N``.
 
@@ -137,7 +218,9 @@ class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
     ``self.device_mesh`` in the LightningModule), and the Trainer's distributed samplers split data by the
     data-parallel rank. Checkpoints (sharded or full), resuming, gradient clipping by norm and gradient
     accumulation (without gradient reduction on accumulating steps) work as with Lightning's
-    ``ModelParallelStrategy``. Arguments as for :class:`~lightning_thunder.strategies.ThunderFSDPStrategy`.
+    ``ModelParallelStrategy``. Arguments as for :class:`~lightning_thunder.strategies.ThunderFSDPStrategy`, and
+    ``compile_step``: also compile the LightningModule's steps (:func:`compile_steps`: embedding, head and loss in
+    their graphs; the sharded blocks run their own compiled graphs inside them).
     """
 
     def __init__(
@@ -153,6 +236,7 @@ class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
         sequence_parallel: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        compile_step: bool = True,
     ) -> None:
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
@@ -161,6 +245,7 @@ class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
         )
         self.plugins = check_plugins(plugins, "thunder_fsdp")
         self.compile_options = check_compile_options(compile_options)
+        self.compile_step = bool(compile_step)
         self.fsdp = FSDP(
             block_cls=block_cls,
             reshard_after_forward=reshard_after_forward,
@@ -197,6 +282,8 @@ class ThunderFSDPTrainerStrategy(AtomicTrainerSave, ModelParallelStrategy):
             module, self.fsdp, self.device_mesh, self.precision_plugin, self.plugins, self.compile_options,
             tensor_parallel,
         )
+        # The steps compiled before FSDP wraps them: the root's all-gather runs outside their graphs.
+        self._compile_steps(module, with_precision_plugins(self.plugins, self.precision_plugin), "thunder_fsdp")
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
         # (embeddings, head) around them too.
         from torch.distributed.fsdp import register_fsdp_forward_method

@@ -26,6 +26,7 @@ import importlib
 import linecache
 import math
 import operator
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,11 @@ __all__ = ["TracePrinter", "callable_expression", "source_comment"]
 
 _MODULE_ALIASES = {"_operator": "operator", "builtins": "", "torch._C._VariableFunctions": "torch"}
 _FALLBACK_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.Tensor", "operator", "math")
-_resolved: dict[Any, tuple[str, str] | None] = {}
+# What each callable prints as. Keyed weakly where the callable allows it, so a generated kernel (bound by name,
+# not importable) is not kept alive by having been printed; functions and ops that do not take weak references
+# are module-level objects that live as long as the process anyway.
+_resolved: weakref.WeakKeyDictionary[Any, tuple[str, str] | None] = weakref.WeakKeyDictionary()
+_resolved_strong: dict[Any, tuple[str, str] | None] = {}
 
 
 def _resolve_path(module: str, qualname: str) -> Any:
@@ -58,12 +63,18 @@ def callable_expression(fn: Any) -> tuple[str, str] | None:
     other operator namespaces, ``module.qualname`` for functions that resolve back to ``fn``.
     """
     try:
-        if fn in _resolved:
-            return _resolved[fn]
-    except TypeError:  # unhashable callable
-        return _compute_expression(fn)
+        cache = _resolved
+        if fn in cache:
+            return cache[fn]
+    except TypeError:  # no weak references to it (or unhashable)
+        cache = _resolved_strong
+        try:
+            if fn in cache:
+                return cache[fn]
+        except TypeError:  # unhashable callable
+            return _compute_expression(fn)
     result = _compute_expression(fn)
-    _resolved[fn] = result
+    cache[fn] = result
     return result
 
 
@@ -222,7 +233,8 @@ class TracePrinter:
         if not op.subops:
             return []
         names = ", ".join(sub.name for sub in op.subops)
-        return [f"# {op.name}: {len(op.subops)} ops: {names}"]
+        notes = getattr(op.target, "notes", None) or []
+        return [f"# {op.name}: {len(op.subops)} ops: {names}", *(f"#   {note}" for note in notes)]
 
     def lines(self) -> list[str]:
         """The source lines of the program (without the trailing newline)."""
@@ -276,7 +288,7 @@ class TracePrinter:
         """Execute the program's source and return its function (source kept for tracebacks)."""
         src = self.source()
         filename = f"<lightning_thunder {self.trace.name} {id(self.trace):x}{' boxed' if self.boxed else ''}>"
-        linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+        linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)  # tracebacks show the source
         namespace: dict[str, Any] = {"__name__": "lightning_thunder_generated", "operator": operator}
         namespace.update(self.namespace)
         exec(compile(src, filename, "exec"), namespace)  # noqa: S102 - executing our own generated program
@@ -284,6 +296,7 @@ class TracePrinter:
         if self.boxed:
             fn._boxed_call = True
         fn.__lightning_thunder_trace__ = self.trace
+        weakref.finalize(fn, linecache.cache.pop, filename, None)  # the source goes with the program
         return fn
 
 

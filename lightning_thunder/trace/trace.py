@@ -164,6 +164,8 @@ class Trace:
         constants: values the program refers to by name (:class:`ConstRef`), e.g. captured tensors.
         elapsed_ms: how long the pass that made this trace took.
         input_meta: per input name, the FX placeholder metadata it came from (kept for round trips).
+        annotations: what the pass that made this trace records about it for later readers (the fusion
+            executor's plan, read by :func:`lightning_thunder.explain`); kept by :meth:`renamed`, not by :meth:`derive`.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class Trace:
         constants: dict[str, Any] | None = None,
         elapsed_ms: float | None = None,
         input_meta: dict[str, dict] | None = None,
+        annotations: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.inputs = tuple(inputs)
@@ -188,6 +191,7 @@ class Trace:
         self.constants = dict(constants or {})
         self.elapsed_ms = elapsed_ms
         self.input_meta = dict(input_meta or {})
+        self.annotations = dict(annotations or {})
         self._callables: dict[bool, Callable] = {}
 
     # ----------------------------------------------------------------------------------- building
@@ -227,6 +231,7 @@ class Trace:
             constants=self.constants,
             elapsed_ms=self.elapsed_ms,
             input_meta=self.input_meta,
+            annotations=self.annotations,
         )
 
     def names(self) -> set[str]:

@@ -1,60 +1,76 @@
-"""The PNG writer: a valid file a PNG reader accepts, of the right size, with the lines drawn."""
+"""The monitors' plots: matplotlib figures with real axes and ticks, a loss panel, one line per device count,
+and a clear message (not a crash) where matplotlib is missing."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import sys
+import warnings
 
 import pytest
 
-from lightning_thunder.callbacks.plot import COLORS, Panel, Series, format_number, write_plot, write_png
+from lightning_thunder.callbacks import MemoryMonitor, ThroughputMonitor
+from lightning_thunder.callbacks.plot import Panel, Series, plot_figure, write_plot
+from tests.callbacks.models import check_png
+
+pytest.importorskip("matplotlib", reason="matplotlib is part of the `test` extra")
 
 
-def read_png(path) -> tuple[int, int, list[bytes]]:
-    """Minimal reader for what write_png produces (8-bit RGB, filter 0): width, height, rows."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    width, height, depth, color_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, color_type) == (8, 2)
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert len(raw) == height * (1 + 3 * width)
-    rows = [raw[y * (1 + 3 * width) + 1 : (y + 1) * (1 + 3 * width)] for y in range(height)]
-    return width, height, rows
-
-
-def test_plot_is_a_png_with_the_series_drawn(tmp_path):
-    path = write_plot(
-        tmp_path / "sub" / "plot.png",
-        [
-            Panel("tokens/s", [Series("all ranks", [(1, 10.0), (2, 30.0), (3, 20.0)])]),
-            Panel("memory gib", [Series("a", [(1, 1.0)]), Series("b", [])]),
-        ],
-        width=300,
-        panel_height=120,
-    )
-    width, height, rows = read_png(path)
-    assert (width, height) == (300, 240)
-    pixels = b"".join(rows)
-    first = bytes(COLORS[0])
-    assert pixels.count(first) > 50  # the line and its markers
-    top_half = b"".join(rows[:120])
-    assert top_half.count(first) > pixels.count(first) // 2  # mostly in the first panel
-
-
-def test_write_png_checks_its_input(tmp_path):
-    with pytest.raises(ValueError, match="expected 12 bytes for a 2x2 RGB image, got 3"):
-        write_png(tmp_path / "x.png", 2, 2, b"abc")
+def test_a_plot_has_real_axes_ticks_labels_and_reference_lines(tmp_path):
+    panels = [
+        Panel("throughput", [Series("tokens/s", [(s, 1000.0 + 10 * s) for s in range(1, 40)])], ylabel="tokens/s",
+              references=[("steady state 1,200 tokens/s", 1200.0)]),
+        Panel("memory", [Series("a", [(1, 1.5)]), Series("b", [])], ylabel="GiB"),
+    ]
+    figure = plot_figure(panels)
+    top, bottom = figure.axes
+    assert top.get_title(loc="left") == "throughput" and top.get_ylabel() == "tokens/s"
+    assert bottom.get_xlabel() == "step"
+    assert len(top.get_yticks()) > 3 and len(bottom.get_xticks()) > 3  # ticks, not only 0 and the maximum
+    assert [line.get_label() for line in top.get_lines()] == ["tokens/s", "steady state 1,200 tokens/s"]
+    assert [text.get_text() for text in top.get_legend().get_texts()] == ["tokens/s", "steady state 1,200 tokens/s"]
+    width, height = check_png(write_plot(tmp_path / "sub" / "plot.png", panels))
+    assert (width, height) == (800, 520)
     with pytest.raises(ValueError, match="at least one Panel"):
         write_plot(tmp_path / "x.png", [])
 
 
-def test_format_number():
-    assert [format_number(v) for v in (0, 12.5, 3400, 1.2e6, 7e9)] == ["0", "12.5", "3.4k", "1.2m", "7g"]
+def _monitor_with_history(world_size: int) -> ThroughputMonitor:
+    monitor = ThroughputMonitor(length_fn=lambda b: 1)
+    monitor._world_size = world_size
+    for step in range(1, 6):
+        metrics = {"throughput/global/tokens_per_sec": 100.0 * world_size, "throughput/device/tokens_per_sec": 100.0}
+        monitor.history.append((step, metrics))
+        monitor.losses.append((step, 5.0 - step / 2))
+    return monitor
+
+
+def test_throughput_plot_one_line_on_one_device_and_a_loss_panel(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (figures.append(self),
+                                                                                    real(self, *a, **k))[1])
+    _monitor_with_history(1).write_plot(tmp_path / "one.png")
+    _monitor_with_history(2).write_plot(tmp_path / "two.png")
+    one, two = figures
+    assert [ax.get_title(loc="left") for ax in one.axes] == ["throughput, windowed over 50 batches", "training loss"]
+    assert [line.get_label() for line in one.axes[0].get_lines()] == ["tokens/s"]  # no hidden "all ranks" line
+    assert [line.get_label() for line in two.axes[0].get_lines()] == ["all ranks", "this device"]
+    assert two.axes[1].get_title(loc="left") == "training loss (rank 0)"
+    assert list(one.axes[1].get_lines()[0].get_ydata()) == [4.5, 4.0, 3.5, 3.0, 2.5]
+
+
+def test_without_matplotlib_the_monitors_say_so_and_train_on(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.warns(UserWarning, match=r"ThroughputMonitor's throughput.png needs matplotlib, which is not "
+                                         r"installed: pip install 'lightning-thunder-ext\[plot\]'.*or pass plot=False"):
+        monitor = ThroughputMonitor()
+    assert "plot" in monitor.unavailable
+    monitor._write_plot_at_end(tmp_path, "throughput.png")  # skipped, no error
+    assert monitor.plot_path is None and not any(tmp_path.iterdir())
+    with pytest.warns(UserWarning, match=r"MemoryMonitor's memory.png needs matplotlib"):
+        MemoryMonitor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ThroughputMonitor(plot=False)  # no warning when no plot is asked for

@@ -10,13 +10,19 @@ import torch
 
 import lightning_thunder as lt
 from lightning_thunder.fp8.quantize import E4M3, E5M2, quantize, quantize_reference, quantize_with_transpose
-from lightning_thunder.plugins import Fusion
+from lightning_thunder.plugins import FP8, Fusion
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="fusion regions need CUDA or TRITON_INTERPRET=1",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _plugins(order: str = "fusion_first") -> list:
+    """Fusion and FP8 (whose epilogue folds ``fp8_amax`` into regions), in the given order."""
+    fp8 = FP8(emulate=DEVICE == "cpu")
+    return [Fusion(), fp8] if order == "fusion_first" else [fp8, Fusion()]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -56,15 +62,17 @@ def _forward_trace(compiled) -> str:
     ],
     ids=["persistent", "flat", "column_sum"],
 )
-def test_region_computes_the_amax_and_the_quantization_is_exact(fn, shapes, dtype):
+@pytest.mark.parametrize("order", ["fusion_first", "fp8_first"])
+def test_region_computes_the_amax_and_the_quantization_is_exact(fn, shapes, dtype, order):
     torch.manual_seed(0)
     args = [(torch.randn(s) * torch.logspace(-2, 2, s[-1])).to(DEVICE, dtype) for s in shapes]
-    compiled = lt.compile(fn, plugins=[Fusion()])
+    compiled = lt.compile(fn, plugins=_plugins(order))
     outs = compiled(*args)
     trace = _forward_trace(compiled)
     # The partial maxima come out of the region (a zeroed [P] output); no separate pass reads h.
     region = next(line for line in trace.splitlines() if line.lstrip().startswith("# fusion"))
-    assert "lightning_thunder.fp8_amax.default" in region and "fp8_amax.default(" not in trace
+    assert "lightning_thunder.fp8_amax.default" in region
+    assert "fp8_amax.default(" not in trace and "fp8_amax_kernel(" not in trace
     h = outs[0]
     quantized = [o for o in outs[1:] if o.dim() != 1 or o.dtype != torch.float32 or o.shape[0] != h.shape[-1]]
     transpose = len(quantized) == 4
@@ -88,9 +96,9 @@ def test_amax_of_a_loaded_input_stays_a_separate_pass():
 
     x = torch.randn(4, 9, 32, device=DEVICE)
     w = torch.randn(32, device=DEVICE)
-    compiled = lt.compile(fn, plugins=[Fusion()])
+    compiled = lt.compile(fn, plugins=_plugins())
     out = compiled(x, w)
-    assert "fp8_amax.default(" in _forward_trace(compiled)
+    assert "fp8_amax_kernel(" in _forward_trace(compiled)
     expected = quantize_reference(x.reshape(-1, 32).cpu(), E4M3, False)
     assert torch.equal(_bits(out[1].cpu()), _bits(expected[0])) and torch.equal(out[2].cpu(), expected[1])
 
@@ -107,13 +115,24 @@ def test_regions_share_one_zeroed_workspace_for_their_partial_maxima():
     torch.manual_seed(0)
     # h is large and g small: slices that overlapped would give g the scale of h
     w, m = torch.randn(48, device=DEVICE) * 50, torch.randn(48, 48, device=DEVICE) / 1000
-    compiled = lt.compile(fn, plugins=[Fusion()])
+    compiled = lt.compile(fn, plugins=_plugins())
     for _ in range(2):
         x, b = torch.randn(3, 37, 48, device=DEVICE), torch.randn(111, 48, device=DEVICE)
         h, q, s, g, q2, s2 = compiled(x, w, m, b)
         trace = _forward_trace(compiled)
-        zero_fills = [line for line in trace.splitlines() if "amax_workspace0 = aten.zeros.default(" in line]
-        assert len(zero_fills) == 1 and trace.count("amax_workspace0)") == 2
+        zero_fills = [line for line in trace.splitlines() if "workspace0 = aten.zeros.default(" in line]
+        assert len(zero_fills) == 1 and trace.count("workspace0)") == 2
         for value, got, scale, fp8_dtype in ((h, q, s, E4M3), (g, q2, s2, E5M2)):
             want_q, want_s = quantize_reference(value.reshape(-1, 48).cpu(), fp8_dtype, False)
             assert torch.equal(_bits(got.cpu()), _bits(want_q)) and torch.equal(scale.cpu(), want_s)
+
+
+def test_without_the_fp8_plugin_nothing_is_folded():
+    """The fold is FP8's epilogue: with Fusion alone the quantization ops run as their own passes (and stay exact)."""
+    torch.manual_seed(0)
+    args = [torch.randn(3, 37, 48, device=DEVICE), torch.randn(48, device=DEVICE)]
+    compiled = lt.compile(_norm_then_quantize, plugins=[Fusion()])
+    outs = compiled(*args)
+    assert "fp8_amax.default(" in _forward_trace(compiled)
+    expected = quantize_reference(outs[0].cpu(), E4M3, False, True)
+    assert all(torch.equal(_bits(g.cpu()), _bits(w)) for g, w in zip(outs[1:], expected))

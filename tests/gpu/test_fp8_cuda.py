@@ -190,7 +190,7 @@ def test_fabric_and_trainer_with_thunder_fp8():
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(lit, DataLoader(TensorDataset(x, y), batch_size=8))
-    assert "aten._scaled_mm.default(" in lt.last_traces(lit.model)[-1].python()
+    assert "aten._scaled_mm.default(" in lt.last_traces(lit)[-1].python()  # the compiled training_step
 
 
 def _fsdp_worker(rank: int) -> dict:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_thunder.recipes import ConfigError, describe_schema, load_config
 from lightning_thunder.recipes.cli import main
@@ -216,3 +217,54 @@ def test_without_litgpt_the_cli_says_how_to_install_it(monkeypatch, capsys):
     assert main(["pretrain", "--config", str(DEBUG)]) == 2
     err = capsys.readouterr().err
     assert "need the `litgpt` package, which is not installed: pip install 'lightning-thunder-ext[litgpt]'" in err
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("optimizer.lr=nan", "optimizer.lr=nan is not a finite number; allowed: value > 0"),
+    ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number; allowed: value > 0"),
+    ("train.max_norm=nan", "train.max_norm=nan is not a finite number; allowed: value > 0"),
+    ("data.val_fraction=nan", "data.val_fraction=nan is not a finite number; allowed: value > 0 and value < 1"),
+    ("train.seed=-1", "train.seed=-1 is out of range; allowed: value >= 0 and value <= 4294967295"),
+    ("model.overrides.n_layer=0", "model.overrides.n_layer=0 is out of range; allowed: an integer >= 1 (transformer "
+                                  "blocks)"),
+    ("model.overrides.n_head=3", "model.overrides.n_head=3 does not fit: n_head (3, model.overrides.n_head) must "
+                                 "divide n_embd (128, pythia-14m's n_embd), each head getting n_embd / n_head "
+                                 "channels; allowed n_head: 1, 2, 4, 8, 16, 32, 64, 128, or set "
+                                 "model.overrides.head_size"),
+    ("model.overrides.n_query_groups=3", "model.overrides.n_query_groups=3 does not fit: it must divide n_head (4, "
+                                         "pythia-14m's n_head)"),
+])
+def test_values_a_config_must_not_accept_are_one_line_and_exit_code_2(override, line, capsys):
+    assert main(["pretrain", "--config", str(DEBUG), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {line}") and err.count("\n") == 1, err
+
+
+def _machine_error(tmp_path, capsys, *overrides: str) -> str:
+    out_dir = tmp_path / "out"
+    assert main(["pretrain", "--config", str(DEBUG), f"out_dir={out_dir}", "resume=false", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (out_dir / "config.yaml").exists()  # stopped before anything ran
+    return err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA refuses")
+def test_what_this_machine_cannot_run_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert "accelerator='cuda', but this machine has no CUDA GPU" in _machine_error(tmp_path, capsys,
+                                                                                      "accelerator=cuda")
+    err = _machine_error(tmp_path, capsys, "plugins=[fp8]")
+    assert "plugins=[fp8] needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or more), but this run is " \
+           "on CPU; use plugins=[{fp8: {emulate: true}}]" in err
+    err = _machine_error(tmp_path, capsys, "precision=16-mixed")
+    assert "precision='16-mixed' on CPU: fp16 autocast needs CUDA, and Lightning would run bf16-mixed instead; set " \
+           "precision=bf16-mixed" in err
+
+
+def test_an_out_dir_that_cannot_hold_the_run_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    err = _machine_error(tmp_path, capsys, f"out_dir={a_file}")
+    assert f"out_dir='{a_file}' is a file; out_dir must be a directory" in err
+    err = _machine_error(tmp_path, capsys, "out_dir=/proc/lightning-thunder-test")  # not writable, even as root
+    assert "out_dir='/proc/lightning-thunder-test' cannot be written (" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,9 +71,18 @@ def test_debug_recipe_trains_a_few_steps_on_cpu(first_run):
 
 @pytest.mark.slow
 def test_resume_in_a_fresh_process_gives_the_identical_next_loss(first_run, tmp_path):
+    """resume=auto over a copy of the run whose latest checkpoint had a bit flipped: it says so, falls back to
+    step 2, and steps 3 and 4 compute exactly the losses of the uninterrupted run."""
     out_dir, _ = first_run
-    checkpoint = out_dir / "checkpoints" / "step-000002.ckpt"
-    stdout = _pretrain(f"out_dir={tmp_path}", f"resume={checkpoint}")
+    shutil.copytree(out_dir / "checkpoints", tmp_path / "checkpoints")
+    corrupt = tmp_path / "checkpoints" / "step-000004.ckpt"
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    corrupt.write_bytes(bytes(data))
+    checkpoint = tmp_path / "checkpoints" / "step-000002.ckpt"
+    stdout = _pretrain(f"out_dir={tmp_path}", "resume=auto")
+    assert f"resume=auto: skipping step-000004.ckpt: checkpoint {corrupt} is corrupt: {corrupt}" in stdout
+    assert f"resume=auto: resuming from {checkpoint}, the newest valid checkpoint (1 newer one(s) skipped" in stdout
     assert f"resumed from {checkpoint} at step 2: continuing with step 3" in stdout
     first = json.loads((out_dir / "summary.json").read_text())
     resumed = json.loads((tmp_path / "summary.json").read_text())
@@ -104,8 +114,22 @@ def test_resume_choices_on_a_finished_run(first_run, capsys):
                "train.global_batch_size=4"]
     assert main(["pretrain", *changed]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume from" in err and "model.overrides.n_layer: '(unset)' in the checkpoint, 3 now" in err
+    assert "cannot resume from" in err and "model.n_layer: 6 in the checkpoint, 3 now" in err
     assert "train.micro_batch_size: 8 in the checkpoint, 4 now" in err
+    # an override equal to the model's default is no change (pythia-14m has 6 layers)
+    assert main(["pretrain", *done, "resume=auto", "model.overrides.n_layer=6"]) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+
+
+def _recipe_checkpoint(path: Path, step: int) -> Path:
+    """A small checkpoint as a recipe writes it (metadata, weights), with its checksum."""
+    from lightning_thunder.recipes.config import to_dict
+    from lightning_thunder.strategies.checkpoint import write_checksums
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {"w": torch.randn(64, 64)}, "step": step, "config": to_dict(load_config(DEBUG))}, path)
+    write_checksums(path, path)
+    return path
 
 
 def test_resolve_resume(tmp_path):
@@ -114,13 +138,49 @@ def test_resolve_resume(tmp_path):
         resolve_resume(True, tmp_path)
     with pytest.raises(ConfigError, match=r"resume='nowhere.ckpt': no checkpoint at that path"):
         resolve_resume("nowhere.ckpt", tmp_path)
-    (tmp_path / "checkpoints").mkdir()
-    for name in ("step-000010.ckpt", "step-000002.ckpt", ".step-000020.ckpt.partial", "notes.txt"):
+    for step in (10, 2):
+        _recipe_checkpoint(tmp_path / "checkpoints" / f"step-{step:06d}.ckpt", step)
+    for name in (".step-000020.ckpt.partial", "notes.txt"):
         (tmp_path / "checkpoints" / name).write_text("")
     assert resolve_resume("auto", tmp_path).name == resolve_resume(True, tmp_path).name == "step-000010.ckpt"
     with pytest.raises(ConfigError, match=r"already holds checkpoints of an earlier run \(step-000002.ckpt, "
                                           r"step-000010.ckpt\); continue it with resume=auto"):
         resolve_resume(False, tmp_path)
+
+
+def test_resume_auto_falls_back_to_the_newest_valid_checkpoint_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _recipe_checkpoint(folder / f"step-{step:06d}.ckpt", step)
+    newest = folder / "step-000006.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-500])  # truncated, as by a full disk
+    (folder / "step-000004.ckpt.sha256").unlink()  # written before checksums: checked by reading it
+    assert resolve_resume("auto", tmp_path) == folder / "step-000004.ckpt"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"resume=auto: skipping step-000006.ckpt: checkpoint {newest} is corrupt: {newest} (")
+    assert out[1] == (f"resume=auto: resuming from {folder / 'step-000004.ckpt'}, the newest valid checkpoint (1 newer "
+                      "one(s) skipped above)")
+    # Asked for by name or as the latest, a damaged checkpoint is an error naming it.
+    with pytest.raises(ConfigError, match=rf"resume=true: checkpoint {newest} is corrupt: .*; resume=auto falls back "
+                                          r"to the newest valid checkpoint"):
+        resolve_resume(True, tmp_path)
+    (folder / "step-000004.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"resume=.*step-000004.ckpt: .*step-000004.ckpt is not a readable "
+                                          r"checkpoint"):
+        resolve_resume(str(folder / "step-000004.ckpt"), tmp_path)
+    (folder / "step-000002.ckpt.sha256").write_text("0" * 64 + "  step-000002.ckpt\n")
+    with pytest.raises(ConfigError, match=r"resume=auto: none of the 3 checkpoint\(s\) in .* can be resumed from "
+                                          r"\(step-000006.ckpt: .*; step-000004.ckpt: .*; step-000002.ckpt: .*\); "
+                                          r"restore one, or move them away to start over"):
+        resolve_resume("auto", tmp_path)
+
+
+def test_a_damaged_checkpoint_is_one_error_line_from_the_cli(tmp_path, capsys):
+    path = _recipe_checkpoint(tmp_path / "checkpoints" / "step-000002.ckpt", 2)
+    path.write_bytes(path.read_bytes()[:-10])
+    assert main(["pretrain", "--config", str(DEBUG), f"out_dir={tmp_path}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: resume=true: checkpoint {path} is corrupt: {path} (") and err.count("\n") == 1
 
 
 def test_a_checkpoint_from_elsewhere_is_refused(tmp_path):

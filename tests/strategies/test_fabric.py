@@ -243,7 +243,29 @@ def _load_and_step(rank: int, root: str) -> dict:
         state = {"model": model, "optimizer": opt, "step": 0}
         fabric.load(Path(root) / name, state)
         out[name] = (state["step"], [_step(fabric, model, opt, b, rank) for b in batches[3:]])
+        if name == "fsdp_sharded":
+            out["missing_shard"] = _load_without_a_shard(fabric, Path(root) / name, state, rank)
     return out
+
+
+def _load_without_a_shard(fabric, path, state, rank: int) -> str | None:
+    """Load the sharded checkpoint with rank 1's shard gone: the error every rank raises (``None``: no error)."""
+    from lightning_thunder.strategies.checkpoint import CheckpointError
+
+    shard, aside = path / "__1_0.distcp", path.parent / "shard-aside"
+    fabric.barrier()
+    if rank == 0:
+        shard.rename(aside)
+    fabric.barrier()
+    try:
+        fabric.load(path, state)
+    except CheckpointError as e:
+        return str(e)
+    finally:
+        fabric.barrier()
+        if rank == 0:
+            aside.rename(shard)
+    return None
 
 
 @pytest.mark.slow
@@ -254,7 +276,13 @@ def test_fabric_save_then_load_in_fresh_processes_gives_the_same_next_steps(tmp_
         assert path.is_dir() if kind == "dir" else path.is_file(), f"{name}: expected a {kind} at {path}"
         assert not (tmp_path / f".{name}.partial").exists() and not (tmp_path / f".{name}.old").exists()
     assert (tmp_path / "fsdp_sharded" / "meta.pt").is_file()
-    got = spawn(_load_and_step, str(tmp_path))[0]
+    ranks = spawn(_load_and_step, str(tmp_path))
+    got = ranks[0]
+    # A missing shard: the same one line on every rank, naming it (rank 0 checks the checksums and broadcasts).
+    for result in ranks:
+        assert result["missing_shard"].startswith(
+            f"checkpoint {tmp_path / 'fsdp_sharded'} is incomplete: __1_0.distcp is missing"
+        ), result["missing_shard"]
     for name in CHECKPOINT_RUNS:
         step, losses = got[name]
         assert step == 3, f"{name}: metadata not restored ({step})"

@@ -146,28 +146,24 @@ def test_ddp_overlaps_bucket_all_reduces_with_the_backward():
 
 
 def test_ddp_buckets_below_the_first_bucket_keep_one_graph_with_a_warning():
-    """Dynamo's DDPOptimizer cannot split at buckets smaller than DDP's 1 MB first bucket: the compiled call keeps
-    its graph whole (no overlap) and says so once."""
+    """Dynamo's DDPOptimizer cannot split at buckets smaller than DDP's first bucket: the compiled call keeps its
+    graph whole (no overlap) and says so once per DDP module."""
     import warnings
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from lightning_thunder.capture.compiled import _ddp_graph_splitting
+    from lightning_thunder.capture.compiled import ddp_graph_splitting
 
     ddp = object.__new__(DistributedDataParallel)  # only its bucket size is read
     object.__setattr__(ddp, "bucket_bytes_cap", 2**19)
     with pytest.warns(UserWarning, match=r"bucket_cap_mb=0.5 is below its first bucket's 1 MB.*no overlap"):
-        with _ddp_graph_splitting(ddp):
-            assert torch._dynamo.config.optimize_ddp is False
+        assert ddp_graph_splitting(ddp) == {"optimize_ddp": False}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with _ddp_graph_splitting(ddp):  # warned once per DDP module
-            pass
+        assert ddp_graph_splitting(ddp) == {"optimize_ddp": False}  # warned once
     object.__setattr__(ddp, "bucket_bytes_cap", 2**20)
-    with _ddp_graph_splitting(ddp):
-        assert torch._dynamo.config.optimize_ddp is not False
-    with _ddp_graph_splitting(None):  # no DDP: nothing changes
-        assert torch._dynamo.config.optimize_ddp is not False
+    assert ddp_graph_splitting(ddp) == {}  # split at the buckets
+    assert ddp_graph_splitting(None) == {}  # no DDP: nothing changes
 
 
 def test_find_block_class_and_blocks():

@@ -53,7 +53,9 @@ def test_registration_never_replaces_a_name_taken_by_someone_else():
 
 
 def test_public_api():
-    assert sorted(strategies.__all__) == sorted([*FABRIC_NAMES, *TRAINER_NAMES, "register_strategies"])
+    assert sorted(strategies.__all__) == sorted(
+        [*FABRIC_NAMES, *TRAINER_NAMES, "ModelWithLoss", "compile_steps", "register_strategies"]
+    )
     for name in strategies.__all__:
         assert getattr(strategies, name).__doc__, f"{name} has no docstring"
     strategy = ThunderFSDPStrategy(plugins=[Plugin()], block_cls=torch.nn.Linear, activation_checkpointing=True)

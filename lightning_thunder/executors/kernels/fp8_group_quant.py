@@ -30,14 +30,11 @@ from lightning_thunder.executors.kernels.fp8_quant import (
     _BLOCK_C,
     _BLOCK_R,
     _NUM_WARPS,
-    EPS,
-    FP8_FORMATS,
     _div,
     _interpret,
     _round_to_fp8_grid,
-    check_fp8_input,
-    empty_scale_inv,
 )
+from lightning_thunder.executors.kernels.fp8_formats import EPS, FP8_FORMATS, check_fp8_input, empty_scale_inv, groupable
 from lightning_thunder.executors.launch import Launcher
 
 __all__ = ["fp8_quantize_group_triton", "groupable"]
@@ -171,12 +168,6 @@ def _tables(tensors: list[torch.Tensor]) -> _Tables:
     return tables
 
 
-def groupable(t: torch.Tensor) -> bool:
-    """Whether :func:`fp8_quantize_group_triton` takes ``t``: 2-D, contiguous, both dims multiples of 16 (as
-    ``torch._scaled_mm`` needs anyway) and a 16-byte aligned address (the kernels assume both to vectorize)."""
-    return t.dim() == 2 and t.is_contiguous() and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0 and t.data_ptr() % 16 == 0
-
-
 def fp8_quantize_group_triton(
     tensors: list[torch.Tensor], fp8_dtype: torch.dtype, transpose: bool
 ) -> list[tuple[torch.Tensor, ...]]:
@@ -200,7 +191,8 @@ def fp8_quantize_group_triton(
             )
     if first.dtype not in _TL_IN:
         raise ValueError(f"fp8_quantize_group_triton quantizes {list(_TL_IN)}, got {first.dtype}")
-    fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+    fp8_max, mantissa, min_exp, tl_name = FP8_FORMATS[fp8_dtype]
+    tl_dtype = getattr(tl, tl_name)
     device = first.device
     tables = _tables(tensors)
     q_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype)

@@ -41,6 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
+from lightning_thunder.executors.kernels.fp8_formats import (
+    EPS,
+    FP8_FORMATS,
+    amax_partial_count,
+    check_fp8_input,
+    empty_scale_inv,
+)
 from lightning_thunder.executors.launch import Launcher
 
 __all__ = [
@@ -53,15 +60,6 @@ __all__ = [
     "FP8_FORMATS",
     "EPS",
 ]
-
-#: Lower bound of amax in the scale computation (amax = 0 would give an infinite scale).
-EPS = 1e-12
-
-#: torch dtype -> (largest finite value, mantissa bits, smallest normal exponent, Triton dtype)
-FP8_FORMATS: dict[torch.dtype, tuple[float, int, int, tl.dtype]] = {
-    torch.float8_e4m3fn: (448.0, 3, -6, tl.float8e4nv),
-    torch.float8_e5m2: (57344.0, 2, -14, tl.float8e5),
-}
 
 # Tile of x each program handles: 64 rows x 128 columns (bf16: 256-byte rows, coalesced loads).
 _BLOCK_R, _BLOCK_C, _NUM_WARPS = 64, 128, 8
@@ -220,41 +218,8 @@ def _fp8_cast_kernel(
 _AMAX = Launcher(_fp8_amax_kernel)
 _AMAX_PARTIAL = Launcher(_fp8_amax_partial_kernel)
 _CAST = Launcher(_fp8_cast_kernel)
-_sm_counts: dict[int, int] = {}
-
-
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def amax_partial_count(device: torch.device) -> int:
-    """How many partial maxima a tensorwise amax produces on ``device`` (the length of
-    :func:`fp8_amax_partials_triton`'s result): 4 per SM on CUDA (8 warps each: enough loads in flight to
-    stream at full bandwidth); 3 elsewhere, so CPU tests run the loop over several tiles per program."""
-    if device.type != "cuda":
-        return 3
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _sm_counts.get(index)
-    if count is None:
-        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * count
-
-
-def empty_scale_inv(fp8_dtype: torch.dtype) -> float:
-    """The inverse scale of a tensor with no elements (its amax, 0, clamped to ``EPS``): what the kernels, which
-    launch no program for it, fill in (the PyTorch reference computes the same value)."""
-    return 1.0 / (FP8_FORMATS[fp8_dtype][0] / EPS)
-
-
-def check_fp8_input(x: torch.Tensor, fp8_dtype: torch.dtype | None = None) -> None:
-    """Raise a ``ValueError`` unless ``x`` is 2-D and ``fp8_dtype`` (when given) is an FP8 format quantization
-    supports: the one check of every quantization entry point (the ops, their CPU references, the kernels)."""
-    if x.dim() != 2:
-        raise ValueError(f"FP8 quantization expects a 2-D tensor, got shape {tuple(x.shape)}")
-    if fp8_dtype is not None and fp8_dtype not in FP8_FORMATS:
-        raise ValueError(
-            f"FP8 quantization to {fp8_dtype} is not supported; use torch.float8_e4m3fn or torch.float8_e5m2"
-        )
 
 
 def fp8_amax_partials_triton(x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +282,8 @@ def _cast_meta(fp8_dtype: torch.dtype, transpose: bool, n_partials: int) -> tupl
     key = (fp8_dtype, transpose, n_partials, interpret)
     found = _cast_metas.get(key)
     if found is None:
-        fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+        fp8_max, mantissa, min_exp, tl_name = FP8_FORMATS[fp8_dtype]
+        tl_dtype = getattr(tl, tl_name)
         meta = {
             "FP8_MAX": fp8_max, "EPS": EPS, "MANTISSA": mantissa, "MIN_EXP": min_exp, "OUT_DTYPE": tl_dtype,
             "ROWWISE": False, "TRANSPOSE": transpose, "ROUND_IN_FP32": interpret,
@@ -347,7 +313,8 @@ def fp8_quantize_triton(
     check_fp8_input(x, fp8_dtype)
     if not rowwise:
         return fp8_cast_triton(x, fp8_amax_partials_triton(x), fp8_dtype, transpose)
-    fp8_max, mantissa, min_exp, tl_dtype = FP8_FORMATS[fp8_dtype]
+    fp8_max, mantissa, min_exp, tl_name = FP8_FORMATS[fp8_dtype]
+    tl_dtype = getattr(tl, tl_name)
     R, C = x.shape
     device = x.device
     q = torch.empty((R, C), device=device, dtype=fp8_dtype)

@@ -1,8 +1,21 @@
-"""The Triton fusion executor: region formation, code generation and the kernel runtime."""
+"""The Triton fusion executor: plan passes (region formation, layouts, column sums, in-place cats, kernel shapes,
+patterns, workspaces), code generation and the kernel runtime. See executor.py for the pipeline."""
 
-from lightning_thunder.executors.triton.codegen import KernelSpec, generate
-from lightning_thunder.executors.triton.executor import FusionExecutor
-from lightning_thunder.executors.triton.region import Region, form_regions
-from lightning_thunder.executors.triton.runtime import FusedRegion
+from lightning_thunder.executors.triton.epilogues import Epilogue
+from lightning_thunder.executors.triton.executor import PASSES, FusionExecutor, FusionWarning
+from lightning_thunder.executors.triton.form import form_plan
+from lightning_thunder.executors.triton.plan import FusionPlan, Output, RegionPlan
+from lightning_thunder.executors.triton.validate import PlanError, validate_plan
 
-__all__ = ["FusedRegion", "FusionExecutor", "KernelSpec", "Region", "form_regions", "generate"]
+__all__ = [
+    "Epilogue",
+    "FusionExecutor",
+    "FusionPlan",
+    "FusionWarning",
+    "Output",
+    "PASSES",
+    "PlanError",
+    "RegionPlan",
+    "form_plan",
+    "validate_plan",
+]

@@ -11,35 +11,29 @@ rows can copy), the result is allocated up front (``aten.empty``: no kernel) and
 its piece into its slice of it, through the strides that undo the views. The regions that write run
 one after the other, each passing the buffer on (``buf1 = fusion3(..., buf0)``), and the last one's
 output is the ``cat``'s result, so nothing reads it before every slice is written.
+
+The ``cat_slices`` pass plans each ``cat`` on its own and applies it only once every piece has found its
+writer: an abandoned plan leaves no trace in the regions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lightning_thunder.executors.triton.region import FULL, Region
-from lightning_thunder.executors.triton.runtime import RegionWrapper
+from lightning_thunder.executors.triton.kinds import FULL
+from lightning_thunder.executors.triton.plan import BufferSlice, CatPlan, FusionPlan, Output, RegionPlan
 from lightning_thunder.trace.proxy import Proxy, empty_example
-from lightning_thunder.trace.trace import BoundOp, NameGenerator, Trace
+from lightning_thunder.trace.trace import BoundOp, NameGenerator
 
-__all__ = ["CatPlan", "IntoBuffer", "apply_cat_plans", "plan_cat_slices"]
+__all__ = ["cat_slices_pass"]
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default}
 _COPIES = {aten.contiguous.default, aten.clone.default}  # same values; the buffer slice replaces the copy
-
-
-@dataclass
-class CatPlan:
-    """How one ``cat`` is replaced by writes into its result."""
-
-    cat: BoundOp
-    removed: set[int] = field(default_factory=set)  # ids of the cat and of the view chains into it
-    writers: list[Region] = field(default_factory=list)  # regions storing a piece (each once)
 
 
 def _undo(op: BoundOp, x: torch.Tensor) -> torch.Tensor | None:
@@ -98,17 +92,18 @@ def _depends_on(p: Proxy, targets: set[int], producer: dict[int, BoundOp], limit
     return len(seen) >= limit  # too far to tell: assume it does
 
 
-def plan_cat_slices(trace: Trace, regions: list[Region], names: NameGenerator) -> list[CatPlan]:
-    """Find the ``cat`` ops whose pieces regions can store in place, and set those regions up to do so
-    (slice strides and offsets in ``region.into_buffer``; copy ops added to host regions)."""
+def cat_slices_pass(plan: FusionPlan, names: NameGenerator) -> FusionPlan:
+    """Plan the ``cat`` ops whose pieces regions can store in place (``Output.into`` a :class:`BufferSlice`,
+    copies of pieces made elsewhere added to a writing region)."""
+    trace = plan.trace
     producer = trace.producers()
     readers = trace.readers()
     outputs = {id(p) for p in trace.output_proxies()}
-    region_of_output = {id(p): r for r in regions for p in r.outputs if id(p) not in r.partial_of}
+    regions = {r.index: r for r in plan.regions}
     position = {id(op): k for k, op in enumerate(trace.ops)}
-    plans = []
-    taken: set[int] = set()  # regions already writing into some cat's result (one buffer per region)
-    in_region = {id(op) for r in regions for op in r.ops}
+    in_region = {id(op) for r in plan.regions for op in r.ops}
+    cats: list[CatPlan] = list(plan.cats)
+    taken: set[int] = {i for c in cats for i in c.writers}  # regions already writing into some cat's result
     for cat in trace.ops:
         if cat.target is not aten.cat.default or cat.outputs[0] is None or not cat.args or id(cat) in in_region:
             continue
@@ -120,17 +115,30 @@ def plan_cat_slices(trace: Trace, regions: list[Region], names: NameGenerator) -
         shape = tuple(out.shape)
         if not all(type(d) is int for d in shape) or dim % len(shape) != len(shape) - 1 or not out.val.is_contiguous():
             continue
-        plan = _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, position, names, taken)
-        if plan is not None:
-            plans.append(plan)
-            taken |= {id(r) for r in plan.writers}
-    return plans
+        found = _plan_one(cat, len(cats), pieces, shape, producer, readers, outputs, regions, position, names, taken)
+        if found is None:
+            continue
+        cat_plan, changed = found
+        cats.append(cat_plan)
+        regions.update(changed)
+        taken |= set(cat_plan.writers)
+    if len(cats) == len(plan.cats):
+        return plan
+    return plan.replace(
+        regions=[regions[r.index] for r in plan.regions],
+        cats=tuple(cats),
+        notes=(*plan.notes, f"cat_slices: {len(cats) - len(plan.cats)} cat results written in place"),
+    )
 
 
-def _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, position, names, taken):
+def _plan_one(cat, number, pieces, shape, producer, readers, outputs, regions, position, names, taken):
+    """``(CatPlan, changed regions)`` for one ``cat`` or ``None``; nothing is changed unless every piece fits."""
     out = cat.outputs[0]
     buffer = torch.empty(shape, dtype=out.val.dtype, device="meta")
-    found: list[tuple[Proxy, tuple, tuple, int, Region | None]] = []  # base, view shape/stride/offset, region
+    region_of_output = {
+        id(o.proxy): r for r in regions.values() for o in r.outputs if o.partial_of is None and o.into is None
+    }
+    found: list[tuple[Proxy, tuple, tuple, int, RegionPlan | None]] = []  # base, view shape/stride/offset, region
     removed = {id(cat)}
     offset = 0
     for piece in pieces:
@@ -152,7 +160,7 @@ def _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, 
         if any(f[0] is base for f in found):
             return None
         region = region_of_output.get(id(base))
-        if region is not None and (len(readers.get(id(base), [])) != 1 or id(base) in outputs or id(region) in taken):
+        if region is not None and (len(readers.get(id(base), [])) != 1 or id(base) in outputs or region.index in taken):
             region = None
         found.append((base, tuple(view.shape), tuple(view.stride()), view.storage_offset(), region))
         removed |= {id(op) for op in chain}
@@ -162,38 +170,45 @@ def _plan_one(cat, pieces, shape, producer, readers, outputs, region_of_output, 
     writers = [f[4] for f in found if f[4] is not None]
     if not writers:
         return None
-    plan = CatPlan(cat, removed)
+    changed: dict[int, RegionPlan] = {}
+    order: list[int] = []
     for base, vshape, vstride, voffset, region in found:
-        target = base
+        into = BufferSlice(number, vshape, vstride, voffset)
         if region is None:
             # A tensor made elsewhere: copied by a region that writes another piece (it cannot depend on
             # the cat's result) with the same grid, that does not feed it and runs after it is made.
-            region = _host_for(base, writers, producer, position)
-            if region is None:
+            host = _host_for(base, [changed.get(w.index, w) for w in writers], producer, position)
+            if host is None:
                 return None
             target = Proxy(names(f"{base.name}_copy"), empty_example(base.val, vshape, base.val.dtype))
             copy = BoundOp(aten.clone.default, (base,), {}, (target,))
-            region.ops.append(copy)
-            region.kinds[id(target)] = FULL
-            region.widths[id(target)] = vshape[-1]
-            region.has_col[id(copy)] = True
-            region.produced[id(target)] = target
-            if all(p is not base for p in region.inputs):
-                region.inputs.append(base)
-            region.outputs.append(target)
-        region.out_strides[id(target)] = vstride
-        region.into_buffer[id(target)] = (vshape, vstride, voffset)
-        if region not in plan.writers:
-            plan.writers.append(region)
-    return plan
+            changed[host.index] = host.replace(
+                ops=[*host.ops, copy],
+                kinds={**host.kinds, id(target): FULL},
+                widths={**host.widths, id(target): vshape[-1]},
+                has_col={**host.has_col, id(copy): True},
+                produced={**host.produced, id(target): target},
+                inputs=host.inputs if any(p is base for p in host.inputs) else [*host.inputs, base],
+                outputs=[*host.outputs, Output(target, strides=vstride, into=into)],
+            )
+            region = host
+        else:
+            region = changed.get(region.index, region)
+            outs = [
+                dataclasses.replace(o, strides=vstride, into=into) if o.proxy is base else o for o in region.outputs
+            ]
+            changed[region.index] = region.replace(outputs=outs)
+        if region.index not in order:
+            order.append(region.index)
+    return CatPlan(cat, frozenset(removed), tuple(order)), changed
 
 
-def _host_for(base: Proxy, regions: list[Region], producer: dict[int, BoundOp], position: dict[int, int]):
+def _host_for(base: Proxy, regions: list[RegionPlan], producer: dict[int, BoundOp], position: dict[int, int]):
     """A region whose grid is ``base``'s rows x last dim and that can read ``base`` (runs after it)."""
     shape = tuple(base.shape)
     rows = math.prod(shape[:-1])
     for region in regions:
-        if region.R != rows or region.N != shape[-1] or region.partial_of or region.device != base.device:
+        if region.R != rows or region.N != shape[-1] or region.partial_outputs or region.device != base.device:
             continue
         if _depends_on(base, set(region.produced), producer):
             continue
@@ -204,62 +219,3 @@ def _host_for(base: Proxy, regions: list[Region], producer: dict[int, BoundOp], 
     return None
 
 
-class IntoBuffer(RegionWrapper):
-    """The callable of a region that stores some outputs into slices of a buffer passed as its last
-    argument (and returns the buffer last, after the outputs it still returns)."""
-
-    def __init__(self, fused: Any, writes: dict[int, tuple], keep: list[int]) -> None:
-        super().__init__(fused)
-        self.writes = writes  # output index -> (shape, stride, offset)
-        self.keep = keep  # output indices still returned
-
-    def __call__(self, *args: torch.Tensor) -> Any:
-        *inputs, buffer = args
-        base = buffer.storage_offset()
-        into = {
-            k: buffer.as_strided(shape, stride, base + offset) for k, (shape, stride, offset) in self.writes.items()
-        }
-        outs = self.fused.run(tuple(inputs), into)
-        kept = [outs[k] for k in self.keep]
-        return (*kept, buffer) if kept else buffer
-
-
-def apply_cat_plans(
-    ops: list[BoundOp], plans: list[CatPlan], fused: dict[int, BoundOp], names: NameGenerator
-) -> list[BoundOp]:
-    """Rewrite the contracted ``ops``: allocate each planned ``cat``'s result before its first writer,
-    thread it through the writers (in their order in ``ops``), drop the ``cat`` and the view chains."""
-    removed = set().union(*(p.removed for p in plans)) if plans else set()
-    replace: dict[int, BoundOp] = {}
-    insert_before: dict[int, BoundOp] = {}
-    order = {id(op): k for k, op in enumerate(ops)}
-    for plan in plans:
-        writer_ops = sorted((fused[r.index] for r in plan.writers), key=lambda op: order[id(op)])
-        out = plan.cat.outputs[0]
-        buf = Proxy(names(f"{out.name}_buffer"), out.val)
-        val = out.val
-        insert_before[id(writer_ops[0])] = BoundOp(
-            aten.empty.memory_format, (list(val.shape),), {"dtype": val.dtype, "device": val.device}, (buf,)
-        )
-        for k, op in enumerate(writer_ops):
-            region = next(r for r in plan.writers if fused[r.index] is op)
-            all_outs = list(region.outputs)
-            writes = {i: region.into_buffer[id(p)] for i, p in enumerate(all_outs) if id(p) in region.into_buffer}
-            keep = [i for i, p in enumerate(all_outs) if id(p) not in region.into_buffer]
-            nxt = out if k == len(writer_ops) - 1 else Proxy(names(f"{out.name}_buffer"), val)
-            new_outs = [all_outs[i] for i in keep] + [nxt]
-            replace[id(op)] = op.replace(
-                target=IntoBuffer(op.target, writes, keep),
-                args=(*op.args, buf),
-                outputs=tuple(new_outs),
-                unpack=len(new_outs) > 1,
-            )
-            buf = nxt
-    result = []
-    for op in ops:
-        if id(op) in removed:
-            continue
-        if id(op) in insert_before:
-            result.append(insert_before[id(op)])
-        result.append(replace.get(id(op), op))
-    return result

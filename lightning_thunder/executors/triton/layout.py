@@ -20,11 +20,13 @@ import math
 
 import torch
 
-from lightning_thunder.executors.triton.region import Region
-from lightning_thunder.trace.proxy import Proxy
-from lightning_thunder.trace.trace import BoundOp, Trace
+import dataclasses
 
-__all__ = ["choose_output_layouts", "free_clone"]
+from lightning_thunder.executors.triton.plan import FusionPlan
+from lightning_thunder.trace.proxy import Proxy
+from lightning_thunder.trace.trace import BoundOp
+
+__all__ = ["layout_pass", "free_clone"]
 
 aten = torch.ops.aten
 
@@ -106,35 +108,50 @@ def _head_merging_clones(o: Proxy, readers: dict[int, list[BoundOp]], graph_outp
     return clones or None
 
 
-def choose_output_layouts(trace: Trace, regions: list[Region]) -> set[int]:
-    """Give region outputs that are only read as ``clone(permute(y))`` the permuted layout.
-
-    Sets ``region.out_strides[id(y)]`` and returns the ids of the ``clone`` ops that become free
-    (to be replaced with :func:`free_clone`).
-    """
+def layout_pass(plan: FusionPlan) -> FusionPlan:
+    """Give region outputs that are only read as ``clone(permute(y))`` the permuted layout (``Output.strides``),
+    and mark those clones freed (``FusionPlan.freed``: they become :func:`free_clone`)."""
+    trace = plan.trace
     readers = trace.readers()
     graph_outputs = {id(p) for p in trace.output_proxies()}
-    freed: set[int] = set()
-    for region in regions:
-        for y in region.outputs:
-            if id(y) in graph_outputs or not y.is_tensor or len(readers[id(y)]) != 1:
-                continue
-            shape = tuple(y.shape)
-            if len(shape) < 2 or not all(type(d) is int for d in shape) or not y.val.is_contiguous():
-                continue
-            found = _permuted_clones(readers[id(y)][0], y, readers, graph_outputs)
-            if found is None or found[0] == list(range(len(shape))):
-                continue
+    freed: set[int] = set(plan.freed)
+    regions = []
+    for region in plan.regions:
+        outputs = []
+        for out in region.outputs:
+            y = out.proxy
+            strides = out.strides
+            if strides is None and out.partial_of is None:
+                strides = _reader_layout(y, readers, graph_outputs, freed)
+            outputs.append(out if strides is out.strides else dataclasses.replace(out, strides=strides))
+        changed = any(a is not b for a, b in zip(outputs, region.outputs))
+        regions.append(region.replace(outputs=outputs) if changed else region)
+    if len(freed) == len(plan.freed):
+        return plan
+    return plan.replace(regions=regions, freed=frozenset(freed), notes=(*plan.notes, f"layout: {len(freed) - len(plan.freed)} copies freed"))
+
+
+def _reader_layout(
+    y: Proxy, readers: dict[int, list[BoundOp]], graph_outputs: set[int], freed: set[int]
+) -> tuple[int, ...] | None:
+    """The strides ``y`` should be stored with for its readers (adding the clones that become free to ``freed``),
+    or ``None`` to keep it contiguous."""
+    if id(y) in graph_outputs or not y.is_tensor:
+        return None
+    shape = tuple(y.shape)
+    if len(shape) < 2 or not all(type(d) is int for d in shape) or not y.val.is_contiguous():
+        return None
+    if len(readers[id(y)]) == 1:
+        found = _permuted_clones(readers[id(y)][0], y, readers, graph_outputs)
+        if found is not None and found[0] != list(range(len(shape))):
             perm, clones = found
-            region.out_strides[id(y)] = _permuted_strides(shape, perm)
             freed.update(id(c) for c in clones)
-    for region in regions:
-        for y in region.outputs:
-            clones = _query_layout_clones(y, readers, graph_outputs)
-            if clones and id(y) not in region.out_strides:
-                region.out_strides[id(y)] = _permuted_strides(tuple(y.shape), [0, 2, 1, 3])
-                freed.update(id(c) for c in clones)
-    return freed
+            return _permuted_strides(shape, perm)
+    clones = _query_layout_clones(y, readers, graph_outputs)
+    if clones:
+        freed.update(id(c) for c in clones)
+        return _permuted_strides(shape, [0, 2, 1, 3])
+    return None
 
 
 def _query_layout_clones(y: Proxy, readers: dict[int, list[BoundOp]], graph_outputs: set[int]) -> list[BoundOp] | None:

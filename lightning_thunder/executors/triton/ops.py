@@ -253,8 +253,10 @@ POINTWISE: dict[Any, Emitter] = {
     aten.logical_not.default: lambda op, a: f"({a(0)} == 0)",
     aten.logical_and.default: lambda op, a: f"(({a(0)} != 0) & ({a(1)} != 0))",
     aten.logical_or.default: lambda op, a: f"(({a(0)} != 0) | ({a(1)} != 0))",
-    aten.bitwise_and.Tensor: _binary("&"),
-    aten.bitwise_or.Tensor: _binary("|"),
+    # Fused for bool results only (see region._check_operands), written as the logical ops: Triton's interpreter
+    # rejects ``&`` between a block of bools and a 0-d bool loaded from a scalar tensor.
+    aten.bitwise_and.Tensor: lambda op, a: f"(({a(0)} != 0) & ({a(1)} != 0))",
+    aten.bitwise_or.Tensor: lambda op, a: f"(({a(0)} != 0) | ({a(1)} != 0))",
     aten.isnan.default: lambda op, a: f"({a(0)} != {a(0)})",
     aten._to_copy.default: _to_copy,
     prims.convert_element_type.default: _convert,
@@ -318,16 +320,6 @@ VIEWS = {
     aten.alias.default,
     aten.detach.default,
 }
-
-#: The op whose result is partial maxima of ``|x|`` (the first pass of FP8 tensorwise quantization): a region
-#: that computes ``x`` folds it into its kernel (see ``region.ABSMAX``).
-ABSMAX_PARTIALS = "lightning_thunder::fp8_amax"
-
-
-def is_absmax_partials(target: Any) -> bool:
-    """Whether ``target`` is the ``lightning_thunder::fp8_amax`` op (:data:`ABSMAX_PARTIALS`)."""
-    return isinstance(target, torch._ops.OpOverload) and target.name() == ABSMAX_PARTIALS
-
 
 #: ops that move values between column ranges of the last dimension (see ``region.column_move``)
 COLUMN_MOVES = {aten.cat.default, aten.slice.Tensor, aten.slice_backward.default}

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from lightning_thunder.executors.triton.codegen import KernelSpec
 from lightning_thunder.executors.launch import Launcher
+from lightning_thunder.executors.triton.spec import KernelSpec
 
-__all__ = ["FusedRegion", "RegionWrapper", "cache_dir", "load_kernel_module", "precompile_all"]
+__all__ = ["FusedRegion", "RegionCall", "cache_dir", "load_kernel_module", "precompile_all"]
 
 _modules: dict[str, ModuleType] = {}
 _tuned: dict[str, dict[str, int]] | None = None
@@ -101,6 +101,7 @@ class FusedRegion:
         self._launcher: Launcher | None = None
         self._config: dict[str, int] | None = None
         self._launch_args: tuple[tuple[int, ...], dict[str, int], tuple] | None = None  # grid, keywords of _config
+        self.notes: list[str] = []  # printed under the region's line in traces (kernel shape, patterns, layouts)
 
     @property
     def source(self) -> str:
@@ -122,11 +123,14 @@ class FusedRegion:
         for arg in self.spec.inputs + self.spec.outputs:
             dtypes.append(arg.dtype)
             dtypes += [16] * len(arg.stride_dims)  # a stride: specialized like any multiple of 16
+        dtypes += [16] * self.spec.symbols  # the sizes of symbolic dimensions likewise
         for config in self.spec.configs:
             meta = {k: v for k, v in config.items() if k != "num_warps"}
             kernel.warmup(*dtypes, grid=(1,), num_warps=config["num_warps"], **meta)
 
-    def _launch(self, config: dict[str, int], inputs: tuple, outputs: list[torch.Tensor]) -> None:
+    def _launch(
+        self, config: dict[str, int], inputs: tuple, outputs: list[torch.Tensor], symbols: tuple = (), R: int | None = None
+    ) -> None:
         args: list[Any] = []
         for arg, t in zip(self.spec.inputs, inputs):
             args.append(t)
@@ -134,16 +138,19 @@ class FusedRegion:
         for arg, t in zip(self.spec.outputs, outputs):
             args.append(t)
             args += [t.stride(j) for j in arg.stride_dims]
+        args += symbols
         launch = self._launch_args if config is self._config else None
         if launch is None:
             keywords = {"num_warps": config["num_warps"], **{k: v for k, v in config.items() if k != "num_warps"}}
-            launch = (self.spec.grid(config), keywords, tuple(keywords.items()))
-            if config is self._config:  # the chosen configuration: grid and keywords computed once
+            launch = (self.spec.grid(config, R), keywords, tuple(keywords.items()))
+            if config is self._config and R is None:  # the chosen configuration: grid and keywords computed once
                 self._launch_args = launch
         grid, keywords, keywords_key = launch
+        if R is not None:  # a symbolic row count: the grid of this launch's rows
+            grid = self.spec.grid(config, R)
         self._launcher.launch(grid, tuple(args), keywords, keywords_key)
 
-    def _pick(self, inputs: tuple, outputs: list[torch.Tensor]) -> dict[str, int]:
+    def _pick(self, inputs: tuple, outputs: list[torch.Tensor], symbols: tuple = (), R: int | None = None) -> dict[str, int]:
         configs = self.spec.configs
         device = outputs[0].device if outputs else inputs[0].device
         if device.type != "cuda" or not self.autotune or len(configs) == 1:
@@ -157,7 +164,7 @@ class FusedRegion:
         timings = []
         for config in configs:
             try:
-                ms = do_bench(lambda c=config: self._launch(c, inputs, outputs), warmup=2, rep=10)
+                ms = do_bench(lambda c=config: self._launch(c, inputs, outputs, symbols, R), warmup=2, rep=10)
             except Exception:  # noqa: BLE001 - a config that fails to compile (registers) is skipped
                 continue
             timings.append((ms, config))
@@ -175,6 +182,14 @@ class FusedRegion:
         """Launch the kernel on ``inputs``; output ``k`` is written into ``into[k]`` where given (a slice
         of a buffer, with the strides the kernel was generated for), else into a new tensor."""
         self.kernel()
+        symbols: tuple = ()
+        R = None
+        sizes = [(arg.shape, arg.stride) for arg in self.spec.outputs]
+        if self.spec.symbols:  # the ints after the tensors: the sizes of the symbolic dimensions
+            symbols = tuple(int(v) for v in inputs[len(inputs) - self.spec.symbols :])
+            inputs = inputs[: len(inputs) - self.spec.symbols]
+            if self.spec.sizes is not None:
+                R, sizes = self.spec.sizes(*symbols)
         if not all(t.is_contiguous() for arg, t in zip(self.spec.inputs, inputs) if arg.contiguous):
             # The kernel was specialized for contiguous tensors (what the trace said they would be).
             inputs = tuple(t.contiguous() if arg.contiguous else t for arg, t in zip(self.spec.inputs, inputs))
@@ -183,26 +198,42 @@ class FusedRegion:
         outputs = [
             into[k]
             if k in into
-            else torch.zeros(arg.shape, dtype=arg.dtype, device=device)
+            else torch.zeros(shape, dtype=arg.dtype, device=device)
             if arg.zeroed
-            else torch.empty_strided(arg.shape, arg.stride, dtype=arg.dtype, device=device)
-            for k, arg in enumerate(self.spec.outputs)
+            else torch.empty_strided(shape, stride, dtype=arg.dtype, device=device)
+            for k, (arg, (shape, stride)) in enumerate(zip(self.spec.outputs, sizes))
         ]
         if self._config is None:
-            self._config = self._pick(inputs, outputs)
-        self._launch(self._config, inputs, outputs)
+            self._config = self._pick(inputs, outputs, symbols, R)
+        self._launch(self._config, inputs, outputs, symbols, R)
         return outputs
 
     def __repr__(self) -> str:
         return f"FusedRegion({self.spec.region}, {self.spec.mode}, R={self.spec.R}, N={self.spec.N})"
 
 
-class RegionWrapper:
-    """Base of the callables that run a :class:`FusedRegion` with some outputs stored into a buffer passed as an
-    argument: they show as the region (its name, kernel spec and source)."""
+class RegionCall:
+    """The callable of a region some of whose outputs are stored into slices of tensors passed as extra arguments
+    after its inputs: a ``cat``'s result (passed on: returned last, after the outputs still returned) and zeroed
+    workspaces. It shows as the region (its name, kernel spec and source).
 
-    def __init__(self, fused: FusedRegion) -> None:
+    Args:
+        fused: the region's kernel.
+        n_inputs: how many of the arguments are the kernel's inputs (the buffers follow).
+        slices: output index -> ``(argument index, shape, stride, offset)`` of the slice it is stored into.
+        keep: output indices still returned.
+        passed_on: the argument index of the buffer returned last (``None``: none).
+    """
+
+    def __init__(
+        self, fused: FusedRegion, n_inputs: int, slices: dict[int, tuple], keep: list[int], passed_on: int | None
+    ) -> None:
         self.fused = fused
+        self.__qualname__ = fused.__qualname__  # printed in the trace header as the region's name
+        self.n_inputs = n_inputs
+        self.slices = slices
+        self.keep = keep
+        self.passed_on = passed_on
 
     @property
     def spec(self) -> KernelSpec:
@@ -215,6 +246,11 @@ class RegionWrapper:
         return self.fused.source
 
     @property
+    def notes(self) -> list[str]:
+        """The region's notes (see :class:`FusedRegion`)."""
+        return self.fused.notes
+
+    @property
     def __name__(self) -> str:
         return self.fused.__name__
 
@@ -222,8 +258,20 @@ class RegionWrapper:
     def __name__(self, value: str) -> None:
         self.fused.__name__ = self.fused.__qualname__ = value
 
+    def __call__(self, *args: torch.Tensor) -> Any:
+        inputs = args[: self.n_inputs]
+        into = {}
+        for k, (arg, shape, stride, offset) in self.slices.items():
+            buffer = args[arg]
+            into[k] = buffer.as_strided(shape, stride, buffer.storage_offset() + offset)
+        outs = self.fused.run(tuple(inputs), into)
+        kept = [outs[k] for k in self.keep]
+        if self.passed_on is not None:
+            kept.append(args[self.passed_on])
+        return kept[0] if len(kept) == 1 else tuple(kept)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.fused!r})"
+        return f"RegionCall({self.fused!r})"
 
 
 def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> None:

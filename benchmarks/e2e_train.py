@@ -1,0 +1,430 @@
+"""The paths users train with, side by side on one card: our recipe and strategies against torch.compile's.
+
+Each mode runs in its own process, one after the other, on the same model and batch shape:
+
+- ``recipe``: ``lightning_thunder.recipes.pretrain`` on ``examples/recipes/llama-3.2-1b.yaml`` (micro-batch = global
+  batch: no accumulation; validation off; its checkpoint write skipped, as a step's time does not include it).
+- ``fabric-compile``: the loop ``litgpt pretrain`` runs: ``torch.compile(GPT)``, ``fabric.setup``, the loss
+  (``litgpt.utils.chunked_cross_entropy``) outside the compiled model, clipping at norm 1, fused AdamW.
+- ``fabric-thunder``: the same loop with ``Fabric(strategy="thunder")`` and ``ModelWithLoss(GPT, loss)``: the model and
+  the loss one compiled graph (what the recipe builds).
+- ``trainer-thunder``: ``Trainer(strategy="thunder")``; the LightningModule's ``training_step`` computes the loss.
+- ``trainer-compile``: the same LightningModule with ``torch.compile`` applied in ``configure_model``, default strategy.
+
+Every mode: ``--precision`` (Lightning's setting), AdamW fused on CUDA. Reported per mode: median step time over
+``--steps`` steps after ``--warmup`` (the first compiles), tokens/s, the ratio to the torch.compile path of the same
+kind (recipe and fabric-thunder against fabric-compile, trainer-thunder against trainer-compile), CUDA peak allocated
+memory over the whole run (the first step included: it has to fit too), the first step's time (compilation included),
+and with ``--max-batch`` the largest micro-batch that fits (Fabric modes; the recipe runs fabric-thunder's module,
+loss, optimizer and strategy). The search, in the mode's process after the timed steps: twice the batch, then the
+size a straight line through the two peaks predicts for the card's memory, then one more, then bisection; each size
+runs two steps (a new size may recompile once, with a dynamic batch dimension).
+
+    python benchmarks/e2e_train.py --modes recipe,fabric-compile,fabric-thunder --batch 4 --seq 2048 --max-batch
+    python benchmarks/e2e_train.py --modes trainer-thunder,trainer-compile --n-layer 8 --precision bf16-true
+    python benchmarks/e2e_train.py --device cpu --tiny --steps 2 --warmup 1          # a quick CPU run
+
+Needs ``litgpt`` (the model, and LitGPT's loss for ``fabric-compile``); ``recipe`` needs ``omegaconf`` too. A mode that
+cannot run here is reported with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import environment, synchronize  # noqa: E402
+
+MODES = ("recipe", "fabric-compile", "fabric-thunder", "trainer-thunder", "trainer-compile")
+#: Each of our paths and the torch.compile path it is compared with.
+BASELINE = {"recipe": "fabric-compile", "fabric-thunder": "fabric-compile", "trainer-thunder": "trainer-compile"}
+#: ``--tiny``: a 2-layer Llama-style model for CPU runs and tests.
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, vocab_size=1000,
+            padded_vocab_size=1000, block_size=64)
+_GIB = float(1 << 30)
+
+
+class Unavailable(RuntimeError):
+    """The mode cannot run here (a missing package); the message says why."""
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The recipe's loss (``lightning_thunder.recipes.model.lm_loss``): cross-entropy in fp32 over every position."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+def _config(args: argparse.Namespace):
+    try:
+        from litgpt import Config
+    except ImportError as e:
+        raise Unavailable(f"litgpt is not importable ({e}): carry its wheel (pip download litgpt==0.5.13 --no-deps)")
+    if args.tiny:
+        return Config.from_name(args.model, **{**TINY, "block_size": args.seq, **_n_layer(args)})
+    from litgpt_train import build_config
+
+    return build_config(args)
+
+
+def _n_layer(args: argparse.Namespace) -> dict[str, int]:
+    return {"n_layer": args.n_layer} if args.n_layer else {}
+
+
+def _batch(b: int, args: argparse.Namespace, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.randint(0, vocab, (b, args.seq + 1), device=device)
+    return data[:, :-1], data[:, 1:]
+
+
+def _optimizer(params, cuda: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), fused=True if cuda else None)
+
+
+# ---------------------------------------------------------------------------------------------------- the modes
+def fabric_step(args: argparse.Namespace, mode: str, device: torch.device) -> tuple[Callable[[int], None], Callable]:
+    """``(step(batch_size), stats)`` for a Fabric mode: one training step on a fresh random batch."""
+    from lightning.fabric import Fabric
+
+    config = _config(args)
+    from litgpt import GPT
+    from litgpt.utils import chunked_cross_entropy
+
+    from lightning_thunder.strategies import ModelWithLoss
+
+    thunder = mode == "fabric-thunder"
+    strategy = "thunder" if thunder else "auto"
+    fabric = Fabric(accelerator=device.type, devices=1, precision=args.precision, strategy=strategy)
+    fabric.seed_everything(0)
+    with fabric.init_module():
+        model = GPT(config)
+    model = ModelWithLoss(model, lm_loss) if thunder else torch.compile(model)
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(_optimizer(model.parameters(), device.type == "cuda"))
+
+    def step(b: int) -> None:
+        x, y = _batch(b, args, config.padded_vocab_size, device)
+        try:
+            loss = model(x, y) if thunder else chunked_cross_entropy(model(x), y)
+            fabric.backward(loss)
+            fabric.clip_gradients(model, optimizer, max_norm=1.0)
+            optimizer.step()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    return step, lambda: _thunder_stats(model) if thunder else {}
+
+
+def trainer_run(args: argparse.Namespace, mode: str, device: torch.device) -> dict:
+    """Fit ``warmup + steps`` steps with the Trainer; per-step times from a callback."""
+    import lightning as L
+
+    import lightning_thunder  # noqa: F401 - registers the "thunder" strategies
+
+    config = _config(args)
+    from litgpt import GPT
+
+    thunder = mode == "trainer-thunder"
+
+    class LitGPTModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model: torch.nn.Module | None = None
+
+        def configure_model(self) -> None:
+            if self.model is None:
+                self.model = GPT(config) if thunder else torch.compile(GPT(config))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return lm_loss(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _optimizer(self.parameters(), device.type == "cuda")
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: object) -> None:
+            synchronize(device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            synchronize(device)
+            self.times.append(time.perf_counter() - self.t0)
+
+    n = args.warmup + args.steps
+    x, y = _batch(n * args.batch, args, config.padded_vocab_size, torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch)
+    timer = StepTimer()
+    torch.manual_seed(0)
+    module = LitGPTModule()
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, strategy="thunder" if thunder else "auto", precision=args.precision,
+        max_steps=n, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(module, loader)
+    return {"times": timer.times, **(_thunder_stats(module) if thunder else {})}
+
+
+def recipe_run(args: argparse.Namespace, device: torch.device) -> dict:
+    """``lightning_thunder.recipes.pretrain`` for ``warmup + steps`` steps, each step timed."""
+    try:
+        from lightning_thunder.recipes import loop, pretrain
+        from lightning_thunder.recipes.config import load_config
+    except ImportError as e:
+        raise Unavailable(f"the recipe needs omegaconf and litgpt ({e}); carry their wheels")
+    n = args.warmup + args.steps
+    recipe = "debug.yaml" if args.tiny else "llama-3.2-1b.yaml"
+    overrides = [
+        f"accelerator={device.type}", f"precision={args.precision}", f"data.seq_length={args.seq}",
+        f"model.overrides.block_size={args.seq}", f"train.max_steps={n}", f"train.micro_batch_size={args.batch}",
+        f"train.global_batch_size={args.batch}", "train.save_interval=null", f"train.log_interval={n}",
+        "train.lr_warmup_steps=1", f"eval.interval={n + 1}", "eval.final_validation=false", "resume=false",
+        f"out_dir={tempfile.mkdtemp(prefix='e2e_recipe_')}",
+    ]
+    if args.tiny:
+        overrides.append(f"model.name={args.model}")
+        overrides += [f"model.overrides.{k}={v}" for k, v in TINY.items() if k != "block_size"]
+    overrides += [f"model.overrides.n_layer={args.n_layer}"] if args.n_layer else []
+    cfg = load_config(ROOT / "examples" / "recipes" / recipe, overrides)
+    times: list[float] = []
+    step = loop._Run._step
+
+    def timed_step(self: object, index: int) -> object:
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = step(self, index)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        return out
+
+    loop._Run._step = timed_step  # this process runs the recipe once: no need to restore
+    loop._Run._save = lambda self, index: None  # the final checkpoint (15 GB for this model) is not a step's time
+    result = pretrain(cfg)
+    return {"times": times, "compile_s": result.compile_time_s, "recipe_tokens_per_s": result.tokens_per_sec}
+
+
+def _thunder_stats(model: object) -> dict:
+    import lightning_thunder
+
+    stats = lightning_thunder.compile_stats(model)
+    return {"graphs": stats.graphs, "graph_breaks": len(stats.graph_breaks), "fusion_regions": stats.fusion_regions}
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / _GIB if device.type == "cuda" else None
+
+
+def max_batch_search(step: Callable[[int], None], b0: int, peak0: float, device: torch.device, probes: int) -> dict:
+    """The largest micro-batch that runs (see the module docstring); ``tried`` maps sizes to peak GiB (None: OOM)."""
+    capacity = torch.cuda.mem_get_info(device)[1] / _GIB
+
+    def fits(b: int) -> float | None:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for _ in range(2):
+                step(b)
+            synchronize(device)
+            return _peak_gib(device)
+        except torch.OutOfMemoryError:
+            return None
+
+    tried: dict[int, float | None] = {b0: peak0}
+    lo, hi = b0, None
+    for _ in range(probes):
+        if hi is not None:
+            b = (lo + hi) // 2
+        elif len([p for p in tried.values() if p is not None]) < 2:
+            b = 2 * lo
+        else:  # a straight line through the two largest sizes that ran
+            (b1, p1), (b2, p2) = sorted((k, v) for k, v in tried.items() if v is not None)[-2:]
+            slope = (p2 - p1) / (b2 - b1)
+            b = max(lo + 1, b2 + int((capacity - p2) / slope)) if slope > 0 else 2 * lo
+            b = b if b not in tried else lo + 1
+        if b <= lo or (hi is not None and b >= hi):
+            break
+        tried[b] = fits(b)
+        if tried[b] is None:
+            hi = b
+        else:
+            lo = b
+        if hi is not None and hi - lo <= 1:
+            break
+    return {"max_batch": lo, "max_batch_exact": hi is not None and hi - lo <= 1, "tried": tried}
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """Worker: run one mode in this process and return its measurements."""
+    device, mode = torch.device(args.device), args.worker
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result: dict = {"mode": mode}
+    if mode.startswith("fabric"):
+        step, stats = fabric_step(args, mode, device)
+        times = []
+        for _ in range(args.warmup + args.steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            step(args.batch)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        result.update(stats())
+    elif mode == "recipe":
+        result.update(recipe_run(args, device))
+        times = result.pop("times")
+    else:
+        result.update(trainer_run(args, mode, device))
+        times = result.pop("times")
+    if len(times) < 2:
+        raise RuntimeError(f"{mode} ran {len(times)} step(s); need at least 2 (--warmup 1 --steps 1)")
+    result.update(
+        step_ms=statistics.median(times[args.warmup:] or times[1:]) * 1e3,
+        first_step_s=times[0],
+        peak_gib=_peak_gib(device),
+    )
+    if args.max_batch and mode.startswith("fabric") and device.type == "cuda":
+        result.update(max_batch_search(step, args.batch, result["peak_gib"], device, args.max_batch_probes))
+    return result
+
+
+def spawn(args: argparse.Namespace, mode: str) -> dict:
+    """Run ``mode`` in a fresh process and return its JSON result (or the reason it failed)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = f.name
+    cmd = [sys.executable, __file__, *args.argv, "--worker", mode, "--worker-out", out_path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "error": f"timed out after {args.timeout} s"}
+    try:
+        text = Path(out_path).read_text()
+        os.unlink(out_path)
+        if text:
+            return json.loads(text)
+    except (OSError, json.JSONDecodeError):
+        pass
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    return {"mode": mode, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+
+
+def table(results: list[dict], tokens_per_step: int) -> str:
+    by_mode = {r["mode"]: r for r in results if "step_ms" in r}
+    rows = [
+        "| mode | step ms | tokens/s | vs torch.compile | peak GiB | first step s | max micro-batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "step_ms" not in r:
+            rows.append(f"| {r['mode']} | {r.get('skipped') or r.get('error')} | | | | | |")
+            continue
+        base = by_mode.get(BASELINE.get(r["mode"], ""))
+        ratio = f"{base['step_ms'] / r['step_ms']:.2f}x" if base else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
+        if "max_batch" in r:
+            most = f"{r['max_batch']}" + ("" if r["max_batch_exact"] else "+")
+        elif r["mode"] == "recipe" and "max_batch" in by_mode.get("fabric-thunder", {}):
+            most = "see fabric-thunder"
+        else:
+            most = "-"
+        rows.append(
+            f"| {r['mode']} | {r['step_ms']:.1f} | {tokens_per_step / (r['step_ms'] / 1e3):,.0f} | {ratio} | {peak} | "
+            f"{r['first_step_s']:.1f} | {most} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Llama-3.2-1B", help="LitGPT config name")
+    p.add_argument("--n-layer", type=int, default=None, help="override the config's number of layers")
+    p.add_argument("--tiny", action="store_true", help=f"a tiny Llama-style model ({TINY}) for CPU runs")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size (default 4 on CUDA, 2 on CPU)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 2048 on CUDA, 32 on CPU)")
+    p.add_argument("--precision", default=None, help="Lightning precision (default bf16-mixed on CUDA, 32-true on CPU)")
+    p.add_argument("--modes", default="recipe,fabric-compile,fabric-thunder,trainer-thunder,trainer-compile",
+                   help=f"comma-separated, from {MODES}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
+    p.add_argument("--max-batch", action="store_true", help="also search the largest micro-batch (Fabric modes, CUDA)")
+    p.add_argument("--max-batch-probes", type=int, default=5, help="batch sizes tried at most by --max-batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--timeout", type=int, default=600, help="seconds allowed per mode")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.batch = args.batch or (4 if cuda else 2)
+    args.seq = args.seq or (2048 if cuda else 32)
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    args.argv = list(argv)
+    for flag in ("--worker", "--worker-out"):
+        if flag in args.argv:
+            i = args.argv.index(flag)
+            del args.argv[i : i + 2]
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.mode_list if m not in MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {list(MODES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        try:
+            result = run_mode(args)
+        except Unavailable as e:
+            result = {"mode": args.worker, "skipped": f"skipped: {e}"}
+        except Exception as e:  # reported in the table; the other modes still run
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            result = {"mode": args.worker, "error": f"failed: {type(e).__name__}: {lines[0] if lines else ''}"[:300]}
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
+    results = []
+    for mode in args.mode_list:
+        t0 = time.perf_counter()
+        results.append(spawn(args, mode))
+        r = results[-1]
+        summary = f"{r['step_ms']:.1f} ms/step" if "step_ms" in r else r.get("skipped") or r.get("error")
+        print(f"{mode}: {summary} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    device = torch.device(args.device)
+    env = environment(device)
+    layers = f"n_layer={args.n_layer}" if args.n_layer else "all layers"
+    print(
+        f"\n{args.model}{' (tiny)' if args.tiny else ''}, {layers}, micro-batch {args.batch} x {args.seq}, "
+        f"{args.precision}, fused AdamW; {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}\n"
+        f"median of {args.steps} steps after {args.warmup}; peak: CUDA peak allocated over the run\n"
+    )
+    print(table(results, args.batch * args.seq))
+    for r in results:
+        if "tried" in r:
+            sizes = sorted(r["tried"].items(), key=lambda kv: int(kv[0]))
+            tried = ", ".join(f"{b}: {'OOM' if p is None else f'{p:.1f} GiB'}" for b, p in sizes)
+            print(f"\n{r['mode']} micro-batches tried: {tried}")
+    if args.json:
+        command = "python benchmarks/e2e_train.py " + " ".join(argv)
+        payload = {"command": command, "environment": env, "results": results}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
