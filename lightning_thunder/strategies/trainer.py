@@ -283,7 +283,16 @@ class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParal
             tensor_parallel,
         )
         # The steps compiled before FSDP wraps them: the root's all-gather runs outside their graphs.
-        self._compile_steps(module, with_precision_plugins(self.plugins, self.precision_plugin), "thunder_fsdp")
+        if tensor_parallel is not None and self.compile_step:
+            rank_zero_warn(
+                f"strategy='thunder_fsdp' with tensor_parallel_size={self.tensor_parallel_size} does not compile the "
+                f"steps of {type(module).__name__}: Dynamo cannot trace DTensor's vocabulary-parallel embedding (its "
+                "masked partial sum) and the fused head + loss op has no DTensor rule, so the embedding, the head and "
+                "the loss run eagerly; the transformer blocks are compiled (with the tensor-parallel collectives in "
+                "their graphs). Pass compile_step=False to keep this without the warning"
+            )
+        else:
+            self._compile_steps(module, with_precision_plugins(self.plugins, self.precision_plugin), "thunder_fsdp")
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
         # (embeddings, head) around them too.
         from torch.distributed.fsdp import register_fsdp_forward_method
