@@ -109,8 +109,8 @@ class TensorParallel(Plugin):
             )
         if plan is not None and not isinstance(plan, Mapping):
             raise TypeError(
-                f"plan must map qualified module names to ParallelStyle objects (e.g. {{'mlp.fc': ColwiseParallel()}}), "
-                f"got {type(plan).__name__}"
+                "plan must map qualified module names to ParallelStyle objects (e.g. "
+                f"{{'mlp.fc': ColwiseParallel()}}), got {type(plan).__name__}"
             )
         self.mesh = mesh
         self.sequence_parallel = bool(sequence_parallel)
@@ -127,31 +127,37 @@ class TensorParallel(Plugin):
         size = mesh.size()
         if self.plan is not None:
             plan = self.plan
+            parallelize_module(module, mesh, plan)
         else:
+            block_cls = self.block_cls if self.block_cls is not None else find_block_class(module)
             plan = infer_plan(
                 module, size, sequence_parallel=self.sequence_parallel, loss_parallel=self.loss_parallel,
-                block_cls=self.block_cls,
+                block_cls=block_cls,
             )
-            _split_attention_heads(module, size, self.block_cls)
-        parallelize_module(module, mesh, plan)
-        if self.plan is None:
-            block_cls = self.block_cls or find_block_class(module)
-            outer = find_outer_modules(module, block_cls)
-            for name in (outer.embedding, outer.head):
-                if name is not None:
-                    module.get_submodule(name).register_forward_hook(_completed_collective)
-            if self.sequence_parallel and outer.embedding is not None:
-                check = functools.partial(_check_sequence_length, size)
-                module.get_submodule(outer.embedding).register_forward_pre_hook(check, prepend=True)
-            if not self.sequence_parallel:
-                for norm in _norms(module, block_cls, outer.final_norm):
-                    _replicate(norm, mesh)
+            _split_attention_heads(module, size, block_cls)
+            parallelize_module(module, mesh, plan)
+            self._around_blocks(module, mesh, block_cls)
         log.info(
             "TensorParallel: %d modules of %s split over %d ranks (sequence parallel %s, loss parallel %s)",
             len(plan), type(module).__name__, size, "on" if self.sequence_parallel else "off",
             "on" if self.loss_parallel else "off",
         )
         return module
+
+    def _around_blocks(self, module: nn.Module, mesh: DeviceMesh, block_cls: BlockClass) -> None:
+        """What the inferred plan needs besides ``parallelize_module``: the embedding's and head's outputs completed
+        (see :func:`_completed_collective`), the sequence length checked, and without sequence parallelism the
+        norms' parameters replicated over the mesh (see :func:`_replicate`)."""
+        outer = find_outer_modules(module, block_cls)
+        for name in (outer.embedding, outer.head):
+            if name is not None:
+                module.get_submodule(name).register_forward_hook(_completed_collective)
+        if self.sequence_parallel and outer.embedding is not None:
+            check = functools.partial(_check_sequence_length, mesh.size())
+            module.get_submodule(outer.embedding).register_forward_pre_hook(check, prepend=True)
+        if not self.sequence_parallel:
+            for norm in _norms(module, block_cls, outer.final_norm):
+                _replicate(norm, mesh)
 
     def __repr__(self) -> str:
         return (
@@ -354,9 +360,8 @@ def qkv_tp_order(n_head: int, n_query_groups: int, head_size: int, size: int) ->
     return torch.cat(rows)
 
 
-def _split_attention_heads(module: nn.Module, size: int, block_cls: BlockClass | None) -> None:
+def _split_attention_heads(module: nn.Module, size: int, block_cls: BlockClass) -> None:
     """Reorder each fused ``qkv`` for a column split and give its attention module per-rank head counts."""
-    block_cls = find_block_class(module) if block_cls is None else block_cls
     local_configs: dict[int, Any] = {}
     for _, _, block in find_blocks(module, block_cls):
         attn = block.attn

@@ -320,8 +320,9 @@ def _check_tensor_parallel(cfg: RecipeConfig) -> None:
     tp = cfg.tensor_parallel_size
     if tp > 1 and cfg.strategy != "thunder_fsdp":
         raise ConfigError(
-            f"tensor_parallel_size={tp} with strategy={cfg.strategy!r}: tensor parallelism runs in strategy=thunder_fsdp "
-            "(a data_parallel x tensor_parallel mesh); set strategy=thunder_fsdp or tensor_parallel_size=1"
+            f"tensor_parallel_size={tp} with strategy={cfg.strategy!r}: tensor parallelism runs in "
+            "strategy=thunder_fsdp (a data_parallel x tensor_parallel mesh); set strategy=thunder_fsdp or "
+            "tensor_parallel_size=1"
         )
     if cfg.devices % tp:
         sizes = ", ".join(str(d) for d in range(1, cfg.devices + 1) if cfg.devices % d == 0)

@@ -1,6 +1,6 @@
 """Running a test body on 2 CPU processes (Gloo), and the tiny models and data the strategy tests share.
 
-``spawn(fn, *args)`` starts 2 fresh processes (``world_size=4`` for 4) with the environment a launcher like torchrun sets
+``spawn(fn, *args)`` starts 2 fresh processes (``world_size=4``: 4) with the environment a launcher like torchrun sets
 (``LOCAL_RANK``, ``MASTER_PORT``, ...), so Fabric and the Trainer use them as they are instead of
 launching their own. Each process runs ``fn(rank, *args)``; the per-rank return values come back in
 rank order, and an exception in any process fails the test with that process's traceback.

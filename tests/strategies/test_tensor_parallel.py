@@ -113,7 +113,9 @@ def _fabric_run(
         "mesh": (mesh.mesh_dim_names, tuple(mesh.shape), mesh["tensor_parallel"].mesh.tolist()),
         "sampler": fabric.strategy.distributed_sampler_kwargs,
         "graphs": lt.compile_stats(model).graphs,
-        "units": [isinstance(m, FSDPModule) for m in (model.transformer.wte, block, model.transformer.ln_f, model.lm_head)],
+        "units": [
+            isinstance(m, FSDPModule) for m in (model.transformer.wte, block, model.transformer.ln_f, model.lm_head)
+        ],
         "placements": {n: str(p.placements) for n, p in model.module.named_parameters() if isinstance(p, DTensor)},
         "local_qkv": tuple(block.attn.qkv.weight.to_local().shape),
     }
@@ -208,7 +210,8 @@ def _trainer_global_batches(data_parallel_size: int) -> list[tuple[torch.Tensor,
     x, y = _trainer_dataset()
     per_rank = ROWS // data_parallel_size
     orders = [list(DistributedSampler(x, num_replicas=data_parallel_size, rank=r)) for r in range(data_parallel_size)]
-    rows = [torch.tensor([i for order in orders for i in order[k * per_rank : (k + 1) * per_rank]]) for k in range(STEPS)]
+    steps = range(STEPS)
+    rows = [torch.tensor([i for order in orders for i in order[k * per_rank : (k + 1) * per_rank]]) for k in steps]
     return [(x[r], y[r]) for r in rows]
 
 
@@ -389,7 +392,7 @@ def test_recipe_key_tensor_parallel_size():
     with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 does not divide devices=3: .* allowed "
                                           r"tensor_parallel_size values for devices=3: 1, 3"):
         load_config(recipe, ["devices=3"])
-    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 with strategy='thunder_ddp'.*set strategy=thunder_fsdp"):
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 with strategy='thunder_ddp'.*strategy=thunder_fsdp"):
         load_config(recipe, ["strategy=thunder_ddp"])
     # A tensor-parallel pair reads one batch: the global batch counts data-parallel ranks, not devices.
     with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size \(2\) times the data-parallel size "
