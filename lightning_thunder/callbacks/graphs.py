@@ -69,7 +69,7 @@ def _latest_training_records(state: CompileState) -> list[GraphRecord]:
     for record in state.records:
         if record.inference or not _is_final(record.forward_traces) or not _is_final(record.backward_traces):
             continue
-        key = record.frame_id if record.frame_id is not None else ("graph", record.index)
+        key = (record.frame_id, record.subgraph) if record.frame_id is not None else ("graph", record.index)
         if key not in latest or record.sequence > latest[key].sequence:
             latest[key] = record
     return sorted(latest.values(), key=lambda r: r.sequence)

@@ -43,13 +43,13 @@ _DYNAMO_FALLBACKS: tuple[type[BaseException], ...] = tuple(getattr(torch._dynamo
 _AOT_PROVENANCE = "AOTAutograd (functionalization, autodiff, decomposition) and {} partition"
 
 
-def _frame_id() -> int | None:
-    """Dynamo's id of the frame being compiled (``None`` if unknown)."""
+def _frame_ids() -> tuple[int | None, int | None]:
+    """Dynamo's id of the frame being compiled and of this compilation of it (``None`` if unknown)."""
     try:
         compile_id = torch._guards.CompileContext.current_compile_id()
     except Exception:  # noqa: BLE001 - private API; absence only means "unknown"
-        return None
-    return getattr(compile_id, "frame_id", None)
+        return None, None
+    return getattr(compile_id, "frame_id", None), getattr(compile_id, "frame_compile_id", None)
 
 
 def _recompile_reason() -> str:
@@ -107,9 +107,9 @@ class ThunderBackend:
         """Compile one Dynamo graph (the ``torch.compile`` backend protocol)."""
         t0 = time.perf_counter()
         state = current_state() or self.orphan_state
-        frame_id = _frame_id()
-        recompile = state.has_frame(frame_id)
-        record = state.new_record(frame_id)
+        frame_id, frame_compile_id = _frame_ids()
+        recompile = state.is_recompile(frame_id, frame_compile_id)
+        record = state.new_record(frame_id, frame_compile_id)
         if recompile:
             record.recompile_reason = _recompile_reason()
             state.recompiles.append(record.recompile_reason)
@@ -130,6 +130,10 @@ class ThunderBackend:
             trace = self._stage(new, trace, f"torch/{plugin.name}", plugin, t1)
             record.torch_traces.append(trace)
         aot_input = fx_from_trace(trace) if changed else gm
+        # Counted as torch's own AOTAutograd backends count themselves: Dynamo's DDPOptimizer reads the counter to
+        # know that a split subgraph went through AOTAutograd (else the compiled subgraph's first call returns the
+        # fake outputs AOTAutograd made for it).
+        torch._dynamo.utils.counters["aot_autograd"]["total"] += 1
         try:
             compiled = aot_module_simplified(
                 aot_input,

@@ -30,6 +30,7 @@ __all__ = [
     "check_hooks",
     "compile_states",
     "compiled_objects",
+    "ddp_graph_splitting",
     "COMPILED_METHODS",
     "SHARED_REGISTRIES",
 ]
@@ -50,6 +51,9 @@ SHARED_REGISTRIES = (
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
 )
+
+
+_WARNED_SMALL_BUCKETS = "_lt_warned_small_buckets"  # set on a DDP module once its bucket size was warned about
 
 
 def _is_dunder(name: str) -> bool:
@@ -115,6 +119,33 @@ def check_hooks(state: CompileState, module: nn.Module | None) -> None:
         )
 
 
+def ddp_graph_splitting(module: nn.Module | None) -> dict[str, Any]:
+    """The Dynamo config for a compiled call running inside DDP's forward (or compiling a DDP ``module``): none, so
+    Dynamo's DDPOptimizer splits the graph at DDP's bucket boundaries and each piece is compiled on its own; each
+    bucket's all-reduce then starts as soon as the backward of its piece has run, overlapping the rest of the backward.
+    Dynamo cannot split buckets smaller than DDP's first bucket (1 MB): then ``optimize_ddp=False`` keeps the graph
+    whole, gradients are all-reduced after its backward, and a warning (once per DDP module) says so."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel._get_active_ddp_module() if dist.is_available() else None
+    if ddp is None and isinstance(module, DistributedDataParallel):
+        ddp = module
+    first = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 0)
+    if ddp is None or ddp.bucket_bytes_cap >= first:
+        return {}
+    if not getattr(ddp, _WARNED_SMALL_BUCKETS, False):
+        setattr(ddp, _WARNED_SMALL_BUCKETS, True)
+        warnings.warn(
+            f"DDP's bucket_cap_mb={ddp.bucket_bytes_cap / 2**20:g} is below its first bucket's "
+            f"{first / 2**20:g} MB, which Dynamo's DDPOptimizer cannot split at: the compiled backward runs as one "
+            "graph and every gradient is all-reduced after it (no overlap with the backward); use bucket_cap_mb >= "
+            f"{first / 2**20:g} to overlap",
+            stacklevel=3,
+        )
+    return {"optimize_ddp": False}
+
+
 @torch.compiler.disable
 def call_compiled(
     state: CompileState, compiled: Callable, args: tuple, kwargs: dict, module: nn.Module | None = None
@@ -130,10 +161,9 @@ def call_compiled(
     log = _graph_break_log()
     n_breaks, n_graphs, n_runs, n_hits = len(log), len(state.records), state.graph_runs, len(state.limit_hits)
     t0 = time.perf_counter()
-    # Dynamo's DDPOptimizer would split our graph at DDP's bucket boundaries when the compiled module runs inside
-    # DDP; compile it whole (DDP then reduces after the compiled backward). The recompile limit applies per set of
-    # plugins (see capture/frames.py); a nested compiled call keeps the outer call's.
-    config = {"optimize_ddp": False}
+    # Under DDP the graph is split at DDP's buckets (see ddp_graph_splitting). The recompile limit applies per set
+    # of plugins (see capture/frames.py); a nested compiled call keeps the outer call's.
+    config = ddp_graph_splitting(module)
     if current_state() is None:
         config["recompile_limit"] = recompile_budget(state.label)
     state.in_call += 1

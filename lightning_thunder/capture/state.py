@@ -32,6 +32,9 @@ class GraphRecord:
         index: position among the graphs compiled for this module/function.
         sequence: process-wide compile order (to find the most recent graph across modules).
         frame_id: Dynamo's id of the Python frame (function) the graph was captured from.
+        frame_compile_id: which compilation of that frame produced the graph (a recompile has a new one).
+        subgraph: position among the graphs of one compilation of the frame (Dynamo's DDPOptimizer splits a
+            frame's graph at DDP's bucket boundaries and compiles each piece; 0 otherwise).
         torch_traces: the torch-level trace and one per pre-autograd plugin.
         forward_traces: the forward after autograd, then one per post-autograd pass, ending with the
             final executable trace.
@@ -45,6 +48,8 @@ class GraphRecord:
     index: int
     sequence: int = 0
     frame_id: int | None = None
+    frame_compile_id: int | None = None
+    subgraph: int = 0
     torch_traces: list[Trace] = field(default_factory=list)
     forward_traces: list[Trace] = field(default_factory=list)
     backward_traces: list[Trace] = field(default_factory=list)
@@ -142,9 +147,16 @@ class CompileState:
         if self.shared is not None:
             self.shared.ran_graph = True
 
-    def new_record(self, frame_id: int | None = None) -> GraphRecord:
+    def new_record(self, frame_id: int | None = None, frame_compile_id: int | None = None) -> GraphRecord:
         """Start the record of a newly captured graph."""
-        record = GraphRecord(index=len(self.records), sequence=next(_SEQUENCE), frame_id=frame_id)
+        same_compile = [
+            r for r in self.records
+            if frame_id is not None and r.frame_id == frame_id and r.frame_compile_id == frame_compile_id
+        ]
+        record = GraphRecord(
+            index=len(self.records), sequence=next(_SEQUENCE), frame_id=frame_id,
+            frame_compile_id=frame_compile_id, subgraph=len(same_compile),
+        )
         self.records.append(record)
         return record
 
@@ -188,9 +200,11 @@ class CompileState:
             if record.recompile_reason and record.recompile_reason in self.recompiles:
                 self.recompiles.remove(record.recompile_reason)
 
-    def has_frame(self, frame_id: int | None) -> bool:
-        """Whether a graph of this Dynamo frame was compiled here before (so a new one is a recompile)."""
-        return frame_id is not None and any(r.frame_id == frame_id for r in self.records)
+    def is_recompile(self, frame_id: int | None, frame_compile_id: int | None) -> bool:
+        """Whether a graph of this Dynamo frame was compiled here by an earlier compilation of the frame (so this
+        one is a recompile; the pieces DDPOptimizer splits one compilation into are not)."""
+        same_frame = [r for r in self.records if frame_id is not None and r.frame_id == frame_id]
+        return bool(same_frame) and all(r.frame_compile_id != frame_compile_id for r in same_frame)
 
     def activate(self) -> object:
         """Make this the current state (returns a token for :meth:`deactivate`)."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_thunder.fp8.config import check_recipe
+from lightning_thunder.fp8.dtensor import fp8_linear_dtensor, is_dtensor
 from lightning_thunder.fp8.matmul import fp8_mm_t
 from lightning_thunder.fp8.quantize import E4M3, E5M2, quantize, quantize_with_transpose
 
@@ -104,8 +105,11 @@ def fp8_linear(
         recipe: ``"tensorwise"`` or ``"rowwise"`` scaling (:data:`~lightning_thunder.fp8.config.RECIPES`).
         emulate: quantize/dequantize with the same scales but multiply in ``x``'s dtype (any device).
 
-    Under ``torch.autocast`` the operands are cast to the autocast dtype first, as ``linear`` would be.
+    Under ``torch.autocast`` the operands are cast to the autocast dtype first, as ``linear`` would be. A
+    tensor-parallel ``DTensor`` weight runs on each rank's shard (:mod:`lightning_thunder.fp8.dtensor`).
     """
+    if is_dtensor(weight):
+        return fp8_linear_dtensor(x, weight, bias, recipe=recipe, emulate=emulate)
     rowwise = check_recipe(recipe) == "rowwise"
     if not emulate and x.device.type != "cuda":
         raise RuntimeError(

@@ -1,5 +1,5 @@
-"""Compiler plugins: fusion, grouped-query attention, fused output head + loss, FP8, parallelism (FSDP, DDP) and
-helpers for block-wise (regional) compilation."""
+"""Compiler plugins: fusion, grouped-query attention, fused output head + loss, FP8, parallelism (FSDP, DDP,
+TensorParallel) and helpers for block-wise (regional) compilation."""
 
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import checkpoint_block, compile_blocks, find_block_class, find_blocks
@@ -9,6 +9,7 @@ from lightning_thunder.plugins.fsdp import FSDP
 from lightning_thunder.plugins.fusion import Fusion
 from lightning_thunder.plugins.gqa import NativeGQA
 from lightning_thunder.plugins.linear_cross_entropy import FusedLinearCrossEntropy
+from lightning_thunder.plugins.tensor_parallel import TensorParallel
 
 __all__ = [
     "DDP",
@@ -19,6 +20,7 @@ __all__ = [
     "LinearInfo",
     "NativeGQA",
     "Plugin",
+    "TensorParallel",
     "checkpoint_block",
     "compile_blocks",
     "default_filter",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -20,7 +21,16 @@ from torch.utils.checkpoint import checkpoint
 from lightning_thunder.capture.compiled import ThunderModule
 from lightning_thunder.plugins.base import Plugin
 
-__all__ = ["BlockClass", "find_block_class", "find_blocks", "compile_blocks", "checkpoint_block", "module_class"]
+__all__ = [
+    "BlockClass",
+    "OuterModules",
+    "find_block_class",
+    "find_blocks",
+    "find_outer_modules",
+    "compile_blocks",
+    "checkpoint_block",
+    "module_class",
+]
 
 #: A block class or a tuple of them (for models that alternate two kinds of layers).
 BlockClass = type[nn.Module] | tuple[type[nn.Module], ...]
@@ -104,6 +114,48 @@ def find_blocks(module: nn.Module, block_cls: BlockClass) -> list[tuple[nn.Modul
             "block_cls=None to detect it"
         )
     return found
+
+
+#: Names of the modules around the blocks, as LitGPT spells them (then torchtitan's and Hugging Face Llama's).
+EMBEDDING_NAMES = ("wte", "tok_embeddings", "embed_tokens")
+FINAL_NORM_NAMES = ("ln_f", "norm")
+HEAD_NAMES = ("lm_head", "output")
+
+
+@dataclass(frozen=True)
+class OuterModules:
+    """The qualified names (as in ``module.named_modules()``) of the modules around a model's blocks; ``None``
+    where there is none. Found by name (:data:`EMBEDDING_NAMES`, :data:`FINAL_NORM_NAMES`, :data:`HEAD_NAMES`)
+    outside the blocks: an ``nn.Embedding``, a module with parameters, an ``nn.Linear``."""
+
+    embedding: str | None = None
+    final_norm: str | None = None
+    head: str | None = None
+    #: The head shares its weight with the embedding (weight tying).
+    tied: bool = False
+
+
+def find_outer_modules(module: nn.Module, block_cls: BlockClass) -> OuterModules:
+    """The embedding, final norm and output head of ``module`` (outside its ``block_cls`` blocks)."""
+    block_ids = {id(b) for _, _, b in find_blocks(module, block_cls)}
+    inside: list[str] = []
+    found: dict[str, str] = {}
+    kinds = (("embedding", EMBEDDING_NAMES, nn.Embedding), ("final_norm", FINAL_NORM_NAMES, nn.Module),
+             ("head", HEAD_NAMES, nn.Linear))
+    for name, child in module.named_modules():
+        if id(child) in block_ids:
+            inside.append(name + ".")
+        if not name or id(child) in block_ids or name.startswith(tuple(inside)) or not _has_parameters(child):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        for kind, names, cls in kinds:
+            if kind not in found and leaf in names and isinstance(child, cls):
+                found[kind] = name
+    tied = False
+    if "embedding" in found and "head" in found:
+        embedding_params = {id(p) for p in module.get_submodule(found["embedding"]).parameters()}
+        tied = any(id(p) in embedding_params for p in module.get_submodule(found["head"]).parameters())
+    return OuterModules(found.get("embedding"), found.get("final_norm"), found.get("head"), tied)
 
 
 def compile_blocks(

@@ -3,12 +3,16 @@
 Every rank holds the whole model; gradients are all-reduced in buckets during the backward.
 
 - ``lightning_thunder.compile(model, plugins=[DDP()])`` wraps the model in DDP and compiles the DDP
-  module, PyTorch's recommended ``torch.compile(DDP(model))`` composition: Dynamo's DDP optimizer
-  splits the graph at bucket boundaries so all-reduces overlap the backward. ``state_dict`` keys get
+  module, PyTorch's recommended ``torch.compile(DDP(model))`` composition. ``state_dict`` keys get
   DDP's ``module.`` prefix, as with DDP itself.
 - The ``thunder_ddp`` strategies compile first and let Lightning put DDP *around* the compiled
-  module (Lightning's ``no_sync`` and communication hooks need DDP outermost); the split at bucket
-  boundaries still happens because the compiled module runs inside DDP's forward.
+  module (Lightning's ``no_sync`` and communication hooks need DDP outermost).
+
+Either way Dynamo's DDPOptimizer splits the compiled graph at DDP's bucket boundaries and each piece is
+compiled on its own (``compile_stats(model).graphs`` counts them), so a bucket's all-reduce starts as soon
+as the backward of its piece has run, overlapping the backward of the pieces before it. Dynamo cannot
+split buckets smaller than DDP's first bucket (1 MB): with ``bucket_cap_mb < 1`` the graph stays whole,
+gradients are all-reduced after its backward, and a warning says so.
 """
 
 from __future__ import annotations

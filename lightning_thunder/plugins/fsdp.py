@@ -1,8 +1,12 @@
 """FSDP: fully sharded data parallelism on PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-Each transformer block is one FSDP unit (its parameters are all-gathered just before it runs and
-freed after), and the root module is the unit for what is left (embeddings, final norm, head).
-Parameters become sharded ``DTensor``s; gradients are reduce-scattered in the backward.
+FSDP units as torchtitan lays them out (``apply_fsdp``): the embedding is its own unit, each
+transformer block is one (its parameters are all-gathered just before it runs and freed after), the
+final norm and the output head together are one, and the root is the unit for what is left. The
+last block and the [final norm + head] unit keep their parameters gathered after the forward: the
+backward starts with them. Parameters become sharded ``DTensor``s; gradients are reduce-scattered in
+the backward. On a tensor-parallel model (DTensor parameters over a ``"tensor_parallel"`` mesh)
+FSDP shards over the data-parallel mesh and the parameters become 2-D ``DTensor``s.
 
 Composition with the compiler (the torchtitan order, "compile per block after AC wrapping and
 before FSDP"): activation checkpointing goes *inside* each block's compiled graph, and FSDP's hooks
@@ -25,13 +29,19 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_thunder.plugins.base import Plugin
-from lightning_thunder.plugins.blocks import BlockClass, checkpoint_block, find_block_class, find_blocks
+from lightning_thunder.plugins.blocks import (
+    BlockClass,
+    checkpoint_block,
+    find_block_class,
+    find_blocks,
+    find_outer_modules,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-__all__ = ["FSDP", "require_process_group"]
+__all__ = ["FSDP", "require_process_group", "default_device_mesh"]
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +55,12 @@ def require_process_group(what: str) -> None:
         )
 
 
-def _default_mesh() -> DeviceMesh:
+def default_device_mesh(what: str) -> DeviceMesh:
+    """A 1-D mesh of every rank of the default process group (CUDA with NCCL, else CPU); ``what`` names the
+    caller in the error raised when there is no process group."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    require_process_group(what)
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
@@ -62,7 +75,8 @@ def _check_reshard(value: object) -> bool | int:
 
 
 class FSDP(Plugin):
-    """Shard a model with FSDP2: ``fully_shard`` on every transformer block, then on the root.
+    """Shard a model with FSDP2: ``fully_shard`` on the embedding, every transformer block, the final norm with
+    the output head, then the root (see the module docstring).
 
     Needs an initialized process group (or a ``mesh``). Parameters may still be on the meta device:
     materialize them afterwards with ``model.to_empty(device=...)`` and ``reset_parameters()``.
@@ -73,9 +87,10 @@ class FSDP(Plugin):
         block_cls: the block class (or a tuple of classes); ``None`` detects the repeated block.
         mp_policy: FSDP2's ``MixedPrecisionPolicy`` (e.g. bf16 parameters for compute with fp32 gradient
             reduction); ``None`` computes in the parameters' dtype.
-        reshard_after_forward: free each block's gathered parameters after its forward (``True``, least
-            memory), keep them for the backward (``False``, no second all-gather), or reshard to a
-            smaller group (an int). The root always keeps them: the backward starts with it.
+        reshard_after_forward: free the gathered parameters of the embedding and of each block but the last
+            after their forward (``True``, least memory), keep them for the backward (``False``, no second
+            all-gather), or reshard to a smaller group (an int). The last block, [final norm + head] and the
+            root always keep them: the backward starts with them.
         cpu_offload: keep sharded parameters, gradients and optimizer state in (pinned) CPU memory;
             needs a CUDA mesh.
         activation_checkpointing: recompute each block's activations in the backward instead of saving
@@ -110,13 +125,11 @@ class FSDP(Plugin):
         self.activation_checkpointing = bool(activation_checkpointing)
 
     def transform_module(self, module: nn.Module) -> nn.Module:
-        """Apply activation checkpointing (if enabled) and ``fully_shard`` to each block, then to the root."""
+        """Apply activation checkpointing (if enabled) to each block, then ``fully_shard`` to the embedding, each
+        block, [final norm + head] and the root."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        mesh = self.mesh
-        if mesh is None:
-            require_process_group("The FSDP plugin")
-            mesh = _default_mesh()
+        mesh = self.mesh if self.mesh is not None else default_device_mesh("The FSDP plugin")
         if self.cpu_offload and mesh.device_type == "cpu":
             raise ValueError(
                 "cpu_offload=True needs a CUDA device mesh (FSDP2 keeps offloaded shards in pinned host memory "
@@ -130,16 +143,27 @@ class FSDP(Plugin):
             "mp_policy": self.mp_policy or MixedPrecisionPolicy(),
             "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
         }
-        for _, _, block in blocks:
+        # A head tied to the embedding (one weight) stays with it in the root's unit.
+        outer = find_outer_modules(module, block_cls)
+        embedding = outer.embedding if not outer.tied else None
+        head = [n for n in (outer.final_norm, None if outer.tied else outer.head) if n is not None]
+        if embedding is not None:
+            fully_shard(module.get_submodule(embedding), reshard_after_forward=self.reshard_after_forward, **kwargs)
+        for i, (_, _, block) in enumerate(blocks):
             if self.activation_checkpointing:
                 checkpoint_block(block)
-            fully_shard(block, reshard_after_forward=self.reshard_after_forward, **kwargs)
+            last = i == len(blocks) - 1  # the backward starts with it: no need to free and gather it again
+            fully_shard(block, reshard_after_forward=False if last else self.reshard_after_forward, **kwargs)
+        if head:
+            fully_shard([module.get_submodule(n) for n in head], reshard_after_forward=False, **kwargs)
         # The root's parameters are needed again as soon as the backward starts: keep them gathered.
         fully_shard(module, reshard_after_forward=False, **kwargs)
+        units = [embedding] * (embedding is not None) + [" + ".join(head)] * bool(head)
         log.info(
-            "FSDP: sharded %d %s blocks and the root %s over %d ranks (activation checkpointing %s)",
+            "FSDP: sharded %d %s blocks, %s and the root %s over %d ranks (activation checkpointing %s)",
             len(blocks),
             "/".join(c.__name__ for c in (block_cls if isinstance(block_cls, tuple) else (block_cls,))),
+            ", ".join(units) or "no outer unit",
             type(module).__name__,
             mesh.size(),
             "on" if self.activation_checkpointing else "off",

@@ -146,6 +146,10 @@ class RecipeConfig:
     )
     accelerator: str = _key("auto", "where to train (auto: CUDA when available)", choices=ACCELERATORS)
     devices: int = _key(1, "devices (processes) on this machine", minimum=1)
+    tensor_parallel_size: int = _key(
+        1, "thunder_fsdp: consecutive devices that split each layer (tensor parallelism; FSDP over the rest); must "
+        "divide devices", minimum=1,
+    )
     precision: str = _key("32-true", "Lightning's precision setting", choices=PRECISIONS)
     optimizer: OptimizerConfig = _key(OptimizerConfig, "the optimizer")
     train: TrainConfig = _key(TrainConfig, "the training loop")
@@ -283,11 +287,17 @@ def _check_combinations(cfg: RecipeConfig) -> None:
             f"devices={cfg.devices} with strategy='thunder', which runs on one device; use strategy=thunder_ddp or "
             "strategy=thunder_fsdp for several devices, or devices=1"
         )
-    per_step = cfg.train.micro_batch_size * cfg.devices
+    _check_tensor_parallel(cfg)
+    data_parallel = cfg.devices // cfg.tensor_parallel_size  # ranks that read different sequences
+    per_step = cfg.train.micro_batch_size * data_parallel
     if cfg.train.global_batch_size % per_step:
+        over = (
+            f"devices ({cfg.devices})" if cfg.tensor_parallel_size == 1
+            else f"the data-parallel size (devices {cfg.devices} / tensor_parallel_size {cfg.tensor_parallel_size})"
+        )
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of train.micro_batch_size "
-            f"({cfg.train.micro_batch_size}) times devices ({cfg.devices}) = {per_step}; e.g. "
+            f"({cfg.train.micro_batch_size}) times {over} = {per_step}; e.g. "
             f"train.global_batch_size={max(per_step, cfg.train.global_batch_size // per_step * per_step)}"
         )
     betas = cfg.optimizer.betas
@@ -303,6 +313,22 @@ def _check_combinations(cfg: RecipeConfig) -> None:
     if not (isinstance(resume, bool) or resume == "auto" or (isinstance(resume, str) and resume.strip())):
         raise ConfigError(
             f"resume={resume!r} is not allowed; allowed values: false, true, auto, or the path of a checkpoint"
+        )
+
+
+def _check_tensor_parallel(cfg: RecipeConfig) -> None:
+    tp = cfg.tensor_parallel_size
+    if tp > 1 and cfg.strategy != "thunder_fsdp":
+        raise ConfigError(
+            f"tensor_parallel_size={tp} with strategy={cfg.strategy!r}: tensor parallelism runs in "
+            "strategy=thunder_fsdp (a data_parallel x tensor_parallel mesh); set strategy=thunder_fsdp or "
+            "tensor_parallel_size=1"
+        )
+    if cfg.devices % tp:
+        sizes = ", ".join(str(d) for d in range(1, cfg.devices + 1) if cfg.devices % d == 0)
+        raise ConfigError(
+            f"tensor_parallel_size={tp} does not divide devices={cfg.devices}: the devices form a (data_parallel x "
+            f"tensor_parallel) mesh; allowed tensor_parallel_size values for devices={cfg.devices}: {sizes}"
         )
 
 

@@ -37,6 +37,7 @@ from lightning_thunder.recipes.plugins import (
     apply_activation_checkpointing,
     build_plugins,
     build_strategy,
+    data_parallel_rank_and_size,
 )
 from lightning_thunder.recipes.report import (
     PretrainResult,
@@ -99,8 +100,10 @@ def _build_model(
     if not sharded:
         reset_parameters(model)
     # The throughput monitor reads FLOPs per batch (here: per optimizer step on this rank) from the model.
-    accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * fabric.world_size)
-    model.flops_per_batch = accumulation * training_flops(config, cfg.train.micro_batch_size, cfg.data.seq_length)
+    _, data_parallel = data_parallel_rank_and_size(fabric.strategy)
+    accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel)
+    flops = training_flops(config, cfg.train.micro_batch_size, cfg.data.seq_length) // cfg.tensor_parallel_size
+    model.flops_per_batch = accumulation * flops
     blocks = apply_activation_checkpointing(model, cfg.strategy, plugins)
     if blocks:
         fabric.print(f"activation checkpointing: {blocks} blocks")
@@ -111,6 +114,11 @@ def _build_model(
         fused=True if fabric.device.type == "cuda" else None,  # one kernel for all parameters, as LitGPT on CUDA
     )
     return fabric.setup(model, optimizer)
+
+
+def _mesh(cfg: RecipeConfig) -> str:
+    tp = cfg.tensor_parallel_size
+    return f" ({cfg.devices // tp} data parallel x {tp} tensor parallel)" if tp > 1 else ""
 
 
 def _log_dir(fabric: Fabric) -> Path | None:
@@ -158,7 +166,7 @@ def pretrain(cfg: RecipeConfig) -> PretrainResult:
     fabric = Fabric(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
-        strategy=build_strategy(cfg.strategy, plugins),
+        strategy=build_strategy(cfg.strategy, plugins, cfg.tensor_parallel_size),
         precision=cfg.precision,  # type: ignore[arg-type]
         callbacks=_monitors(cfg, plugins),
         loggers=CSVLogger(root_dir=out_dir, name="logs", flush_logs_every_n_steps=cfg.train.log_interval),
@@ -189,7 +197,7 @@ class _Run:
                 f"{config.padded_vocab_size}; set model.overrides.vocab_size={data.vocab_size}"
             )
         self.model, self.optimizer = _build_model(fabric, cfg, config, plugins)
-        rank, world, train = fabric.global_rank, fabric.world_size, cfg.train
+        (rank, world), train = data_parallel_rank_and_size(fabric.strategy), cfg.train
         self.accumulation = train.global_batch_size // (train.micro_batch_size * world)
         self.tokens_per_step = train.global_batch_size * cfg.data.seq_length
         self.sampler = TrainSampler(data.train, cfg.data.seq_length, train.micro_batch_size, rank=rank,
@@ -217,11 +225,12 @@ class _Run:
         sharded = " on this rank" if cfg.strategy == "thunder_fsdp" and world > 1 else ""
         lines = [
             f"model {cfg.model.name} {dict(cfg.model.overrides) or ''}: {n_params:,} parameters{sharded}; strategy "
-            f"{cfg.strategy} on {world} {fabric.device.type} device(s), precision {cfg.precision}, plugins "
+            f"{cfg.strategy} on {world} {fabric.device.type} device(s){_mesh(cfg)}, precision {cfg.precision}, plugins "
             f"{list(cfg.plugins) or 'none'}",
             f"data: {data}",
             f"batches: {cfg.train.global_batch_size} sequences x {cfg.data.seq_length} tokens = "
-            f"{self.tokens_per_step:,} tokens per step (micro-batch {cfg.train.micro_batch_size} x {world} device(s) x "
+            f"{self.tokens_per_step:,} tokens per step (micro-batch {cfg.train.micro_batch_size} x "
+            f"{world // cfg.tensor_parallel_size} data-parallel rank(s) x "
             f"{self.accumulation} accumulation); steps {self.result.first_step}-{cfg.train.max_steps}",
             f"outputs: {self.out_dir} (config.yaml, checkpoints/, logs/, summary.json)",
         ]

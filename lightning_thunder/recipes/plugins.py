@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from lightning_thunder.plugins.base import Plugin
 
 __all__ = ["PLUGINS", "PluginEntry", "RecipePlugins", "parse_plugins", "build_plugins", "build_strategy",
-           "apply_activation_checkpointing"]
+           "data_parallel_rank_and_size", "apply_activation_checkpointing"]
 
 #: The names ``plugins`` accepts, with what each does.
 PLUGINS = {
@@ -124,19 +124,34 @@ def build_plugins(entries: Sequence[Any]) -> RecipePlugins:
     return resolved
 
 
-def build_strategy(strategy: str, plugins: RecipePlugins) -> Strategy:
+def build_strategy(strategy: str, plugins: RecipePlugins, tensor_parallel_size: int = 1) -> Strategy:
     """The Fabric strategy instance for ``strategy`` with the recipe's compiler plugins (and, for ``thunder_fsdp``,
-    activation checkpointing inside each compiled block)."""
+    activation checkpointing inside each compiled block and ``tensor_parallel_size``)."""
     from lightning_thunder.strategies import ThunderDDPStrategy, ThunderFSDPStrategy, ThunderStrategy
 
     compiler_plugins = plugins.compiler_plugins()
+    if tensor_parallel_size > 1 and strategy != "thunder_fsdp":
+        raise ConfigError(
+            f"tensor_parallel_size={tensor_parallel_size} with strategy={strategy!r}: tensor parallelism runs in "
+            "strategy=thunder_fsdp; set strategy=thunder_fsdp or tensor_parallel_size=1"
+        )
     if strategy == "thunder":
         return ThunderStrategy(plugins=compiler_plugins)
     if strategy == "thunder_ddp":
         return ThunderDDPStrategy(plugins=compiler_plugins)
     if strategy == "thunder_fsdp":
-        return ThunderFSDPStrategy(plugins=compiler_plugins, activation_checkpointing=plugins.activation_checkpointing)
+        return ThunderFSDPStrategy(
+            plugins=compiler_plugins, activation_checkpointing=plugins.activation_checkpointing,
+            tensor_parallel_size=tensor_parallel_size,
+        )
     raise ConfigError(f"strategy={strategy!r} is not allowed; allowed values: thunder, thunder_ddp, thunder_fsdp")
+
+
+def data_parallel_rank_and_size(strategy: Strategy) -> tuple[int, int]:
+    """This rank's index among the ranks that read different data, and their number: the global rank and world size,
+    except under tensor parallelism, where the ranks of one tensor-parallel group read the same batches."""
+    kwargs = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
 
 
 def apply_activation_checkpointing(model: nn.Module, strategy: str, plugins: RecipePlugins) -> int:

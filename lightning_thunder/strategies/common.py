@@ -14,6 +14,7 @@ from lightning_thunder.capture.options import CompileOptions
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.ddp import DDP
 from lightning_thunder.plugins.fsdp import FSDP
+from lightning_thunder.plugins.tensor_parallel import TensorParallel
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -24,6 +25,8 @@ __all__ = [
     "check_plugins",
     "with_precision_plugins",
     "check_compile_options",
+    "check_tensor_parallel_size",
+    "mesh_shape",
     "fsdp_mixed_precision",
     "compile_submodules",
     "gradient_sync_disabled",
@@ -31,7 +34,7 @@ __all__ = [
     "check_unsharded",
 ]
 
-_PARALLEL_PLUGINS = (FSDP, DDP)
+_PARALLEL_PLUGINS = (FSDP, DDP, TensorParallel)
 
 
 def check_plugins(plugins: Sequence[Plugin] | None, strategy: str) -> list[Plugin] | None:
@@ -53,7 +56,7 @@ def check_plugins(plugins: Sequence[Plugin] | None, strategy: str) -> list[Plugi
             raise ValueError(
                 f"plugins=[..., {p!r}] conflicts with strategy={strategy!r}, which applies its own parallelism; "
                 f"remove {type(p).__name__} from plugins and pick the strategy instead ('thunder_fsdp' shards with "
-                "FSDP2, 'thunder_ddp' replicates with DDP)"
+                "FSDP2, and with tensor_parallel_size=N splits layers too; 'thunder_ddp' replicates with DDP)"
             )
     return checked
 
@@ -96,6 +99,31 @@ def fsdp_mixed_precision(precision: str) -> MixedPrecisionPolicy | None:
     return None
 
 
+def check_tensor_parallel_size(tensor_parallel_size: Any) -> int:
+    """Validate the ``tensor_parallel_size`` argument of the ``thunder_fsdp`` strategies (an int >= 1)."""
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size!r} must be an int >= 1: the number of consecutive ranks that "
+            "split each layer (1: FSDP only)"
+        )
+    return tensor_parallel_size
+
+
+def mesh_shape(tensor_parallel_size: int, num_nodes: int, num_processes: int) -> tuple[int, int]:
+    """``(data_parallel_size, tensor_parallel_size)`` of the ``thunder_fsdp`` device mesh over ``num_nodes`` x
+    ``num_processes`` ranks; raises ``ValueError`` naming the sizes when the tensor-parallel size does not divide
+    the world size."""
+    world = num_nodes * num_processes
+    if world % tensor_parallel_size:
+        sizes = ", ".join(str(d) for d in range(1, world + 1) if world % d == 0)
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} does not divide the world size {world} (num_nodes="
+            f"{num_nodes} x devices={num_processes}): the ranks form a (data_parallel x tensor_parallel) mesh; choose "
+            f"tensor_parallel_size among {sizes}, or change the number of devices"
+        )
+    return world // tensor_parallel_size, tensor_parallel_size
+
+
 def compile_and_shard(
     module: nn.Module,
     options: Any,
@@ -103,23 +131,28 @@ def compile_and_shard(
     precision_plugin: Any,
     plugins: Sequence[Plugin] | None,
     compile_options: Mapping[str, Any],
+    tensor_parallel: TensorParallel | None = None,
 ) -> nn.Module:
-    """``thunder_fsdp``'s model setup, shared by the Fabric and Trainer strategies: compile every block
-    (the detected or given ``options.block_cls``) with the same plugin instances, so all blocks share one
-    backend and one graph, then let the FSDP plugin put activation checkpointing inside the compiled
-    blocks (before their first call) and shard each block, then the root (torchtitan's order).
+    """``thunder_fsdp``'s model setup, shared by the Fabric and Trainer strategies, in torchtitan's order:
+    tensor parallelism (``tensor_parallel``, on ``mesh["tensor_parallel"]``), then every block (the detected or
+    given ``options.block_cls``) compiled with the same plugin instances, so all blocks share one backend and one
+    graph and see local (tensor-parallel) shapes, then the FSDP plugin puts activation checkpointing inside the
+    compiled blocks (before their first call) and shards the units over ``mesh["data_parallel"]``.
 
     Args:
         options: the strategy's validated FSDP options (``block_cls``, ``reshard_after_forward``,
             ``cpu_offload``, ``activation_checkpointing``).
-        mesh: the data-parallel device mesh.
+        mesh: the 2-D ``("data_parallel", "tensor_parallel")`` device mesh.
         precision_plugin: Lightning's precision plugin (its mixed-precision policy; ThunderFP8's plugin).
+        tensor_parallel: the tensor-parallel plugin (its mesh is ``mesh["tensor_parallel"]``), or ``None``.
     """
     from lightning_thunder.plugins.blocks import compile_blocks, find_block_class
 
     block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
+    if tensor_parallel is not None:
+        tensor_parallel.transform_module(module)
     fsdp = FSDP(
-        mesh=mesh,
+        mesh=mesh["data_parallel"],
         block_cls=block_cls,
         mp_policy=fsdp_mixed_precision(precision_plugin.precision),
         reshard_after_forward=options.reshard_after_forward,

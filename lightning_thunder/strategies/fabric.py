@@ -4,9 +4,11 @@ Each is Lightning's own strategy with the model compiled by lightning_thunder at
 
 - ``thunder`` (:class:`ThunderStrategy`): ``SingleDeviceStrategy``; the module is compiled.
 - ``thunder_ddp`` (:class:`ThunderDDPStrategy`): ``DDPStrategy``; DDP wraps the compiled module.
-- ``thunder_fsdp`` (:class:`ThunderFSDPStrategy`): ``ModelParallelStrategy`` (FSDP2) whose parallelize
-  function compiles each transformer block and applies the :class:`~lightning_thunder.plugins.FSDP`
-  plugin; Lightning's machinery does launching, distributed checkpoints, clipping and ``no_backward_sync``.
+- ``thunder_fsdp`` (:class:`ThunderFSDPStrategy`): ``ModelParallelStrategy`` (FSDP2, and tensor parallelism with
+  ``tensor_parallel_size=N``) whose parallelize function applies the
+  :class:`~lightning_thunder.plugins.TensorParallel` plugin, compiles each transformer block and applies the
+  :class:`~lightning_thunder.plugins.FSDP` plugin; Lightning's machinery does launching, distributed checkpoints,
+  clipping and ``no_backward_sync``.
 
 The loss in the compiled graph: ``fabric.setup`` compiles the module's ``forward``, so a module whose forward returns
 the loss is compiled with its loss. :class:`ModelWithLoss` makes one from a model and a loss function without changing
@@ -39,14 +41,17 @@ from lightning_thunder.capture.compiled import ModuleView
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import BlockClass
 from lightning_thunder.plugins.fsdp import FSDP
+from lightning_thunder.plugins.tensor_parallel import TensorParallel, keep_qkv_state_order
 from lightning_thunder.strategies.checkpoint import AtomicFabricSave
 from lightning_thunder.strategies.common import (
     OneDevice,
     check_compile_options,
     check_plugins,
     check_single_device,
+    check_tensor_parallel_size,
     check_unsharded,
     compile_and_shard,
+    mesh_shape,
     with_precision_plugins,
 )
 from lightning_thunder.strategies.optimizers import (
@@ -186,12 +191,21 @@ class ThunderDDPStrategy(AtomicFabricSave, DDPStrategy):
 
 
 class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
-    """``Fabric(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder.
+    """``Fabric(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder, and
+    tensor parallelism on a 2-D mesh with ``tensor_parallel_size=N``.
 
-    At ``fabric.setup`` every block is compiled (one graph shared by all blocks) and, with activation
-    checkpointing inside its graph, sharded with ``fully_shard``; then the root is sharded. The mixed-precision
-    policy follows Fabric's ``precision`` (``"bf16-mixed"``: bf16 compute, fp32 gradient reduction). Meta-device
-    models (``fabric.init_module(empty_init=True)``) are materialized after sharding with ``reset_parameters()``.
+    The ranks form a ``("data_parallel", "tensor_parallel")`` mesh (``strategy.device_mesh``) with tensor parallelism
+    innermost: ranks ``0..N-1`` split each layer between them, and so on. At ``fabric.setup`` the layers are split
+    over the tensor-parallel dimension (:class:`~lightning_thunder.plugins.TensorParallel`, when ``N > 1``), every
+    block is compiled (one graph shared by all blocks, on the per-rank shapes) and, with activation checkpointing
+    inside its graph, the model is sharded with ``fully_shard`` over the data-parallel dimension (embedding, each
+    block, [final norm + head], root). ``fabric.setup_dataloaders`` splits data by the data-parallel rank (all ranks
+    of a tensor-parallel group read the same batch); for your own sampling use
+    ``strategy.distributed_sampler_kwargs`` (``num_replicas``, ``rank``). The mixed-precision policy follows
+    Fabric's ``precision`` (``"bf16-mixed"``: bf16 compute, fp32 gradient reduction). Meta-device models
+    (``fabric.init_module(empty_init=True)``) are materialized after sharding with ``reset_parameters()``.
+    Checkpoints, sharded or full, hold the whole model's tensors in LitGPT's layout whatever the mesh, and gradient
+    clipping uses the norm over both mesh dimensions.
 
     An optimizer created before ``fabric.setup(model, optimizer)`` is re-pointed to the sharded parameters.
 
@@ -205,6 +219,10 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
         activation_checkpointing: recompute each block's activations in the backward.
         save_distributed_checkpoint: ``True``: ``fabric.save`` writes a directory with one shard file per rank;
             ``False``: a single file with the full state, assembled on rank 0.
+        tensor_parallel_size: ranks that split each layer (tensor parallelism, innermost); it must divide the
+            world size, and the data-parallel size is the quotient. ``1``: FSDP only.
+        sequence_parallel: with tensor parallelism, shard norms and activations between blocks along the sequence
+            (see :class:`~lightning_thunder.plugins.TensorParallel`).
         process_group_backend, timeout: as for Lightning's ``ModelParallelStrategy``.
     """
 
@@ -217,6 +235,8 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
         cpu_offload: bool = False,
         activation_checkpointing: bool = False,
         save_distributed_checkpoint: bool = True,
+        tensor_parallel_size: int = 1,
+        sequence_parallel: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
@@ -235,26 +255,39 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
             cpu_offload=cpu_offload,
             activation_checkpointing=activation_checkpointing,
         )
+        self.tensor_parallel_size = check_tensor_parallel_size(tensor_parallel_size)
+        self.sequence_parallel = bool(sequence_parallel)
+        self._sharded_module: nn.Module | None = None
 
     @override
     def setup_environment(self) -> None:
-        """Check the options against the devices, then initialize the process group and a (world size x 1) mesh."""
+        """Check the options against the devices, then initialize the process group and the
+        (data_parallel x tensor_parallel) mesh."""
+        self._data_parallel_size, self._tensor_parallel_size = mesh_shape(
+            self.tensor_parallel_size, self.num_nodes, self.num_processes
+        )
         if self.fsdp.cpu_offload and self.root_device.type == "cpu":
             raise ValueError(
                 "ThunderFSDPStrategy(cpu_offload=True) needs CUDA devices: on accelerator='cpu' the parameters "
                 "already live in CPU memory; set cpu_offload=False or use accelerator='cuda'"
             )
-        # Shard over every rank: a (world size x 1) mesh of Lightning's ("data_parallel", "tensor_parallel").
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        self._tensor_parallel_size = 1
         super().setup_environment()
 
     def _parallelize(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        # Compile the blocks, then checkpoint and shard them (torchtitan's order; see compile_and_shard).
+        # Split the layers, compile the blocks, then checkpoint and shard them (torchtitan's order; see
+        # compile_and_shard).
         check_unsharded(module, "thunder_fsdp")
-        return compile_and_shard(
-            module, self.fsdp, device_mesh["data_parallel"], self.precision, self.plugins, self.compile_options
+        tensor_parallel = None
+        if self.tensor_parallel_size > 1:
+            tensor_parallel = TensorParallel(
+                mesh=device_mesh["tensor_parallel"], sequence_parallel=self.sequence_parallel,
+                block_cls=self.fsdp.block_cls,
+            )
+        module = compile_and_shard(
+            module, self.fsdp, device_mesh, self.precision, self.plugins, self.compile_options, tensor_parallel
         )
+        self._sharded_module = module
+        return module
 
     @override
     def setup_module_and_optimizers(
@@ -266,12 +299,16 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
         check_repointable(optimizers, names, "thunder_fsdp")  # fail before the model is changed
         module = self.setup_module(module)
         repoint_optimizers(optimizers, names, module, "thunder_fsdp")
+        for optimizer in optimizers:
+            keep_qkv_state_order(optimizer, module)
         return module, optimizers, scheduler
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         """Check that ``optimizer`` was built from the sharded model's parameters."""
         check_sharded_optimizer(optimizer, "thunder_fsdp")
+        if self._sharded_module is not None:
+            keep_qkv_state_order(optimizer, self._sharded_module)
         return optimizer
 
     @override
@@ -284,8 +321,8 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
         error_if_nonfinite: bool = True,
     ) -> torch.Tensor:
         """Clip by the norm of the *whole* gradient: ``clip_grad_norm_`` on the sharded gradients reduces the
-        per-shard norms across ranks (DTensor), so every rank scales by the same global norm (returned as a
-        plain tensor)."""
+        per-shard norms across ranks, over both mesh dimensions (DTensor), so every rank scales by the same global
+        norm (returned as a plain tensor)."""
         from torch.distributed.tensor import DTensor
 
         total = super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)

@@ -10,11 +10,12 @@ compiled:
 - ``thunder`` (:class:`ThunderTrainerStrategy`) and ``thunder_ddp`` (:class:`ThunderDDPTrainerStrategy`):
   the steps, or each direct submodule of the LightningModule that holds parameters (``self.model`` in the
   usual layout); ``thunder_ddp`` then wraps the LightningModule in DDP as Lightning's ``DDPStrategy`` does.
-- ``thunder_fsdp`` (:class:`ThunderFSDPTrainerStrategy`): Lightning's ``ModelParallelStrategy`` (FSDP2) with
-  the parallelization done for you after ``configure_model``: each transformer block is compiled and sharded,
-  and the LightningModule is the FSDP root (its ``*_step`` methods are registered as FSDP forward methods, so
-  the root's parameters are gathered around them). With ``compile_step`` the steps are compiled too; the blocks
-  inside them run their own compiled graphs (a graph break around each).
+- ``thunder_fsdp`` (:class:`ThunderFSDPTrainerStrategy`): Lightning's ``ModelParallelStrategy`` (FSDP2, and
+  tensor parallelism with ``tensor_parallel_size=N``) with the parallelization done for you after
+  ``configure_model``: the layers are split over the tensor-parallel ranks, each transformer block is compiled
+  and sharded, and the LightningModule is the FSDP root (its ``*_step`` methods are registered as FSDP forward
+  methods, so the root's parameters are gathered around them). With ``compile_step`` the steps are compiled too; the
+  blocks inside them run their own compiled graphs (a graph break around each).
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ from lightning_thunder.capture.compiled import COMPILED_METHODS
 from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.plugins.blocks import BlockClass
 from lightning_thunder.plugins.fsdp import FSDP
+from lightning_thunder.plugins.tensor_parallel import TensorParallel, keep_qkv_state_order
 from lightning_thunder.strategies.checkpoint import AtomicTrainerSave
 from lightning_thunder.strategies.common import (
     OneDevice,
     check_compile_options,
     check_plugins,
+    check_tensor_parallel_size,
     check_unsharded,
     compile_and_shard,
     compile_submodules,
     gradient_sync_disabled,
+    mesh_shape,
     with_precision_plugins,
 )
 
@@ -204,12 +208,16 @@ class ThunderDDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, DDPStrategy
 
 
 class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParallelStrategy):
-    """``Trainer(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder.
+    """``Trainer(strategy="thunder_fsdp")``: FSDP2 with each transformer block compiled by lightning_thunder, and
+    tensor parallelism on a 2-D mesh with ``tensor_parallel_size=N``.
 
     No ``configure_model`` parallelization is needed (``configure_model`` may still build the model, e.g. under
-    ``trainer.init_module(empty_init=True)``): at setup every block is compiled and sharded, then the
-    LightningModule is sharded as the root. Checkpoints (sharded or full), resuming, gradient clipping by norm
-    and gradient accumulation (without gradient reduction on accumulating steps) work as with Lightning's
+    ``trainer.init_module(empty_init=True)``): at setup the layers are split over the tensor-parallel ranks (when
+    ``N > 1``), every block is compiled and sharded, then the LightningModule is sharded as the root. The mesh is
+    ``strategy.device_mesh`` (``("data_parallel", "tensor_parallel")``, tensor parallelism innermost; also
+    ``self.device_mesh`` in the LightningModule), and the Trainer's distributed samplers split data by the
+    data-parallel rank. Checkpoints (sharded or full), resuming, gradient clipping by norm and gradient
+    accumulation (without gradient reduction on accumulating steps) work as with Lightning's
     ``ModelParallelStrategy``. Arguments as for :class:`~lightning_thunder.strategies.ThunderFSDPStrategy`, and
     ``compile_step``: also compile the LightningModule's steps (:func:`compile_steps`: embedding, head and loss in
     their graphs; the sharded blocks run their own compiled graphs inside them).
@@ -224,6 +232,8 @@ class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParal
         cpu_offload: bool = False,
         activation_checkpointing: bool = False,
         save_distributed_checkpoint: bool = True,
+        tensor_parallel_size: int = 1,
+        sequence_parallel: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         compile_step: bool = True,
@@ -242,29 +252,47 @@ class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParal
             cpu_offload=cpu_offload,
             activation_checkpointing=activation_checkpointing,
         )
+        self.tensor_parallel_size = check_tensor_parallel_size(tensor_parallel_size)
+        self.sequence_parallel = bool(sequence_parallel)
 
     @override
     def setup_environment(self) -> None:
-        """Check the options against the devices, then initialize the process group and a (world size x 1) mesh."""
+        """Check the options against the devices, then initialize the process group and the
+        (data_parallel x tensor_parallel) mesh."""
+        self._data_parallel_size, self._tensor_parallel_size = mesh_shape(
+            self.tensor_parallel_size, self.num_nodes, self.num_processes
+        )
         if self.fsdp.cpu_offload and self.root_device.type == "cpu":
             raise ValueError(
                 "ThunderFSDPTrainerStrategy(cpu_offload=True) needs CUDA devices: on accelerator='cpu' the "
                 "parameters already live in CPU memory; set cpu_offload=False or use accelerator='cuda'"
             )
-        # Shard over every rank: a (world size x 1) mesh of Lightning's ("data_parallel", "tensor_parallel").
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        self._tensor_parallel_size = 1
         super().setup_environment()
 
     def _parallelize(self, module: pl.LightningModule) -> None:
-        # Same order as the Fabric strategy: compile every block (one shared graph), then the FSDP plugin puts
-        # activation checkpointing inside the compiled blocks and shards them and the root.
+        # Same order as the Fabric strategy: split the layers, compile every block (one shared graph), then the FSDP
+        # plugin puts activation checkpointing inside the compiled blocks and shards them and the root.
+        tensor_parallel = None
+        if self.tensor_parallel_size > 1:
+            tensor_parallel = TensorParallel(
+                mesh=self.device_mesh["tensor_parallel"], sequence_parallel=self.sequence_parallel,
+                block_cls=self.fsdp.block_cls,
+            )
         compile_and_shard(
-            module, self.fsdp, self.device_mesh["data_parallel"], self.precision_plugin, self.plugins,
-            self.compile_options,
+            module, self.fsdp, self.device_mesh, self.precision_plugin, self.plugins, self.compile_options,
+            tensor_parallel,
         )
         # The steps compiled before FSDP wraps them: the root's all-gather runs outside their graphs.
-        self._compile_steps(module, with_precision_plugins(self.plugins, self.precision_plugin), "thunder_fsdp")
+        if tensor_parallel is not None and self.compile_step:
+            rank_zero_warn(
+                f"strategy='thunder_fsdp' with tensor_parallel_size={self.tensor_parallel_size} does not compile the "
+                f"steps of {type(module).__name__}: Dynamo cannot trace DTensor's vocabulary-parallel embedding (its "
+                "masked partial sum) and the fused head + loss op has no DTensor rule, so the embedding, the head and "
+                "the loss run eagerly; the transformer blocks are compiled (with the tensor-parallel collectives in "
+                "their graphs). Pass compile_step=False to keep this without the warning"
+            )
+        else:
+            self._compile_steps(module, with_precision_plugins(self.plugins, self.precision_plugin), "thunder_fsdp")
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
         # (embeddings, head) around them too.
         from torch.distributed.fsdp import register_fsdp_forward_method
@@ -297,6 +325,15 @@ class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParal
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """Set up the optimizers as ``ModelParallelStrategy`` does; their ``state_dict`` keeps the state of
+        tensor-parallel ``qkv`` weights in LitGPT's layout, as the model's does."""
+        super().setup_optimizers(trainer)
+        assert self.model is not None
+        for optimizer in self.optimizers:
+            keep_qkv_state_order(optimizer, self.model)
 
     @contextmanager
     @override

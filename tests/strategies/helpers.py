@@ -1,6 +1,6 @@
 """Running a test body on 2 CPU processes (Gloo), and the tiny models and data the strategy tests share.
 
-``spawn(fn, *args)`` starts 2 fresh processes with the environment a launcher like torchrun sets
+``spawn(fn, *args)`` starts 2 fresh processes (``world_size=4``: 4) with the environment a launcher like torchrun sets
 (``LOCAL_RANK``, ``MASTER_PORT``, ...), so Fabric and the Trainer use them as they are instead of
 launching their own. Each process runs ``fn(rank, *args)``; the per-rank return values come back in
 rank order, and an exception in any process fails the test with that process's traceback.
@@ -79,16 +79,16 @@ def release_process_group() -> None:
     gc.collect()
 
 
-def _worker(rank: int, port: int, fn: Callable[..., Any], args: tuple, results: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, results: Any) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD_SIZE),
+        WORLD_SIZE=str(world_size),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         NODE_RANK="0",
     )
-    torch.set_num_threads(1)  # 2 processes on a 2-core machine
+    torch.set_num_threads(1)  # several processes on a 2-core machine
     try:
         outcome = (rank, "ok", fn(rank, *args))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
@@ -97,17 +97,17 @@ def _worker(rank: int, port: int, fn: Callable[..., Any], args: tuple, results: 
     results.put(outcome)
 
 
-def spawn(fn: Callable[..., Any], *args: Any, timeout: float = 300) -> list[Any]:
-    """Run ``fn(rank, *args)`` in ``WORLD_SIZE`` fresh processes; return the results in rank order."""
+def spawn(fn: Callable[..., Any], *args: Any, timeout: float = 300, world_size: int = WORLD_SIZE) -> list[Any]:
+    """Run ``fn(rank, *args)`` in ``world_size`` fresh processes; return the results in rank order."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, fn, args, results)) for r in range(WORLD_SIZE)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[str, Any]] = {}
     try:
-        while len(outcomes) < WORLD_SIZE:
+        while len(outcomes) < world_size:
             try:
                 rank, status, value = results.get(timeout=timeout)
             except queue.Empty:
@@ -117,10 +117,10 @@ def spawn(fn: Callable[..., Any], *args: Any, timeout: float = 300) -> list[Any]
                 break  # the other rank may be stuck in a collective
     finally:
         for p in procs:
-            p.join(timeout=5 if len(outcomes) == WORLD_SIZE else 1)
+            p.join(timeout=5 if len(outcomes) == world_size else 1)
             if p.is_alive():
                 p.kill()
                 p.join()
     errors = [f"rank {r}:\n{v}" for r, (s, v) in sorted(outcomes.items()) if s == "error"]
     assert not errors, "\n".join(errors)
-    return [outcomes[r][1] for r in range(WORLD_SIZE)]
+    return [outcomes[r][1] for r in range(world_size)]

@@ -77,6 +77,95 @@ def test_fsdp_and_ddp_plugins_outside_lightning_match_eager():
     assert ddp["graphs"] == 1 and all("ddp" in b.lower() or "distributed.py" in b for b in ddp["graph_breaks"]), ddp
 
 
+def _wide_gpt() -> nn.Module:
+    """~2.5 MB of fp32 parameters: three of DDP's 1 MB buckets."""
+    from litgpt import GPT, Config
+
+    torch.manual_seed(0)
+    config = dict(n_layer=4, n_embd=128, n_head=4, n_query_groups=2, intermediate_size=256, vocab_size=96)
+    return GPT(Config.from_name("Llama-3.2-1B", padded_vocab_size=96, block_size=16, **config))
+
+
+def _ddp_overlap(rank: int) -> dict:
+    """Per backward, the order in which DDP reduces buckets (seen by a comm hook) and compiled backward graphs
+    finish."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    dist.init_process_group("gloo")
+    x, y = token_batches(1)[0]
+    ref = _wide_gpt()
+    lm_loss(ref(x), y).backward()
+    model = lt.compile(_wide_gpt(), plugins=[DDP(bucket_cap_mb=1)])
+    events: list[str] = []
+
+    def hook(state, bucket):
+        events.append(f"bucket {bucket.index()}")
+        return default_hooks.allreduce_hook(state, bucket)
+
+    model.original_module.register_comm_hook(None, hook)
+    orders, grad_diff = [], None
+    for step in range(2):  # DDP settles its buckets after the first backward
+        events.clear()
+        loss = lm_loss(model(x[rank::2]), y[rank::2])
+        for node in _compiled_backward_nodes(loss):
+            node.register_hook(lambda grad_inputs, grad_outputs: events.append("graph"))
+        loss.backward()
+        orders.append(list(events))
+        if step == 0:
+            grad_diff = _grads_match_eager(model, ref)
+            model.zero_grad()
+    stats = lt.compile_stats(model)
+    return {"orders": orders, "grad_diff": grad_diff, "graphs": stats.graphs, "recompiles": stats.recompiles}
+
+
+def _compiled_backward_nodes(loss: torch.Tensor) -> list:
+    found, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            found.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+@pytest.mark.slow
+def test_ddp_overlaps_bucket_all_reduces_with_the_backward():
+    out = spawn(_ddp_overlap)[0]
+    assert out["grad_diff"] < 1e-5, out
+    # Dynamo's DDPOptimizer splits the graph at the 1 MB buckets: one compiled piece per bucket, not recompiles.
+    assert out["graphs"] == 3 and out["recompiles"] == [], out
+    order = out["orders"][-1]
+    assert order.count("graph") == 3, order
+    last_graph = max(i for i, event in enumerate(order) if event == "graph")
+    during_backward = [event for event in order[:last_graph] if event.startswith("bucket")]
+    assert len(during_backward) > 1, f"buckets must be reduced while the backward still runs: {order}"
+
+
+def test_ddp_buckets_below_the_first_bucket_keep_one_graph_with_a_warning():
+    """Dynamo's DDPOptimizer cannot split at buckets smaller than DDP's first bucket: the compiled call keeps its
+    graph whole (no overlap) and says so once per DDP module."""
+    import warnings
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_thunder.capture.compiled import ddp_graph_splitting
+
+    ddp = object.__new__(DistributedDataParallel)  # only its bucket size is read
+    object.__setattr__(ddp, "bucket_bytes_cap", 2**19)
+    with pytest.warns(UserWarning, match=r"bucket_cap_mb=0.5 is below its first bucket's 1 MB.*no overlap"):
+        assert ddp_graph_splitting(ddp) == {"optimize_ddp": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ddp_graph_splitting(ddp) == {"optimize_ddp": False}  # warned once
+    object.__setattr__(ddp, "bucket_bytes_cap", 2**20)
+    assert ddp_graph_splitting(ddp) == {}  # split at the buckets
+    assert ddp_graph_splitting(None) == {}  # no DDP: nothing changes
+
+
 def test_find_block_class_and_blocks():
     from litgpt.model import Block
 
