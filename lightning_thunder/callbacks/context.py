@@ -64,6 +64,19 @@ class RunContext:
         return int(self.trainer.world_size if self.trainer is not None else self.fabric.world_size)
 
     @property
+    def replicas_per_batch(self) -> int:
+        """How many ranks process each batch together: the tensor-parallel size of the strategy's device mesh
+        (``strategy.device_mesh["tensor_parallel"]``), 1 without tensor parallelism. Global counts of batches,
+        samples, tokens and FLOPs sum every rank's and divide by this."""
+        strategy = self.trainer.strategy if self.trainer is not None else self.fabric.strategy
+        try:
+            mesh = strategy.device_mesh  # ModelParallelStrategy's (thunder_fsdp): raises before it exists
+        except (AttributeError, RuntimeError):
+            return 1
+        names = getattr(mesh, "mesh_dim_names", None) or ()
+        return int(mesh["tensor_parallel"].size()) if "tensor_parallel" in names else 1
+
+    @property
     def global_rank(self) -> int:
         """This process's rank."""
         return int(self.trainer.global_rank if self.trainer is not None else self.fabric.global_rank)

@@ -178,6 +178,7 @@ class ThroughputMonitor(MonitorCallback):
         self._device: Throughput | None = None
         self._global: Throughput | None = None
         self._world_size = 1
+        self._replicas: int | None = None  # ranks per batch (tensor parallelism), read once
         self._first: list[float] | None = None  # global (time, batches, samples, tokens, flops) after batch 1
         self._last: list[float] | None = None
         #: Global deltas per step (optimizer step under the Trainer, batch under Fabric) after the first batch:
@@ -223,7 +224,10 @@ class ThroughputMonitor(MonitorCallback):
         )
         self._world_size = len(ranks)
         g_time = max(r[0] for r in ranks)
-        g_batches, g_samples, g_tokens, g_flops = (sum(r[i] for r in ranks) for i in range(1, 5))
+        # The ranks of a tensor-parallel group process the same batch together: it counts once.
+        tp = self._replicas if self._replicas is not None else context.replicas_per_batch
+        self._replicas = tp
+        g_batches, g_samples, g_tokens, g_flops = (sum(r[i] for r in ranks) / tp for i in range(1, 5))
         self._all_flops = all_flops = all(r[5] for r in ranks)
         peaks = [r[6] for r in ranks]
         self._global.available_flops = sum(peaks) if all(math.isfinite(p) for p in peaks) else None

@@ -61,7 +61,7 @@ def test_the_summary_gives_both_rates_and_says_what_each_includes(monkeypatch):
 class _TrainerLike:
     """What the monitor reads of a Trainer run with gradient accumulation: ``step()`` is the optimizer step."""
 
-    is_trainer, is_global_zero, world_size, device, precision_plugin, user_model = True, True, 1, \
+    is_trainer, is_global_zero, world_size, replicas_per_batch, device, precision_plugin, user_model = True, True, 1, 1, \
         torch.device("cpu"), None, None
     trainer = fabric = None
 
@@ -91,3 +91,16 @@ def test_with_gradient_accumulation_a_step_is_an_optimizer_step(monkeypatch):
     steady = monitor.steady_state()
     assert steady["step_time_s"] == pytest.approx(0.4) and steady["steps"] == 10  # the first covers batch 2 only
     assert steady["batches_per_sec"] == pytest.approx(2 / 0.4)
+
+
+def test_tensor_parallel_ranks_count_a_batch_once(monkeypatch):
+    """The two ranks of a tensor-parallel group process the same batch: the global rate is the group's, not twice
+    it (the ranks' counters are summed, then divided by the ranks per batch)."""
+    from lightning_thunder.callbacks.context import RunContext
+
+    gather = RunContext.all_gather
+    monkeypatch.setattr(RunContext, "all_gather", lambda self, values: gather(self, values) * 2)  # 2 ranks, one group
+    monkeypatch.setattr(RunContext, "replicas_per_batch", property(lambda self: 2))
+    monitor = _run(monkeypatch, stall_at=None)
+    assert monitor.steady_state()["tokens_per_sec"] == pytest.approx(BATCH * FEATURES / STEP_S)
+    assert monitor.metrics["throughput/global/tokens_per_sec"] == pytest.approx(monitor.metrics["throughput/device/tokens_per_sec"])
