@@ -50,6 +50,17 @@ def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its elements without gaps or overlaps (then ``empty_like`` keeps its strides)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
 def _marked_static(t: torch.Tensor) -> bool:
     """A parameter, a buffer Dynamo lifted, or a tensor passed to ``torch._dynamo.mark_static_address``."""
     return isinstance(t, torch.nn.Parameter) or getattr(t, "_dynamo_static_input_type", None) is not None
@@ -396,7 +407,7 @@ class SegmentRunner:
                 handed.setdefault(ptr, storage._cdata)
                 plan.append((_ALIAS, j))
                 continue
-            whole = o.storage_offset() == 0 and o.is_non_overlapping_and_dense() and storage_nbytes(o) == o.numel() * o.element_size()
+            whole = _dense(o) and o.storage_offset() == 0 and storage_nbytes(o) == o.numel() * o.element_size()
             if whole and copied_storages.count(ptr) == 1:
                 plan.append((_COPY, len(sources)))
                 sources.append(o)

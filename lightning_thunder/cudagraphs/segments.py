@@ -107,11 +107,12 @@ def capture_blocker(op: BoundOp, constants: Mapping[str, Any] | None = None, ski
     """
     constants = constants or {}
     target = op.target
-    try:
-        if target in skip:
-            return "listed in CUDAGraphs(skip_ops=...)"
-    except TypeError:  # an unhashable target is in no skip list
-        pass
+    if skip:
+        try:
+            if target in skip or getattr(target, "overloadpacket", None) in skip:
+                return "listed in CUDAGraphs(skip_ops=...)"
+        except TypeError:  # an unhashable target is in no skip list
+            pass
     declared = getattr(target, "cudagraph_unsafe", None)
     if isinstance(declared, str) and declared:
         return declared

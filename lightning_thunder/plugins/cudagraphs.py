@@ -75,13 +75,24 @@ def _check_skip_ops(skip_ops: Any) -> frozenset:
         raise TypeError(
             f"CUDAGraphs(skip_ops={skip_ops!r}): must be a list of ops, e.g. [torch.ops.aten.nonzero.default]"
         )
+    ops = []
     for op in skip_ops:
         if isinstance(op, str) or not callable(op):
             raise TypeError(
                 f"CUDAGraphs(skip_ops=[..., {op!r}, ...]): each entry must be an op (a callable such as "
                 "torch.ops.aten.nonzero.default or torch.ops.aten.nonzero), not a name"
             )
-    return frozenset(skip_ops)
+        if isinstance(op, torch._ops.OpOverloadPacket):  # every overload (overloads pickle, packets do not)
+            ops += [getattr(op, name) for name in op.overloads()]
+        else:
+            ops.append(op)
+    return frozenset(ops)
+
+
+def _operator(name: str) -> Any:
+    """``torch.ops.aten.nonzero.default`` from ``"aten.nonzero.default"``."""
+    namespace, op, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, namespace), op), overload)
 
 
 def _device(device: torch.device) -> torch.device:
@@ -144,12 +155,14 @@ class CUDAGraphs(Plugin):
         self._runners: weakref.WeakSet[SegmentRunner] = weakref.WeakSet()
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled (ddp_spawn, deepcopy) with its options only: captured graphs never leave their process.
-        return {"max_graphs": self.max_graphs, "skip_ops": self.skip_ops}
+        # Pickled (ddp_spawn, deepcopy) with its options only: captured graphs never leave their process. Operator
+        # overloads do not pickle: they travel by name ("aten.nonzero.default").
+        ops = [str(op) if isinstance(op, torch._ops.OpOverload) else op for op in self.skip_ops]
+        return {"max_graphs": self.max_graphs, "skip_ops": ops}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.max_graphs = state["max_graphs"]
-        self.skip_ops = state["skip_ops"]
+        self.skip_ops = frozenset(_operator(op) if isinstance(op, str) else op for op in state["skip_ops"])
         self._reset()
 
     def __repr__(self) -> str:
