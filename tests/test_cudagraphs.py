@@ -6,6 +6,7 @@ test_cudagraphs_cuda.py runs real CUDA graphs."""
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -232,16 +233,26 @@ def test_transform_final_stage_runs_after_final_and_keeps_statistics():
 
 # ---------------------------------------------------------------------------------------------- the runner
 class _EmulatedGraph:
-    """Replays by running the segment and writing the results into the outputs of the "capture"."""
+    """Replays by running the segment and writing the results into the outputs of the "capture". Like a CUDA graph
+    it holds no reference to its inputs: it reads the call's arguments where they are at the captured addresses,
+    and its own buffers for the copied ones."""
 
     def __init__(self, fn, inputs, outputs):
-        self.fn, self.inputs, self.outputs = fn, inputs, outputs
+        self.fn, self.outputs, self.args = fn, outputs, None
+        self.inputs = [weakref.ref(a) if isinstance(a, torch.Tensor) else a for a in inputs]
+
+    def _input(self, i):
+        captured = self.inputs[i]
+        if not isinstance(captured, weakref.ref):
+            return captured
+        arg, held = self.args[i], captured()  # a copy buffer is held by the runner; a static input is at its address
+        return held if held is not None and held.data_ptr() != arg.data_ptr() else arg
 
     @torch.no_grad()
     def replay(self):
-        for static, new in zip(self.outputs, self.fn(*self.inputs)):
+        for static, new in zip(self.outputs, self.fn(*[self._input(i) for i in range(len(self.inputs))])):
             if isinstance(static, torch.Tensor) and static.data_ptr() != new.data_ptr():
-                static.copy_(new)
+                static.data.copy_(new)  # through .data: a replay bumps no version counter
 
 
 @torch.no_grad()
@@ -252,13 +263,23 @@ def _emulated_capture(pool, fn, warm_inputs, inputs):
     outputs = fn(*inputs)
     for a, s in zip(inputs, saved):
         if s is not None:
-            a.copy_(s)
-    return _EmulatedGraph(fn, list(inputs), list(outputs)), outputs
+            a.data.copy_(s)
+    return _EmulatedGraph(fn, inputs, list(outputs)), outputs
 
 
 @pytest.fixture
 def emulated(monkeypatch):
     monkeypatch.setattr(runner_module, "capture_cuda_graph", _emulated_capture)
+    replay = runner_module.CapturedGraph.replay
+
+    def replay_with_arguments(self, args, pool):
+        self.graph.args = args  # what the emulated graph reads for the inputs it does not copy
+        try:
+            return replay(self, args, pool)
+        finally:
+            self.graph.args = None
+
+    monkeypatch.setattr(runner_module.CapturedGraph, "replay", replay_with_arguments)
 
 
 def _runner(fn, copy_outputs=(0,), **kwargs):
@@ -402,3 +423,79 @@ def test_numbers_and_shapes_select_the_graph(emulated):
     torch.testing.assert_close(run(torch.ones(5), 4)[0], torch.full((5,), 4.0))
     torch.testing.assert_close(run(torch.ones(2), 3)[0], torch.full((2,), 3.0))
     assert len(run.graphs) == 3 and run.replays == 4
+
+
+# ---------------------------------------------------------------------------------------------- end to end, emulated
+@pytest.fixture
+def emulated_on_cpu(monkeypatch, emulated):
+    """CPU ops count as capturable and graphs are emulated: the whole runtime runs in the compiled program."""
+    from lightning_thunder.cudagraphs import segments
+
+    monkeypatch.setattr(segments, "CAPTURE_DEVICES", ("cuda", "cpu"))
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+
+
+def test_training_steps_match_the_uncaptured_program(emulated_on_cpu):
+    import copy
+
+    model = _mlp()
+    reference = copy.deepcopy(model)
+    plugin = CUDAGraphs()
+    cm = lt.compile(model, plugins=[plugin])
+    plain = lt.compile(reference, plugins=[])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    losses = []
+    for step in range(4):
+        for micro in range(2):  # gradient accumulation: two backwards per optimizer step
+            x, y = torch.randn(8, 6), torch.randn(8, 3)
+            loss = torch.nn.functional.mse_loss(cm(x), y)
+            ref_loss = torch.nn.functional.mse_loss(plain(x), y)
+            loss.backward()
+            ref_loss.backward()
+            torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+            losses.append((loss, ref_loss.detach()))
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    for b, rb in zip(model.buffers(), reference.buffers()):  # running statistics updated once per step
+        torch.testing.assert_close(b, rb, rtol=0, atol=0)
+    for loss, ref_loss in losses:  # each loss kept its own value
+        torch.testing.assert_close(loss.detach(), ref_loss, rtol=0, atol=0)
+    stats = plugin.stats()
+    assert stats.segments == 2 and stats.graphs == 2 and stats.replays == 16 and stats.uncaptured_calls == 0
+    text = lt.last_traces(cm)[-1].python()
+    assert "cudagraph_segment0(" in text and "1 segment(s) captured" in text
+    assert "cudagraph_segment0(" in lt.last_backward_traces(cm)[-1].python()
+    fw_runner = next(op.target for op in lt.last_traces(cm)[-1].ops if op.executor == "cudagraphs")
+    bw_runner = next(op.target for op in lt.last_backward_traces(cm)[-1].ops if op.executor == "cudagraphs")
+    assert fw_runner.graphs[0].copied == [2]  # only the data is copied in: parameters and buffers are read in place
+    bw_inputs = [p.name for p in next(op for op in lt.last_backward_traces(cm)[-1].ops if op.executor == "cudagraphs").args]
+    # the backward copies the gradient of the loss and the data the forward saved; what the forward graph wrote
+    # (activations) and the parameters it reads in place
+    assert sorted(bw_inputs[i] for i in bw_runner.graphs[0].copied) == ["primals_3", "tangents_1"], bw_inputs  # primals_3: the data
+
+
+def test_two_forwards_before_their_backwards_keep_their_saved_values(emulated_on_cpu):
+    import copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    reference = copy.deepcopy(model)
+    plugin = CUDAGraphs()
+    cm = lt.compile(model, plugins=[plugin])
+    xs = [torch.randn(5, 4) for _ in range(2)]
+    for _ in range(2):
+        total = sum(cm(x).sum() for x in xs)  # both forwards' saved values alive until this backward
+        total.backward()
+    ref_total = sum(reference(x).sum() for x in xs)
+    ref_total.backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, 2 * q.grad)
+    fw_runner = next(op.target for op in lt.last_traces(cm)[-1].ops if op.executor == "cudagraphs")
+    assert len(fw_runner.graphs) == 2 and fw_runner.uncaptured_calls == 0

@@ -288,39 +288,40 @@ class SegmentRunner:
         self.uncaptured_reasons: list[str] = []  # why calls ran uncaptured (each reason once)
         self.replays = 0
         self.uncaptured_calls = 0
-        self._last: CapturedGraph | None = None
 
     def __repr__(self) -> str:
         return f"SegmentRunner({self.__name__}, {len(self.graphs)} graphs)"
 
     def __call__(self, *args: Any) -> tuple:
-        graph = self._last
-        if graph is None or not graph.accepts(args) or not self.pool.may_replay(graph):
-            graph = self._select(args)
-            if graph is None:
-                return self._uncaptured(args)
-            self._last = graph
+        # The earliest graph that fits: a graph captured later than one in use may not replay, so calls made while
+        # earlier outputs are in use (several forwards before their backwards) take the graphs in capture order.
+        for graph in self.graphs:
+            if graph.accepts(args) and self.pool.may_replay(graph):
+                self.replays += 1
+                return graph.replay(args, self.pool)
+        graph = self._capture(args) if self._may_capture() else None
+        if graph is None:
+            self.uncaptured_calls += 1
+            return tuple(self.fn(*args))
         self.replays += 1
         return graph.replay(args, self.pool)
 
-    # ------------------------------------------------------------------------------ choosing and capturing
-    def _select(self, args: Sequence[Any]) -> CapturedGraph | None:
+    # ------------------------------------------------------------------------------ capturing
+    def _may_capture(self) -> bool:
+        """Whether a new graph may be captured now; if not, warns (once) why the call runs uncaptured."""
         if self.disabled is not None:
-            return None
-        for graph in self.graphs:
-            if graph.accepts(args) and self.pool.may_replay(graph):
-                return graph
+            return False
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             self._warn("the caller is capturing a CUDA graph itself: this segment runs inside that capture")
-            return None
+            return False
         if len(self.graphs) >= self.max_graphs:
             self._warn(
                 f"it would need more than max_graphs={self.max_graphs} captured graphs (new input addresses or "
                 "shapes, or its outputs still in use: e.g. several forwards before their backward); raise "
                 "CUDAGraphs(max_graphs=...) if this is expected"
             )
-            return None
-        return self._capture(args)
+            return False
+        return True
 
     def _capture(self, args: Sequence[Any]) -> CapturedGraph | None:
         self._find_volatile(args)
@@ -425,11 +426,6 @@ class SegmentRunner:
                 a = args[i]
                 if ref() is a and a.data_ptr() != ptr:
                     self.volatile.add(i)
-
-    # ------------------------------------------------------------------------------ running uncaptured
-    def _uncaptured(self, args: Sequence[Any]) -> tuple:
-        self.uncaptured_calls += 1
-        return tuple(self.fn(*args))
 
     def _warn(self, why: str) -> None:
         if why in self.uncaptured_reasons:

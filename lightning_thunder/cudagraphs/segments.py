@@ -21,13 +21,15 @@ from lightning_thunder.trace.proxy import ConstRef, Proxy
 from lightning_thunder.trace.trace import DELETE, BoundOp, Trace
 from lightning_thunder.trace.tree import iter_leaves
 
-__all__ = ["Segment", "SegmentPlan", "capture_blocker", "launches_kernels", "plan_segments", "segment_program"]
+__all__ = ["CAPTURE_DEVICES", "Segment", "SegmentPlan", "capture_blocker", "launches_kernels", "plan_segments", "segment_program"]
 
 #: ATen ops whose result the host reads (a synchronization), beyond those PyTorch tags ``data_dependent_output``.
 HOST_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "tolist"})
 #: Operator namespaces of collectives (functional and in-place c10d, DTensor's redistribution).
 COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d", "_dtensor"})
 _NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+#: Device types whose kernels a graph captures (tests add "cpu" to run the runtime with an emulated graph).
+CAPTURE_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def capture_blocker(op: BoundOp, constants: Mapping[str, Any] | None = None, ski
         if any(p.val is None for p in op.output_proxies()):
             return "an output whose size may depend on the data, and no example value says otherwise"
     for t in _tensors(op, constants):
-        if t.device.type != "cuda":
+        if t.device.type not in CAPTURE_DEVICES:
             return f"works on {t.device.type} tensors (a graph captures CUDA kernels only)"
     for p in op.output_proxies():
         v = p.val
