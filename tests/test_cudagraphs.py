@@ -499,3 +499,23 @@ def test_two_forwards_before_their_backwards_keep_their_saved_values(emulated_on
         torch.testing.assert_close(p.grad, 2 * q.grad)
     fw_runner = next(op.target for op in lt.last_traces(cm)[-1].ops if op.executor == "cudagraphs")
     assert len(fw_runner.graphs) == 2 and fw_runner.uncaptured_calls == 0
+
+
+# ---------------------------------------------------------------------------------------------- recipes and strategies
+def test_recipe_plugin_cudagraphs_maps_to_the_plugin():
+    from pathlib import Path
+
+    from lightning_thunder.recipes import ConfigError, load_config
+    from lightning_thunder.recipes.plugins import build_plugins, build_strategy
+
+    resolved = build_plugins([{"cudagraphs": {"max_graphs": 4}}])
+    (plugin,) = resolved.compile_plugins
+    assert isinstance(plugin, CUDAGraphs) and plugin.max_graphs == 4
+    assert resolved.compiler_plugins() == [*lt.default_plugins(), plugin]  # after the compiler's defaults
+    assert build_strategy("thunder", resolved).plugins == resolved.compiler_plugins()
+    assert isinstance(build_plugins(["cudagraphs"]).compile_plugins[0], CUDAGraphs)
+    with pytest.raises(ConfigError, match=r"cudagraphs options \{'max_graphs': 0\} were refused by CUDAGraphs"):
+        build_plugins([{"cudagraphs": {"max_graphs": 0}}])
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "debug.yaml"
+    assert load_config(recipe, ["plugins=[cudagraphs]"]).plugins == ["cudagraphs"]
