@@ -519,3 +519,40 @@ def test_recipe_plugin_cudagraphs_maps_to_the_plugin():
     pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
     recipe = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "debug.yaml"
     assert load_config(recipe, ["plugins=[cudagraphs]"]).plugins == ["cudagraphs"]
+
+
+class _ItemModel(torch.nn.Module):
+    """``.item()`` inside the compiled graph (Dynamo's ``capture_scalar_outputs``): the value feeds a new tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        scale = h.abs().amax().item()
+        return (self.fc2(h) * torch.full((1,), scale, device=x.device)).square().sum()
+
+
+def test_item_inside_the_graph_runs_between_segments(emulated_on_cpu):
+    import copy
+
+    model = _ItemModel()
+    reference = copy.deepcopy(model)
+    plugin = CUDAGraphs()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        cm = lt.compile(model, plugins=[plugin])
+        plain = lt.compile(reference, plugins=[])
+        for _ in range(3):
+            x = torch.randn(4, 16)
+            loss, ref_loss = cm(x), plain(x)
+            loss.backward()
+            ref_loss.backward()
+            torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+            for p, q in zip(model.parameters(), reference.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    text = lt.last_traces(cm)[-1].python()
+    assert "3 segment(s) captured" in text and "then not captured: f0 = aten._local_scalar_dense.default" in text
+    assert "t7 = aten.full.default([1], f0" in text  # uses the value read: not captured
+    stats = plugin.stats()
+    assert stats.uncaptured_calls == 0 and stats.graphs == 4 and stats.replays == 12

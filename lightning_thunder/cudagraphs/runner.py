@@ -340,7 +340,11 @@ class SegmentRunner:
                 inputs.append(a)
                 warm_inputs.append(a.clone() if i in self.written else a)  # the warm-up must not change it
             else:
-                buffer = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device)
+                # An expanded (overlapping) input gets a dense buffer of its values: a copy cannot write into overlaps.
+                if _dense(a):
+                    buffer = torch.empty_strided(a.size(), a.stride(), dtype=a.dtype, device=a.device)
+                else:
+                    buffer = torch.empty(a.size(), dtype=a.dtype, device=a.device)
                 buffer.copy_(a)
                 copied.append(i)
                 buffers.append(buffer)
@@ -358,7 +362,7 @@ class SegmentRunner:
         del warm_inputs
         outputs = list(outputs)
         inputs_by_storage = {_storage_ptr(t): i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)}
-        plan, sources, handed = self._output_plan(outputs, inputs, inputs_by_storage)
+        plan, sources, handed = self._output_plan(outputs, inputs, args, inputs_by_storage)
         captured = CapturedGraph(
             position=pool.position(),
             graph=graph,
@@ -383,7 +387,7 @@ class SegmentRunner:
         return captured
 
     def _output_plan(
-        self, outputs: list[Any], inputs: list[Any], inputs_by_storage: dict[int, int]
+        self, outputs: list[Any], inputs: list[Any], args: Sequence[Any], inputs_by_storage: dict[int, int]
     ) -> tuple[list[tuple], list[torch.Tensor], list[int]]:
         """How each output reaches the caller, the tensors copied out, and the storages handed out."""
         plan: list[tuple] = []
@@ -399,7 +403,8 @@ class SegmentRunner:
                 continue
             ptr = _storage_ptr(o)
             i = inputs_by_storage.get(ptr)
-            if i is not None:
+            if i is not None and inputs[i].stride() == args[i].stride():
+                # a view of an input (of its buffer, laid out like the caller's tensor): the same view of the caller's
                 base = inputs[i]
                 plan.append((_INPUT_VIEW, i, o.size(), o.stride(), o.storage_offset() - base.storage_offset(), base.stride()))
                 continue
