@@ -403,7 +403,8 @@ def test_a_parameter_whose_memory_moves_is_copied_from_then_on(emulated):
 
 def test_a_failed_capture_runs_uncaptured_with_a_warning(monkeypatch):
     def failing(pool, fn, warm_inputs, inputs):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        fn(*warm_inputs)
+        raise runner_module.GraphCaptureError("RuntimeError: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(runner_module, "capture_cuda_graph", failing)
     run = _runner(lambda x: (x + 1,))
@@ -414,6 +415,12 @@ def test_a_failed_capture_runs_uncaptured_with_a_warning(monkeypatch):
         warnings.simplefilter("error")
         run(torch.zeros(2))  # warned once
     assert run.uncaptured_calls == 2 and run.disabled.startswith("capturing it failed")
+
+    def broken(x):
+        raise ValueError("the program's own error")
+
+    with pytest.raises(ValueError, match="the program's own error"):  # raised by the warm-up, as uncaptured
+        _runner(broken)(torch.zeros(2))
 
 
 def test_numbers_and_shapes_select_the_graph(emulated):

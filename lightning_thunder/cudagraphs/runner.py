@@ -34,12 +34,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["CUDAGraphsWarning", "CapturedGraph", "GraphPool", "SegmentRunner", "capture_cuda_graph"]
+__all__ = ["CUDAGraphsWarning", "CapturedGraph", "GraphCaptureError", "GraphPool", "SegmentRunner", "capture_cuda_graph"]
 
 
 class CUDAGraphsWarning(UserWarning):
     """A segment runs uncaptured (capture failed, or more graphs would be needed than allowed), or the plugin has
     nothing to capture (a CPU model)."""
+
+
+class GraphCaptureError(RuntimeError):
+    """Recording a segment failed (an op synchronized with the host during the capture, say); the segment then runs
+    uncaptured. Errors of the warm-up run are the program's own and are raised as they are."""
 
 
 def _use_count(cdata: int) -> int:
@@ -142,9 +147,14 @@ def capture_cuda_graph(
             del warm
             graph = torch.cuda.CUDAGraph()
             torch._C._cuda_clearCublasWorkspaces()
-            with torch.cuda.graph(graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"):
-                outputs = fn(*inputs)
-            torch._C._cuda_clearCublasWorkspaces()
+            try:
+                with torch.cuda.graph(graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"):
+                    outputs = fn(*inputs)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise GraphCaptureError(f"{type(e).__name__}: {first[:200]}") from e
+            finally:
+                torch._C._cuda_clearCublasWorkspaces()
         finally:
             torch.cuda.set_rng_state(rng, device)
     return graph, outputs
@@ -354,9 +364,8 @@ class SegmentRunner:
         try:
             capture = self._capture_graph or capture_cuda_graph
             graph, outputs = capture(pool, self.fn, warm_inputs, inputs)
-        except Exception as e:  # noqa: BLE001 - an op that cannot be captured: run uncaptured from now on, say why
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.disabled = f"capturing it failed ({type(e).__name__}: {first[:200]})"
+        except GraphCaptureError as e:  # an op that cannot be captured: run uncaptured from now on, and say why
+            self.disabled = f"capturing it failed ({e})"
             self._warn(self.disabled + "; if an op synchronizes with the host, list it in CUDAGraphs(skip_ops=[...])")
             return None
         del warm_inputs
@@ -382,7 +391,7 @@ class SegmentRunner:
         # What counts as "nothing handed out": the references the graph itself holds (outputs, views for copying).
         captured.tracked = [(cdata, _use_count(cdata)) for cdata in handed]
         pool.stable.update(_storage_ptr(args[i]) for i, _ in static)
-        pool.stable.update(_storage_ptr(o) for o in outputs if isinstance(o, torch.Tensor))
+        pool.stable.update(_storage_ptr(o) for o, p in zip(outputs, plan) if p[0] in (_COPY, _COPY_STORAGE, _ALIAS))
         self.graphs.append(captured)
         return captured
 
