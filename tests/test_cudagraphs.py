@@ -257,6 +257,7 @@ class _EmulatedGraph:
 
 @torch.no_grad()
 def _emulated_capture(pool, fn, warm_inputs, inputs):
+    rng = torch.get_rng_state()  # like the real capture: the first replay draws what an uncaptured call would
     fn(*warm_inputs)
     # A capture records without running: inputs the segment writes into keep their values.
     saved = [a.clone() if isinstance(a, torch.Tensor) else None for a in inputs]
@@ -264,6 +265,7 @@ def _emulated_capture(pool, fn, warm_inputs, inputs):
     for a, s in zip(inputs, saved):
         if s is not None:
             a.data.copy_(s)
+    torch.set_rng_state(rng)
     return _EmulatedGraph(fn, inputs, list(outputs)), outputs
 
 
