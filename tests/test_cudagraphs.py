@@ -565,3 +565,62 @@ def test_item_inside_the_graph_runs_between_segments(emulated_on_cpu):
     assert "t7 = aten.full.default([1], f0" in text  # uses the value read: not captured
     stats = plugin.stats()
     assert stats.uncaptured_calls == 0 and stats.graphs == 4 and stats.replays == 12
+
+
+def test_trainer_thunder_strategy_runs_the_segments(emulated_on_cpu, tmp_path):
+    """The Trainer's ``thunder`` strategy compiles the LightningModule's network with the plugin: its steps replay
+    (emulated graphs) and match the same strategy without it, with gradient accumulation."""
+    import lightning as L
+
+    from lightning_thunder.strategies import ThunderTrainerStrategy
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.losses: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+            self.losses.append(loss.detach())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randn(16, 1))
+    results = {}
+    for name in ("plain", "cudagraphs"):
+        plugin = CUDAGraphs()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            strategy=ThunderTrainerStrategy(plugins=[plugin] if name == "cudagraphs" else []), default_root_dir=tmp_path,
+        )
+        module = Lit()
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+        results[name] = module.losses
+    assert len(results["cudagraphs"]) == 8
+    for a, b in zip(results["cudagraphs"], results["plain"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    stats = plugin.stats()
+    assert stats.replays == 16 and stats.uncaptured_calls == 0, stats
+
+
+def test_benchmark_modes_with_cuda_graphs_on_cpu():
+    """The benchmark's CUDA graph modes: on CPU ours runs uncaptured and reports it, reduce-overhead says it needs
+    CUDA (their figures come from GPU runs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "benchmarks/litgpt_train.py", "--model", "pythia-14m", "--n-layer", "1", "--steps", "1",
+           "--warmup", "1", "--device", "cpu", "--modes", "thunder+cudagraphs,torch.compile-reduce-overhead"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| thunder+cudagraphs | " in proc.stdout and "| torch.compile-reduce-overhead | skipped: " in proc.stdout
+    assert "thunder+cudagraphs: 0 segments, 0 CUDA graphs, 0 replays" in proc.stdout
