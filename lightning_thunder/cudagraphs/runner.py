@@ -216,7 +216,11 @@ class CapturedGraph:
 
     def in_use(self) -> bool:
         """Whether a tensor this graph handed out still exists."""
-        return any(_use_count(cdata) > base for cdata, base in self.tracked)
+        count = torch._C._storage_Use_Count
+        for cdata, base in self.tracked:
+            if count(cdata) > base:
+                return True
+        return False
 
     def replay(self, args: Sequence[Any], pool: GraphPool) -> tuple:
         """Copy the inputs in, replay, copy back what the graph wrote into copied inputs, hand the outputs out."""
@@ -234,20 +238,22 @@ class CapturedGraph:
                 fresh[0].copy_(self.sources[0])
             else:
                 torch._foreach_copy_(fresh, self.sources)
-        out = []
-        for kind, *rest in self.plan:
-            if kind == _VALUE:
-                out.append(rest[0])
+        out: list[Any] = []
+        outputs = self.outputs
+        for entry in self.plan:  # (kind, ...): see _output_plan
+            kind = entry[0]
+            if kind == _ALIAS:
+                out.append(outputs[entry[1]].detach())
             elif kind == _COPY:
-                out.append(fresh[rest[0]])
-            elif kind == _ALIAS:
-                out.append(self.outputs[rest[0]].detach())
+                out.append(fresh[entry[1]])
+            elif kind == _VALUE:
+                out.append(entry[1])
             elif kind == _COPY_STORAGE:
-                k, dtype, size, stride, offset = rest
+                _, k, dtype, size, stride, offset = entry
                 src = fresh[k]
                 out.append(torch.empty(0, dtype=dtype, device=src.device).set_(src.untyped_storage(), offset, size, stride))
             else:  # _INPUT_VIEW
-                i, size, stride, offset, _ = rest
+                _, i, size, stride, offset, _ = entry
                 arg = args[i]
                 out.append(arg.as_strided(size, stride, arg.storage_offset() + offset))
         if self.tracked:
