@@ -126,6 +126,14 @@ def test_collectives_generators_skip_list_and_declared_unsafe_ops_are_not_captur
     kernel.cudagraph_unsafe = "reads a host counter"
     assert capture_blocker(op(kernel)) == "reads a host counter"
 
+    with FakeTensorMode():  # PyTorch's embedding gradient sorts (a host sync) above 3072 indices
+        grad, w = Proxy("g", torch.empty(4096, 8, device=CUDA)), Proxy("w", torch.empty(100, 8, device=CUDA))
+        few, many = (Proxy(n, torch.empty(k, dtype=torch.long, device=CUDA)) for n, k in (("few", 256), ("many", 4096)))
+    backward = aten.embedding_dense_backward.default
+    assert capture_blocker(BoundOp(backward, (grad, few, 100, -1, False), outputs=(w,))) is None
+    assert "host" in capture_blocker(BoundOp(backward, (grad, many, 100, -1, False), outputs=(w,)))
+    assert "host" in capture_blocker(BoundOp(backward, (grad, few, 100, -1, True), outputs=(w,)))
+
 
 def test_a_run_of_views_is_left_alone_and_input_mutations_are_found():
     def views(x):

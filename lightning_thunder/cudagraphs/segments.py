@@ -21,10 +21,30 @@ from lightning_thunder.trace.proxy import ConstRef, Proxy
 from lightning_thunder.trace.trace import DELETE, BoundOp, Trace
 from lightning_thunder.trace.tree import iter_leaves
 
-__all__ = ["CAPTURE_DEVICES", "Segment", "SegmentPlan", "capture_blocker", "launches_kernels", "plan_segments", "segment_program"]
+__all__ = ["CAPTURE_DEVICES", "SYNCS_INSIDE", "Segment", "SegmentPlan", "capture_blocker", "launches_kernels", "plan_segments", "segment_program"]
 
 #: ATen ops whose result the host reads (a synchronization), beyond those PyTorch tags ``data_dependent_output``.
 HOST_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "tolist"})
+
+
+def _embedding_backward_sorts(op: BoundOp) -> bool:
+    # PyTorch's CUDA kernel sorts the indices, reading their count on the host, above 3072 of them (or when scaling
+    # by frequency); the Fusion plugin's Triton kernel (a different target) does not.
+    indices = op.args[1].val if len(op.args) > 1 and isinstance(op.args[1], Proxy) else None
+    scale_by_freq = op.args[4] if len(op.args) > 4 else op.kwargs.get("scale_grad_by_freq", False)
+    n = indices.numel() if isinstance(indices, torch.Tensor) else None
+    return not isinstance(n, int) or n > 3072 or bool(scale_by_freq)
+
+
+#: ATen ops whose CUDA kernels read device data on the host internally (their schemas do not say so), with the
+#: condition under which they do (``None``: always).
+SYNCS_INSIDE: dict[str, Any] = {
+    "embedding_dense_backward": _embedding_backward_sorts,
+    "_embedding_bag_backward": None,
+    "_embedding_bag_dense_backward": None,
+    "_ctc_loss": None,
+    "_ctc_loss_backward": None,
+}
 #: Operator namespaces of collectives (functional and in-place c10d, DTensor's redistribution).
 COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "c10d", "_dtensor"})
 _NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
@@ -125,6 +145,8 @@ def capture_blocker(op: BoundOp, constants: Mapping[str, Any] | None = None, ski
             return "a collective (every rank would have to replay its graph in lockstep)"
         if opname in HOST_READS or torch.Tag.data_dependent_output in target.tags:
             return "the host reads a tensor's value (a synchronization, e.g. .item())"
+        if opname in SYNCS_INSIDE and (SYNCS_INSIDE[opname] is None or SYNCS_INSIDE[opname](op)):
+            return "its CUDA kernel reads device data on the host (a synchronization)"
     for leaf in iter_leaves((op.args, op.kwargs)):
         if isinstance(leaf, torch.Generator):
             return "draws from an explicit torch.Generator (a replay advances only the default CUDA generator)"
