@@ -276,6 +276,9 @@ class SegmentRunner:
         capture: captures a graph (default: :func:`capture_cuda_graph`).
     """
 
+    #: A second CUDAGraphs plugin leaves segments alone (see :func:`~lightning_thunder.cudagraphs.capture_blocker`).
+    cudagraph_unsafe = "already replayed as a CUDA graph (by another CUDAGraphs plugin)"
+
     def __init__(
         self,
         name: str,
