@@ -86,7 +86,7 @@ class GraphPool:
         self.stable: set[int] = set()  # storage addresses that never move: graphs' outputs and static inputs
         self._busy: list[CapturedGraph] = []
 
-    def position(self) -> int:
+    def next_position(self) -> int:
         """The capture order of the next graph."""
         self.captured += 1
         return self.captured - 1
@@ -382,7 +382,7 @@ class SegmentRunner:
         inputs_by_storage = {_storage_ptr(t): i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)}
         plan, sources, handed = self._output_plan(outputs, inputs, args, inputs_by_storage)
         captured = CapturedGraph(
-            position=pool.position(),
+            position=pool.next_position(),
             graph=graph,
             static=static,
             copied=copied,
