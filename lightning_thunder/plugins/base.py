@@ -1,7 +1,8 @@
 """The plugin API: the composable unit users see.
 
 A plugin may change the module once at compile time, rewrite the torch-level trace before
-autograd, rewrite the forward and backward traces after autograd, and bring executors. Every hook
+autograd, rewrite the forward and backward traces after autograd, bring executors, and rewrite the
+executable program of each graph (``transform_final``: what ``CUDAGraphs`` uses). Every hook
 is a no-op by default, so a plugin overrides only what it needs. Plugins compose in list order and
 each one's effect shows up as its own named trace in :func:`lightning_thunder.last_traces`.
 """
