@@ -147,10 +147,13 @@ def capture_cuda_graph(
             del warm
             graph = torch.cuda.CUDAGraph()
             torch._C._cuda_clearCublasWorkspaces()
+            caller_stream = torch.cuda.current_stream(device)
             try:
                 with torch.cuda.graph(graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"):
                     outputs = fn(*inputs)
             except Exception as e:
+                # torch.cuda.graph leaves its stream current when ending the capture raises: restore the caller's.
+                torch.cuda.set_stream(caller_stream)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise GraphCaptureError(f"{type(e).__name__}: {first[:200]}") from e
             finally:

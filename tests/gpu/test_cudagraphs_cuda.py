@@ -280,6 +280,7 @@ messages = [str(w.message) for w in caught if issubclass(w.category, CUDAGraphsW
 assert any("graph 0 forward runs uncaptured: capturing it failed" in m for m in messages), messages
 stats = graphs.stats()
 assert stats.uncaptured_calls >= 3 and stats.replays >= 3, stats  # the forward runs uncaptured, the backward replays
+assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture left the caller's stream
 y = torch.randn(1024, 1024, device="cuda") @ torch.randn(1024, 1024, device="cuda")  # CUDA still works
 torch.cuda.synchronize()
 print("ok", stats)
