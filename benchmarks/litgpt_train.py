@@ -8,9 +8,12 @@ measured in the same run (its own process first) and MFU is reported against it.
     python benchmarks/litgpt_train.py --model Llama-3.2-1B --n-layer 8 --batch 4 --seq 2048 \\
         --dtype bf16 --modes eager,torch.compile,thunder --json results.json
 
-Modes: ``eager``, ``torch.compile`` (Inductor, default mode), ``thunder`` (lightning_thunder with its
-default plugins), ``thunder+fp8`` (needs the FP8 plugin), ``torchao-fp8`` (torchao float8 training +
-torch.compile; needs torchao). A mode that cannot run on this machine is reported with the reason.
+Modes: ``eager``, ``torch.compile`` (Inductor, default mode), ``torch.compile-reduce-overhead``
+(``torch.compile(mode="reduce-overhead")``: Inductor with CUDA graphs), ``thunder`` (lightning_thunder with its
+default plugins), ``thunder+fp8`` (needs the FP8 plugin), ``thunder+cudagraphs`` and ``thunder+fp8+cudagraphs``
+(the same with the CUDAGraphs plugin: forward and backward replayed as CUDA graphs; the table's notes give its
+graphs, replays and memory pool), ``torchao-fp8`` (torchao float8 training + torch.compile; needs torchao). A mode
+that cannot run on this machine is reported with the reason.
 
 FLOPs per token (analytic, stated in the output): 6 x (parameters of every matmul weight, lm_head
 included) + 12 x n_layer x (n_head x head_size) x seq for attention scores and values (the PaLM
@@ -33,7 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import count_kernels, environment, matmul_tflops, synchronize, top_kernels  # noqa: E402
 
-MODES = ("eager", "torch.compile", "thunder", "thunder+fp8", "torchao-fp8")
+MODES = (
+    "eager",
+    "torch.compile",
+    "torch.compile-reduce-overhead",
+    "thunder",
+    "thunder+fp8",
+    "thunder+cudagraphs",
+    "thunder+fp8+cudagraphs",
+    "torchao-fp8",
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -83,6 +95,8 @@ def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device, exclud
     """Returns ``(step, net)``: ``step(idx, targets) -> loss`` for ``mode`` (its optimizer is ``step.optimizer``)
     and the compiled (or eager) model with the loss, ``net(idx, targets) -> loss``. ``exclude`` names default
     plugins the thunder modes leave out (``FusedLinearCrossEntropy``: the loss fused as before that plugin)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
     if mode == "torchao-fp8":
         try:
             from torchao.float8 import convert_to_float8_training
@@ -91,40 +105,54 @@ def make_step_fn(mode: str, model: torch.nn.Module, device: torch.device, exclud
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise Unavailable("float8 needs a CUDA device with compute capability >= 8.9")
         convert_to_float8_training(model, module_filter_fn=lambda m, fqn: fqn != "lm_head")
-    if mode == "thunder+fp8":
+    if mode.startswith("thunder+fp8"):
         import lightning_thunder.plugins as plugins
 
         if not hasattr(plugins, "FP8"):
             raise Unavailable("lightning_thunder.plugins.FP8 does not exist yet (fp8 issue)")
         if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
             raise Unavailable("FP8 needs a CUDA device with compute capability >= 8.9")
+    if mode == "torch.compile-reduce-overhead" and device.type != "cuda":
+        raise Unavailable("reduce-overhead captures CUDA graphs: it needs a CUDA device")
     wrapped = WithLoss(model)
+    cudagraphs = None
     if mode == "eager":
         net = wrapped
     elif mode in ("torch.compile", "torchao-fp8"):
         net = torch.compile(wrapped)
-    elif mode == "thunder":
+    elif mode == "torch.compile-reduce-overhead":
+        net = torch.compile(wrapped, mode="reduce-overhead")
+    else:  # the thunder modes
         import lightning_thunder
 
-        net = lightning_thunder.compile(wrapped, plugins=thunder_plugins(exclude))
-    elif mode == "thunder+fp8":
-        import lightning_thunder
-        from lightning_thunder.plugins import FP8
+        compiler_plugins = thunder_plugins(exclude)
+        if "+fp8" in mode:
+            from lightning_thunder.plugins import FP8
 
-        net = lightning_thunder.compile(wrapped, plugins=[*thunder_plugins(exclude), FP8()])
-    else:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+            compiler_plugins.append(FP8())
+        if mode.endswith("+cudagraphs"):
+            from lightning_thunder.plugins import CUDAGraphs
+
+            cudagraphs = CUDAGraphs()
+            compiler_plugins.append(cudagraphs)
+        net = lightning_thunder.compile(wrapped, plugins=compiler_plugins)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=not fused)
 
+    reduce_overhead = mode == "torch.compile-reduce-overhead"
+
     def step(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if reduce_overhead:  # a new step: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         loss = net(idx, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        # reduce-overhead hands out the graph's own output, overwritten by the next step: keep a copy, as users do
+        return loss.detach().clone() if reduce_overhead else loss
 
     step.optimizer = opt
+    step.cudagraphs = cudagraphs  # the CUDAGraphs plugin of the +cudagraphs modes (its stats), else None
     return step, net
 
 
@@ -186,6 +214,16 @@ def run_mode(args: argparse.Namespace) -> dict:
         result["thunder_graphs"] = stats.graphs
         result["thunder_executor_counts"] = stats.executor_counts
         result["thunder_fusion_regions"] = stats.fusion_regions
+    if step.cudagraphs is not None:
+        graphs = step.cudagraphs.stats()
+        result["cudagraphs"] = {
+            "segments": graphs.segments,
+            "graphs": graphs.graphs,
+            "replays": graphs.replays,
+            "uncaptured_calls": graphs.uncaptured_calls,
+            "pool_gib": graphs.pool_bytes / 2**30,
+            "uncaptured": graphs.uncaptured,
+        }
     return result
 
 
@@ -310,6 +348,14 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.steps} steps after {args.warmup} warm-up; peak memory over the timed steps\n"
     )
     print(table(results, peak, tokens_per_step, flops_token))
+    for r in results:
+        if r.get("cudagraphs"):
+            g = r["cudagraphs"]
+            print(
+                f"\n{r['mode']}: {g['segments']} segments, {g['graphs']} CUDA graphs, {g['replays']} replays, "
+                f"{g['uncaptured_calls']} uncaptured segment calls, memory pool {g['pool_gib']:.2f} GiB"
+                + "".join(f"\n  uncaptured: {k}: {v}" for k, v in g["uncaptured"].items())
+            )
     for r in results:
         if r.get("top_kernels"):
             print(f"\ntop GPU kernels, {r['mode']} (one step):")

@@ -63,7 +63,9 @@ def _plan_of(traces: list) -> Any:
 
 
 def _explain_stage(index: int, stage: str, traces: list) -> GraphExplanation | None:
-    if not traces or not traces[-1].name.endswith("/final"):
+    from lightning_thunder.capture.state import final_trace
+
+    if final_trace(traces) is None:
         return None
     plan = _plan_of(traces)
     if plan is None:

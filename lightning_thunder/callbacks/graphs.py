@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_thunder.api import last_backward_traces, last_traces
 from lightning_thunder.capture.compiled import ThunderFunction, ThunderModule, compile_states, compiled_objects
-from lightning_thunder.capture.state import CompileState, GraphRecord
+from lightning_thunder.capture.state import CompileState, GraphRecord, final_trace
 from lightning_thunder.trace import DELETE, Proxy, Trace
 from lightning_thunder.trace.tree import iter_leaves
 
@@ -61,7 +61,7 @@ def compiled_parts(model: Any) -> list[Compiled]:
 
 
 def _is_final(traces: list[Trace]) -> bool:
-    return bool(traces) and traces[-1].name.endswith("/final")
+    return final_trace(traces) is not None
 
 
 def _latest_training_records(state: CompileState) -> list[GraphRecord]:
@@ -93,7 +93,7 @@ def training_graphs(part: Compiled, siblings: list[Compiled] | None = None) -> l
             )
         names = frozenset(owner.tensor_names().values())
         for record in _latest_training_records(owner):
-            graphs.append(TrainingGraph(record.forward_traces[-1], record.backward_traces[-1], names))
+            graphs.append(TrainingGraph(final_trace(record.forward_traces), final_trace(record.backward_traces), names))
     if graphs or any(s.records for s in states):
         return graphs
     try:  # graphs compiled by an instance outside this model: the public API finds the latest one
@@ -102,7 +102,7 @@ def training_graphs(part: Compiled, siblings: list[Compiled] | None = None) -> l
         return []
     if _is_final(fw) and _is_final(bw):
         names = frozenset(n for s in states for n in s.tensor_names().values())
-        graphs.append(TrainingGraph(fw[-1], bw[-1], names))
+        graphs.append(TrainingGraph(final_trace(fw), final_trace(bw), names))
     return graphs
 
 

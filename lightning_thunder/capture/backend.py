@@ -6,7 +6,8 @@ Pipeline for each graph Dynamo hands us (see DESIGN.md, "The pipeline")::
       -> AOTAutograd (functionalization, autodiff, decomposition) with our partition function:
          joint graph -> partitioner -> Trace "forward" + Trace "backward" -> post-autograd plugins
       -> per graph: DCE, CSE, executors (plugins' first, torch last), del insertion -> final trace
-      -> final trace's Python source, compiled (boxed calling convention)
+      -> plugins' transform_final (e.g. CUDA graph capture of runs of ops) -> the executable trace
+      -> its Python source, compiled (boxed calling convention)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lightning_thunder.passes import (
     insert_deletions,
     protect_mutated_saved_inputs,
 )
-from lightning_thunder.plugins.base import Plugin
+from lightning_thunder.plugins.base import FinalContext, Plugin
 from lightning_thunder.trace import Trace, fx_from_trace, trace_from_fx
 
 __all__ = ["ThunderBackend", "get_backend"]
@@ -200,6 +201,7 @@ class ThunderBackend:
             bw = trace_from_fx(bw_gm, name="backward", provenance=provenance, fn_name="backward", pretty_inputs=False)
             record.forward_traces.append(fw)
             record.backward_traces.append(bw)
+            record.user_outputs = kwargs["num_fwd_outputs"]
             protected = protect_mutated_saved_inputs(fw, kwargs["num_fwd_outputs"])
             changed = protected is not fw
             if changed:
@@ -259,6 +261,10 @@ class ThunderBackend:
                 else:
                     history.append(trace)
             finals = self.finish(trace, stage)
+            n_out = len(trace.output) if isinstance(trace.output, (tuple, list)) else 1
+            user = record.user_outputs if stage == "forward" and kind != "inference" else None
+            context = FinalContext(stage, kind == "inference", n_out if user is None else user, record.index)
+            finals += self.transform_final(finals[-1], context)
             history.extend(finals)
             fn = finals[-1].python_callable(boxed=True)
             elapsed = time.perf_counter() - t0
@@ -282,6 +288,18 @@ class ThunderBackend:
             out.extend(t.renamed(f"{stage}/{t.name}") for t in traces[:-1])
             out.append(traces[-1].renamed(f"{stage}/executor:{ex.name}"))
         out.append(insert_deletions(out[-1], name=f"{stage}/final"))
+        return out
+
+    def transform_final(self, trace: Trace, context: FinalContext) -> list[Trace]:
+        """The stages the plugins' :meth:`~lightning_thunder.Plugin.transform_final` add after ``"<stage>/final"``
+        (only changed traces); the last one, if any, is what runs."""
+        out = []
+        for plugin in self.plugins:
+            t1 = time.perf_counter()
+            new = _check_trace(plugin.transform_final(trace, context), plugin, "transform_final")
+            if new is not trace:
+                trace = self._stage(new, trace, f"{context.stage}/{plugin.name}", plugin, t1)
+                out.append(trace)
         return out
 
 

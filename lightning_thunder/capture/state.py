@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_thunder.trace.trace import DELETE, Trace
 
-__all__ = ["GraphRecord", "CompileState", "CompileStats", "SharedCode", "current_state"]
+__all__ = ["GraphRecord", "CompileState", "CompileStats", "SharedCode", "current_state", "final_trace"]
 
 _SEQUENCE = itertools.count()
 
@@ -43,6 +43,8 @@ class GraphRecord:
         inference: whether the graph was compiled without autograd.
         compile_time_s: time spent in our backend for this graph (forward and backward).
         recompile_reason: why Dynamo recompiled, when this graph is a recompile.
+        user_outputs: how many leading outputs of the training forward go to the caller (the rest are saved
+            for the backward); ``None`` before partitioning and for inference graphs.
     """
 
     index: int
@@ -56,14 +58,18 @@ class GraphRecord:
     inference: bool = False
     compile_time_s: float = 0.0
     recompile_reason: str | None = None
+    user_outputs: int | None = None
 
     def final_traces(self) -> list[Trace]:
-        """The executable forward and backward traces compiled so far."""
-        out = []
-        for traces in (self.forward_traces, self.backward_traces):
-            if traces and traces[-1].name.endswith("/final"):
-                out.append(traces[-1])
-        return out
+        """The final forward and backward traces compiled so far (see :func:`final_trace`)."""
+        return [t for t in (final_trace(self.forward_traces), final_trace(self.backward_traces)) if t is not None]
+
+
+def final_trace(traces: list[Trace]) -> Trace | None:
+    """The ``"<stage>/final"`` trace of a stage's history: every op claimed by an executor, ``del`` statements
+    inserted. It is the last trace, or comes just before the stages a plugin's ``transform_final`` added (which
+    run it in another form: ``CUDAGraphs`` replays runs of its ops as CUDA graphs). ``None`` until compiled."""
+    return next((t for t in reversed(traces) if t.name.endswith("/final")), None)
 
 
 @dataclass

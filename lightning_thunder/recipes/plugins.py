@@ -13,6 +13,8 @@ name                         what it maps to (at run time)
 ``activation_checkpointing`` ``thunder_fsdp``: ``ThunderFSDPStrategy(activation_checkpointing=True)``;
                              ``thunder``/``thunder_ddp``: :func:`~lightning_thunder.plugins.checkpoint_block` on
                              every transformer block before the model is compiled
+``cudagraphs``               ``lightning_thunder.plugins.CUDAGraphs(**options)``, appended to the compiler plugins
+                             (the compiled forward and backward replayed as CUDA graphs)
 ===========================  ====================================================================================
 
 Names are checked when the config is loaded, and ``fp8`` against the machine when a run starts
@@ -40,6 +42,8 @@ __all__ = ["PLUGINS", "PluginEntry", "RecipePlugins", "parse_plugins", "build_pl
 PLUGINS = {
     "fp8": "FP8 matmuls through lightning_thunder.plugins.FP8; options are its arguments, e.g. {recipe: tensorwise}",
     "activation_checkpointing": "recompute each transformer block's activations in the backward; no options",
+    "cudagraphs": "replay the compiled forward and backward as CUDA graphs (lightning_thunder.plugins.CUDAGraphs); "
+    "options are its arguments, e.g. {max_graphs: 32}",
 }
 _NO_OPTIONS = ("activation_checkpointing",)
 
@@ -121,6 +125,13 @@ def build_plugins(entries: Sequence[Any]) -> RecipePlugins:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"plugins: fp8 options {entry.options!r} were refused by {cls.__name__}: {e}") from e
             resolved.fp8 = True
+        elif entry.name == "cudagraphs":
+            from lightning_thunder.plugins import CUDAGraphs
+
+            try:
+                resolved.compile_plugins.append(CUDAGraphs(**entry.options))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"plugins: cudagraphs options {entry.options!r} were refused by CUDAGraphs: {e}") from e
     return resolved
 
 
