@@ -154,6 +154,7 @@ def capture_cuda_graph(
             except Exception as e:
                 # torch.cuda.graph leaves its stream current when ending the capture raises: restore the caller's.
                 torch.cuda.set_stream(caller_stream)
+                _end_generator_capture(pool, stream, caller_stream)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise GraphCaptureError(f"{type(e).__name__}: {first[:200]}") from e
             finally:
@@ -161,6 +162,17 @@ def capture_cuda_graph(
         finally:
             torch.cuda.set_rng_state(rng, device)
     return graph, outputs
+
+
+def _end_generator_capture(pool: GraphPool, stream: torch.cuda.Stream, caller_stream: torch.cuda.Stream) -> None:
+    """After a capture that failed, run an empty one: a capture's end is where CUDA's random generators leave
+    capture mode, and a failed end skips it, so the next random op outside any graph would raise ("Offset increment
+    outside graph capture"). The empty capture begins and ends cleanly and puts them back."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), pool=pool.handle, stream=stream, capture_error_mode="thread_local"):
+            pass
+    except Exception:  # noqa: BLE001 - best effort: the original capture error is what the caller reports
+        torch.cuda.set_stream(caller_stream)
 
 
 # How each output of a graph reaches the caller.
