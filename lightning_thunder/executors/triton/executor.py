@@ -59,6 +59,11 @@ class FusionWarning(UserWarning):
     the ops run on PyTorch. Always a lightning_thunder bug: please report it with the warning's text."""
 
 
+def _precompiles(plan: FusionPlan) -> bool:
+    """Whether the plan's kernels are compiled before the first step (CUDA; the interpreter compiles nothing)."""
+    return any(r.device.type == "cuda" for r in plan.regions)
+
+
 def _strict() -> bool:
     return os.environ.get("LIGHTNING_THUNDER_STRICT_FUSION", "0") == "1"
 
@@ -162,12 +167,21 @@ class FusionExecutor(Executor):
             self._dropped("lower", e)
             plan = FusionPlan(trace, (), unfused={id(op): "fusion dropped: lowering failed" for op in trace.ops})
             ops = list(trace.ops)
+        if not failed and _precompiles(plan):
+            from lightning_thunder.executors.triton import runtime
+
+            errors = runtime.precompile_all(kernels)
+            for region in plan.regions if errors else ():
+                fused = next(k for k in kernels if k.spec.region == region.name)
+                error = errors.get(fused.spec.kernel_name)
+                if error is not None:
+                    reason = f"Triton could not compile its kernel: {type(error).__name__}: {str(error)[:300]}"
+                    if _strict():
+                        raise RuntimeError(f"{region.name}: {reason}") from error
+                    warnings.warn(f"{region.name} ({len(region.ops)} ops) is not fused: {reason}", FusionWarning, stacklevel=6)
+                    failed.update({id(op): reason for op in region.ops})
         if failed:
             return stages, plan, failed
-        if any(r.device.type == "cuda" for r in plan.regions):
-            from lightning_thunder.executors.triton.runtime import precompile_all
-
-            precompile_all(kernels)
         note = f"executor {self.name}: {len(plan.regions)} fused regions"
         cpu = any(p.is_tensor and p.device.type == "cpu" for op in trace.ops for p in op.output_proxies())
         if not plan.regions and cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":

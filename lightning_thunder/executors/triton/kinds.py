@@ -44,8 +44,10 @@ AFTER_KERNEL = (COLSUM, EPILOGUE)
 #: column sums and epilogues are accumulated by kernels holding whole rows (at most this many columns)
 COLSUM_MAX_N = 16384
 _RANK = {SCALAR: 0, ROW: 1, COL: 1, FULL: 2}
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LOADABLE = (*FLOATS, torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+#: float dtypes regions compute (float64 stays on PyTorch: Triton's math functions are fp32-only on GPUs, so a region
+#: computing in float64 may not compile there; it may still load a float64 input it casts or compares)
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_LOADABLE = (*FLOATS, torch.float64, torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def join_kinds(a: str, b: str) -> str:
@@ -252,6 +254,8 @@ def check_operands(op: BoundOp, role: str, epilogue: Any = None) -> str | None:
     int_ok = (role in ("view", "constant") or (role == "pointwise" and op.target in fops.INT_EXACT)) and out.dtype in (
         torch.int64, torch.int32
     )
+    if out.dtype == torch.float64:
+        return "float64 results stay on PyTorch (Triton's math functions are fp32-only on GPUs)"
     if (out.dtype not in (*FLOATS, torch.bool) and not int_ok) or (role == "reduction" and out.dtype not in FLOATS):
         return f"its result dtype {out.dtype} is not computed in regions"
     for p in op.input_proxies():

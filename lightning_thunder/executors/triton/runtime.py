@@ -274,22 +274,16 @@ class RegionCall:
         return f"RegionCall({self.fused!r})"
 
 
-def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> None:
-    """Compile the kernels of ``regions`` in parallel threads (Triton's compiler and ``ptxas`` run
-    outside the GIL), so the first step does not compile them one after another."""
+def precompile_all(regions: list[FusedRegion], workers: int | None = None) -> dict[str, BaseException]:
+    """Compile the kernels of ``regions`` in parallel threads (Triton's compiler and ``ptxas`` run outside the GIL), so
+    the first step does not compile them one after another. Returns kernel name -> the error of each kernel Triton
+    could not compile (the executor then runs that region's ops on PyTorch)."""
     from concurrent.futures import ThreadPoolExecutor
 
     unique = list({r.spec.kernel_name: r for r in regions}.values())
     if not unique:
-        return
+        return {}
     workers = workers or min(len(unique), max(1, (os.cpu_count() or 2) - 1), 16)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [(r, pool.submit(r.precompile)) for r in unique]
-    for region, future in futures:
-        error = future.exception()
-        if error is not None:  # the kernel still compiles at its first launch; only this speed-up is lost
-            warnings.warn(
-                f"precompiling {region.spec.region} ({region.spec.kernel_name}) failed, it will compile at first "
-                f"use: {type(error).__name__}: {error}",
-                stacklevel=2,
-            )
+    return {r.spec.kernel_name: f.exception() for r, f in futures if f.exception() is not None}

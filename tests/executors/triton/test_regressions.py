@@ -136,3 +136,29 @@ def test_a_cast_of_a_column_sum_computed_in_another_region_is_not_folded():
             return program(a, b)
 
     check_module_parity(Program(), lambda: [x1.clone().requires_grad_(), x2.clone().requires_grad_()], plugins=[Fusion()])
+
+
+def test_a_kernel_triton_cannot_compile_runs_its_region_on_pytorch(monkeypatch):
+    """On the H100, a float64 region (float_power's backward) failed to compile (Triton's math functions are
+    fp32-only) and the first call raised. Now float64 stays on PyTorch, and a kernel that fails to compile before the
+    first step drops its region with a FusionWarning (raises under LIGHTNING_THUNDER_STRICT_FUSION)."""
+    import pytest
+
+    from lightning_thunder.executors.triton import FusionWarning
+    from lightning_thunder.executors.triton import executor as executor_module
+    from lightning_thunder.executors.triton import runtime
+
+    x = torch.randn(4, 8, dtype=torch.float64)
+    compiled = lt.compile(lambda x: (x * 2).exp() * 3, plugins=[Fusion()])
+    assert_close(compiled(x), (x * 2).exp() * 3, "float64")
+    assert lt.compile_stats(compiled).fusion_regions == 0
+    assert "float64 results stay on PyTorch" in str(lt.explain(compiled))
+
+    monkeypatch.delenv("LIGHTNING_THUNDER_STRICT_FUSION")
+    monkeypatch.setattr(executor_module, "_precompiles", lambda plan: True)
+    monkeypatch.setattr(runtime, "precompile_all", lambda kernels: {k.spec.kernel_name: RuntimeError("ptxas died") for k in kernels})
+    compiled = lt.compile(lambda x: (x * 2).sin() * 3, plugins=[Fusion()])
+    y = torch.randn(4, 8)
+    with pytest.warns(FusionWarning, match="Triton could not compile its kernel: RuntimeError: ptxas died"):
+        assert_close(compiled(y), (y * 2).sin() * 3, "outputs")
+    assert lt.compile_stats(compiled).fusion_regions == 0
