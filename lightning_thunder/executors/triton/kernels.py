@@ -11,11 +11,13 @@ its values are computed and stored.
 
 from __future__ import annotations
 
+import math
+
 from lightning_thunder.executors.triton import ops as fops
-from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR, WIDE, is_static
+from lightning_thunder.executors.triton.kinds import FULL, ROW, SCALAR, WIDE, is_static
 from lightning_thunder.executors.triton.plan import OnlineSoftmax, RegionPlan
 from lightning_thunder.executors.triton.shapes import storage_kind
-from lightning_thunder.executors.triton.writer import ColAt, KernelWriter, TensorArg, col_expr
+from lightning_thunder.executors.triton.writer import KernelWriter, TensorArg
 from lightning_thunder.trace.printing import source_comment
 from lightning_thunder.trace.trace import BoundOp
 
@@ -40,10 +42,9 @@ class FlatKernel(_Base):
     """No reduction: one program handles ``BLOCK`` consecutive elements of the ``R x N`` grid."""
 
     mode = "flat"
+    row_mask, full_width_mask, col_mask = "fmask", None, "fmask"
 
     def contiguous_address(self, shape, has_col, tile, shift, col):
-        import math
-
         if has_col and isinstance(shift, int) and shift == 0 and self.region.N is not None and math.prod(shape) == self.R * self.N:
             return "i"
         return super().contiguous_address(shape, has_col, tile, shift, col)
@@ -53,25 +54,6 @@ class FlatKernel(_Base):
         if tile is not None and empty and not terms:
             terms.append("i * 0")
         return terms
-
-    def mask(self, kind, width=None, shift=0):
-        if kind == SCALAR:
-            return None
-        parts = []
-        if kind in (FULL, ROW):
-            parts.append("fmask")
-        if kind in WIDE:
-            width = self.N if width is None else width
-            col = col_expr(shift)
-            if isinstance(shift, ColAt):
-                parts.append(f"({col} >= 0) & ({col} < {width})")
-            elif width < self.N or shift > 0:
-                parts.append(f"({col} < {width})")
-            if not isinstance(shift, ColAt) and shift < 0:
-                parts.append(f"({col} >= 0)")
-            if kind == COL:
-                parts.append("fmask")
-        return " & ".join(parts) if parts else None
 
     def tile(self, kind):
         return "[BLOCK]"

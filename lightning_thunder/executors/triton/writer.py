@@ -219,13 +219,20 @@ class KernelWriter:
             terms.append("cols * 0")
         return terms
 
+    #: the mask of the tile's rows (the flat kernel's ``fmask`` covers rows and columns at once)
+    row_mask = "rmask"
+    #: the mask of the grid's columns at full width (``None``: the row mask covers it)
+    full_width_mask: str | None = "cmask"
+    #: what a per-column value's mask needs besides its columns (the flat kernel: the elements that exist)
+    col_mask: str | None = None
+
     def mask(self, kind: str, width: int | None = None, shift: int | ColAt = 0) -> str | None:
         """The mask of a tile of ``kind`` whose columns ``cols + shift`` must lie in ``[0, width)``."""
         if kind == SCALAR:
             return None
         parts = []
         if kind in (FULL, ROW):
-            parts.append("rmask")
+            parts.append(self.row_mask)
         if kind in WIDE:
             width = self.N if width is None else width
             col = col_expr(shift)
@@ -233,10 +240,12 @@ class KernelWriter:
                 parts.append(f"({col} >= 0) & ({col} < {width})")
             elif width < self.N or shift > 0:
                 parts.append(f"({col} < {width})")
-            else:
-                parts.append("cmask")
+            elif self.full_width_mask is not None:
+                parts.append(self.full_width_mask)
             if not isinstance(shift, ColAt) and shift < 0:
                 parts.append(f"({col} >= 0)")
+            if kind == COL and self.col_mask is not None:
+                parts.append(self.col_mask)
         return " & ".join(parts) if parts else None
 
     def valid(self, p: Proxy) -> str:
