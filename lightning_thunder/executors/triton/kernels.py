@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from lightning_thunder.executors.triton import ops as fops
-from lightning_thunder.executors.triton.kinds import FULL, ROW, SCALAR, WIDE, is_static
+from lightning_thunder.executors.triton.kinds import COL, FULL, ROW, SCALAR, WIDE, is_static
 from lightning_thunder.executors.triton.plan import OnlineSoftmax, RegionPlan
 from lightning_thunder.executors.triton.shapes import storage_kind
 from lightning_thunder.executors.triton.writer import KernelWriter, TensorArg
