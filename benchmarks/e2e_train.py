@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from measure import environment, synchronize  # noqa: E402
+from measure import Unavailable, environment, parent_argv, spawn_worker, synchronize, worker_result  # noqa: E402
 
 MODES = ("recipe", "fabric-compile", "fabric-thunder", "trainer-thunder", "trainer-compile")
 #: Each of our paths and the torch.compile path it is compared with.
@@ -56,10 +54,6 @@ BASELINE = {"recipe": "fabric-compile", "fabric-thunder": "fabric-compile", "tra
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, vocab_size=1000,
             padded_vocab_size=1000, block_size=64)
 _GIB = float(1 << 30)
-
-
-class Unavailable(RuntimeError):
-    """The mode cannot run here (a missing package); the message says why."""
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -306,22 +300,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 def spawn(args: argparse.Namespace, mode: str) -> dict:
     """Run ``mode`` in a fresh process and return its JSON result (or the reason it failed)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out_path = f.name
-    cmd = [sys.executable, __file__, *args.argv, "--worker", mode, "--worker-out", out_path]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"mode": mode, "error": f"timed out after {args.timeout} s"}
-    try:
-        text = Path(out_path).read_text()
-        os.unlink(out_path)
-        if text:
-            return json.loads(text)
-    except (OSError, json.JSONDecodeError):
-        pass
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-    return {"mode": mode, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    return spawn_worker(__file__, args.argv, mode, "mode", args.timeout)
 
 
 def table(results: list[dict], tokens_per_step: int) -> str:
@@ -374,11 +353,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.batch = args.batch or (4 if cuda else 2)
     args.seq = args.seq or (2048 if cuda else 32)
     args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
-    args.argv = list(argv)
-    for flag in ("--worker", "--worker-out"):
-        if flag in args.argv:
-            i = args.argv.index(flag)
-            del args.argv[i : i + 2]
+    args.argv = parent_argv(argv)
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.mode_list if m not in MODES]
     if bad:
@@ -390,13 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        try:
-            result = run_mode(args)
-        except Unavailable as e:
-            result = {"mode": args.worker, "skipped": f"skipped: {e}"}
-        except Exception as e:  # reported in the table; the other modes still run
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            result = {"mode": args.worker, "error": f"failed: {type(e).__name__}: {lines[0] if lines else ''}"[:300]}
+        result = worker_result(lambda: run_mode(args), "mode", args.worker)
         Path(args.worker_out).write_text(json.dumps(result))
         return
     results = []

@@ -36,13 +36,14 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import Unavailable, parent_argv, spawn_worker, worker_result  # noqa: E402
 
 STRATEGIES = ("thunder_fsdp", "model_parallel_compile", "model_parallel", "fsdp")
 ENV_KEYS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")
@@ -51,10 +52,6 @@ TINY = dict(
     n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, vocab_size=256, padded_vocab_size=256,
     block_size=128,
 )
-
-
-class Unavailable(RuntimeError):
-    """The strategy cannot run here; the message says why."""
 
 
 def build_config(args: argparse.Namespace):
@@ -209,24 +206,12 @@ def run_worker(args: argparse.Namespace) -> dict | None:
 
 def spawn(args: argparse.Namespace, strategy: str) -> dict:
     """Run one strategy in fresh processes and return its result (or why it did not run)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out_path = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, "--worker", strategy, "--worker-out", out_path]
     # Fabric launches this strategy's ranks itself: rank variables inherited from a surrounding job would
     # make it believe it is already one of them (and wait forever for the others). Multi-node runs pass
     # --num-nodes and their own launcher.
     rank_vars = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if args.num_nodes > 1 or k not in rank_vars}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    try:
-        text = Path(out_path).read_text()
-        Path(out_path).unlink()
-        if text:
-            return json.loads(text)
-    except (OSError, json.JSONDecodeError):
-        pass
-    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-6:]
-    return {"strategy": strategy, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    return spawn_worker(str(Path(__file__).resolve()), args.argv, strategy, "strategy", args.timeout, env=env)
 
 
 def table(results: list[dict]) -> str:
@@ -269,11 +254,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.batch = args.batch or (4 if on_cuda else 2)
     args.seq = args.seq or (2048 if on_cuda else 64)
     args.precision = args.precision or ("bf16-mixed" if on_cuda else "32-true")
-    args.argv = list(argv)
-    for flag in ("--worker", "--worker-out"):
-        if flag in args.argv:
-            i = args.argv.index(flag)
-            del args.argv[i : i + 2]
+    args.argv = parent_argv(argv)
     args.strategy_list = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in args.strategy_list if s not in STRATEGIES]
     if bad:
@@ -285,14 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        try:
-            result = run_worker(args)
-        except Unavailable as e:
-            result = {"strategy": args.worker, "skipped": f"skipped: {e}"}
-        except Exception as e:  # reported in the table; the other strategies still run
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            message = f"failed: {type(e).__name__}: {lines[0] if lines else ''}"
-            result = {"strategy": args.worker, "error": message[:300]}
+        result = worker_result(lambda: run_worker(args), "strategy", args.worker)
         first_rank = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
         if result is not None and args.worker_out and first_rank:  # other ranks' failures are in the log
             Path(args.worker_out).write_text(json.dumps(result))

@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import count_kernels, environment, matmul_tflops, synchronize, top_kernels  # noqa: E402
+from measure import (  # noqa: E402
+    Unavailable,
+    count_kernels,
+    environment,
+    matmul_tflops,
+    parent_argv,
+    spawn_worker,
+    synchronize,
+    top_kernels,
+    worker_result,
+)
 
 MODES = (
     "eager",
@@ -47,10 +54,6 @@ MODES = (
     "torchao-fp8",
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class Unavailable(RuntimeError):
-    """The mode cannot run here (missing package or hardware); the message says why."""
 
 
 def build_config(args: argparse.Namespace):
@@ -234,20 +237,7 @@ def run_peak(args: argparse.Namespace) -> dict:
 
 def spawn(args: argparse.Namespace, worker: str) -> dict:
     """Run ``worker`` in a fresh process and return its JSON result (or the reason it failed)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out_path = f.name
-    cmd = [sys.executable, __file__, *args.argv, "--worker", worker, "--worker-out", out_path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    try:
-        with open(out_path) as f:
-            text = f.read()
-        os.unlink(out_path)
-        if text:
-            return json.loads(text)
-    except (OSError, json.JSONDecodeError):
-        pass
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-    return {"mode": worker, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    return spawn_worker(__file__, args.argv, worker, "mode", args.timeout)
 
 
 def table(results: list[dict], peak: dict, tokens_per_step: int, flops_token: float) -> str:
@@ -299,11 +289,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.batch = args.batch or (4 if on_cuda else 2)
     args.seq = args.seq or (2048 if on_cuda else 128)
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
-    args.argv = [a for a in argv if a not in ("--worker", "--worker-out")]
-    for flag in ("--worker", "--worker-out"):
-        if flag in args.argv:
-            i = args.argv.index(flag)
-            del args.argv[i : i + 2]
+    args.argv = parent_argv(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -316,13 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:
-        try:
-            result = run_peak(args) if args.worker == "peak" else run_mode(args)
-        except Unavailable as e:
-            result = {"mode": args.worker, "skipped": f"skipped: {e}"}
-        except Exception as e:  # reported in the table; the other modes still run
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            result = {"mode": args.worker, "error": f"failed: {type(e).__name__}: {lines[0] if lines else ''}"[:300]}
+        result = worker_result(lambda: run_peak(args) if args.worker == "peak" else run_mode(args), "mode", args.worker)
         with open(args.worker_out, "w") as f:
             json.dump(result, f)
         return

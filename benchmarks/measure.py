@@ -1,4 +1,5 @@
-"""Shared measurement helpers for the benchmarks: timing, device peaks, kernel counts, versions.
+"""Shared measurement helpers for the benchmarks: timing, device peaks, kernel counts, versions, and running each
+mode in a worker process.
 
 Peaks are *measured* on the card in the same run (never taken from a spec sheet): the bf16 matmul
 rate of a large square GEMM and the bandwidth of a large device-to-device copy.
@@ -6,10 +7,15 @@ rate of a large square GEMM and the bandwidth of a large device-to-device copy.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -133,3 +139,58 @@ def kernel_time_ms(fn: Callable[[], object], device: torch.device, *, iters: int
                 total += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         samples.append(total / 1e3)
     return statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------------------------- worker processes
+# Each benchmark runs every mode in a fresh process: the script calls itself with --worker MODE --worker-out FILE,
+# the worker writes one JSON result there, and the parent collects the results into its table.
+
+
+class Unavailable(RuntimeError):
+    """The mode cannot run here (missing package or hardware); the message says why."""
+
+
+def parent_argv(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--worker``/``--worker-out`` flags (and their values) a worker was started with."""
+    out = list(argv)
+    for flag in ("--worker", "--worker-out"):
+        if flag in out:
+            i = out.index(flag)
+            del out[i : i + 2]
+    return out
+
+
+def worker_result(run: Callable[[], dict | None], key: str, name: str) -> dict | None:
+    """``run()``'s result, or ``{key: name, "skipped": ...}`` / ``{key: name, "error": ...}`` when it could not run
+    (reported in the table; the other modes still run)."""
+    try:
+        return run()
+    except Unavailable as e:
+        return {key: name, "skipped": f"skipped: {e}"}
+    except Exception as e:  # noqa: BLE001 - any failure of one mode is that mode's table row
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return {key: name, "error": f"failed: {type(e).__name__}: {lines[0] if lines else ''}"[:300]}
+
+
+def spawn_worker(
+    script: str, argv: list[str], name: str, key: str, timeout: float, env: dict[str, str] | None = None
+) -> dict:
+    """Run ``script`` with ``argv --worker name`` in a fresh process and return its JSON result (or why there is
+    none: the end of its output, or the timeout)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out_path = Path(f.name)
+    cmd = [sys.executable, script, *argv, "--worker", name, "--worker-out", str(out_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        out_path.unlink(missing_ok=True)
+        return {key: name, "error": f"timed out after {timeout} s"}
+    try:
+        text = out_path.read_text()
+        out_path.unlink()
+        if text:
+            return json.loads(text)
+    except (OSError, json.JSONDecodeError):
+        pass
+    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-8:]
+    return {key: name, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
