@@ -18,11 +18,23 @@ run *around* it, eagerly (PyTorch keeps Dynamo out of FSDP2's hooks). Two ways t
 - ``lightning_thunder.compile(model, plugins=[FSDP(), ...])``: ``compile`` shards here, then compiles
   the root. Since Dynamo cannot enter FSDP's hooks, the root's graph stops at each block and each
   block's forward is compiled as its own graph (one graph shared by all blocks).
+
+FP8: given the :class:`~lightning_thunder.plugins.FP8` plugin (``FSDP(fp8=...)``; the ``thunder_fsdp`` strategies
+pass ``ThunderFP8``'s), the weights of the blocks' FP8 layers are all-gathered in FP8 with their scales
+(:mod:`lightning_thunder.fp8.fsdp`) unless that plugin says ``all_gather="bf16"``.
+
+One device (a data-parallel group of one): FSDP2 is kept. There is nothing to shard, and FSDP2 still copies each
+unit's parameters into its "all-gathered" buffer and the gradients out of the "reduce-scatter" buffer, but
+leaving it out would change what the strategy hands back: parameters would not be ``DTensor``s, so Lightning's
+distributed checkpointing (which looks for them), ``strategy.device_mesh``-based code and the checkpoint layout
+would differ between one device and many, and a run debugged on one GPU would not be the run scaled out. With FP8
+all-gather those copies move FP8 bytes, half as many.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
@@ -40,6 +52,9 @@ from lightning_thunder.plugins.blocks import (
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from lightning_thunder.fp8.fsdp import FP8AllGather
+    from lightning_thunder.plugins.fp8 import FP8
 
 __all__ = ["FSDP", "require_process_group", "default_device_mesh"]
 
@@ -95,11 +110,20 @@ class FSDP(Plugin):
             needs a CUDA mesh.
         activation_checkpointing: recompute each block's activations in the backward instead of saving
             them (see :func:`~lightning_thunder.plugins.blocks.checkpoint_block`).
+        fp8: the :class:`~lightning_thunder.plugins.FP8` plugin the blocks are compiled with: with its
+            ``all_gather="fp8"`` (the tensorwise default) the weights of the blocks' FP8 layers are all-gathered in
+            FP8 (see the module docstring).
+
+    Attributes:
+        fp8_all_gather: after :meth:`transform_module`, the :class:`~lightning_thunder.fp8.fsdp.FP8AllGather` of
+            the weights gathered in FP8, or ``None``.
 
     Example::
 
         torch.distributed.init_process_group("nccl")
         cm = lightning_thunder.compile(model, plugins=[FSDP(activation_checkpointing=True)])
+        fp8 = FP8()
+        cm = lightning_thunder.compile(model, plugins=[FSDP(fp8=fp8), *lightning_thunder.default_plugins(), fp8])
     """
 
     def __init__(
@@ -111,6 +135,7 @@ class FSDP(Plugin):
         reshard_after_forward: bool | int = True,
         cpu_offload: bool = False,
         activation_checkpointing: bool = False,
+        fp8: FP8 | None = None,
     ) -> None:
         if mesh is not None and mesh.ndim != 1:
             raise ValueError(
@@ -123,6 +148,37 @@ class FSDP(Plugin):
         self.reshard_after_forward = _check_reshard(reshard_after_forward)
         self.cpu_offload = bool(cpu_offload)
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.fp8 = fp8
+        self.fp8_all_gather: FP8AllGather | None = None
+
+    def _gathers_fp8(self, blocks: list[nn.Module]) -> bool:
+        """Whether the blocks' FP8 weights are all-gathered in FP8: the FP8 plugin asks for it and FSDP2 allows it
+        (an explicit ``all_gather="fp8"`` it cannot honour is an error; the default falls back with a warning)."""
+        if self.fp8 is None or self.fp8.all_gather != "fp8":
+            return False
+        from lightning_thunder.fp8.dtensor import is_dtensor
+
+        reasons = []
+        if self.cpu_offload:
+            reasons.append("cpu_offload=True (FSDP2 moves each bf16 shard to the GPU just before its all-gather)")
+        if not isinstance(self.reshard_after_forward, bool):
+            reasons.append(
+                f"reshard_after_forward={self.reshard_after_forward} (FSDP2 regathers from the smaller group without "
+                "the all-gather extension)"
+            )
+        if any(is_dtensor(p) for block in blocks for p in block.parameters()):
+            reasons.append("tensor parallelism (the weights are already DTensors split over the tensor-parallel mesh)")
+        if not reasons:
+            return True
+        message = f"FP8 all-gather is not available with {' and '.join(reasons)}"
+        if self.fp8.all_gather_requested == "fp8":
+            raise ValueError(f"{message}; pass all_gather='bf16' to ThunderFP8/FP8")
+        warnings.warn(
+            f"{message}: the FP8 layers' weights are all-gathered in bf16 and quantized in each block's forward; pass "
+            "all_gather='bf16' to ThunderFP8/FP8 to choose this without the warning",
+            stacklevel=3,
+        )
+        return False
 
     def transform_module(self, module: nn.Module) -> nn.Module:
         """Apply activation checkpointing (if enabled) to each block, then ``fully_shard`` to the embedding, each
@@ -147,6 +203,21 @@ class FSDP(Plugin):
         outer = find_outer_modules(module, block_cls)
         embedding = outer.embedding if not outer.tied else None
         head = [n for n in (outer.final_norm, None if outer.tied else outer.head) if n is not None]
+        fp8_all_gather = None
+        if self._gathers_fp8([block for _, _, block in blocks]):
+            from lightning_thunder.fp8.fsdp import FP8AllGather
+            from lightning_thunder.plugins.fp8 import LinearInfo
+
+            fp8 = self.fp8
+            assert fp8 is not None
+
+            def accept(name: str, linear: nn.Linear) -> bool:  # the names the block's trace shows (attn.qkv)
+                return fp8.accepts(LinearInfo(name, linear.in_features, linear.out_features))
+
+            fp8_all_gather = FP8AllGather()
+            block_names = {id(b): n for n, b in module.named_modules()}
+            for _, _, block in blocks:
+                fp8_all_gather.wrap(block, accept, prefix=f"{block_names[id(block)]}.")
         if embedding is not None:
             fully_shard(module.get_submodule(embedding), reshard_after_forward=self.reshard_after_forward, **kwargs)
         for i, (_, _, block) in enumerate(blocks):
@@ -158,21 +229,26 @@ class FSDP(Plugin):
             fully_shard([module.get_submodule(n) for n in head], reshard_after_forward=False, **kwargs)
         # The root's parameters are needed again as soon as the backward starts: keep them gathered.
         fully_shard(module, reshard_after_forward=False, **kwargs)
+        if fp8_all_gather is not None:
+            fp8_all_gather.bind()
+        self.fp8_all_gather = fp8_all_gather
         units = [embedding] * (embedding is not None) + [" + ".join(head)] * bool(head)
         log.info(
-            "FSDP: sharded %d %s blocks, %s and the root %s over %d ranks (activation checkpointing %s)",
+            "FSDP: sharded %d %s blocks, %s and the root %s over %d ranks (activation checkpointing %s; %s)",
             len(blocks),
             "/".join(c.__name__ for c in (block_cls if isinstance(block_cls, tuple) else (block_cls,))),
             ", ".join(units) or "no outer unit",
             type(module).__name__,
             mesh.size(),
             "on" if self.activation_checkpointing else "off",
+            f"{len(fp8_all_gather.names)} weights all-gathered in FP8" if fp8_all_gather else "no FP8 all-gather",
         )
         return module
 
     def __repr__(self) -> str:
+        fp8 = "" if self.fp8 is None else f", fp8={self.fp8!r}"
         return (
             f"FSDP(block_cls={self.block_cls!r}, reshard_after_forward={self.reshard_after_forward!r}, "
-            f"cpu_offload={self.cpu_offload}, activation_checkpointing={self.activation_checkpointing})"
+            f"cpu_offload={self.cpu_offload}, activation_checkpointing={self.activation_checkpointing}{fp8})"
         )
 

@@ -148,9 +148,12 @@ def compile_and_shard(
     """
     from lightning_thunder.plugins.blocks import compile_blocks, find_block_class
 
+    from lightning_thunder.plugins.fp8 import FP8
+
     block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
     if tensor_parallel is not None:
         tensor_parallel.transform_module(module)
+    block_plugins = with_precision_plugins(plugins, precision_plugin)
     fsdp = FSDP(
         mesh=mesh["data_parallel"],
         block_cls=block_cls,
@@ -158,8 +161,10 @@ def compile_and_shard(
         reshard_after_forward=options.reshard_after_forward,
         cpu_offload=options.cpu_offload,
         activation_checkpointing=options.activation_checkpointing,
+        # The FP8 plugin the blocks compile with (ThunderFP8's, or one in `plugins`): FP8 all-gather of its weights.
+        fp8=next((p for p in block_plugins or () if isinstance(p, FP8)), None),
     )
-    compile_blocks(module, with_precision_plugins(plugins, precision_plugin), block_cls=block_cls, **compile_options)
+    compile_blocks(module, block_plugins, block_cls=block_cls, **compile_options)
     return fsdp.transform_module(module)
 
 

@@ -169,14 +169,17 @@ def _tables(tensors: list[torch.Tensor]) -> _Tables:
 
 
 def fp8_quantize_group_triton(
-    tensors: list[torch.Tensor], fp8_dtype: torch.dtype, transpose: bool
+    tensors: list[torch.Tensor], fp8_dtype: torch.dtype, transpose: bool, amax: torch.Tensor | None = None
 ) -> list[tuple[torch.Tensor, ...]]:
     """Tensorwise FP8 quantization of each of ``tensors`` (2-D, contiguous, one dtype and device), in three
-    launches (a zero fill, the amax pass, the cast pass).
+    launches (a zero fill, the amax pass, the cast pass), or only the cast pass when ``amax`` is given.
 
     Returns, per tensor, ``(q, scale_inv)`` or, with ``transpose``, ``(q, scale_inv, q_t, scale_inv_t)``:
     the values :func:`~lightning_thunder.executors.kernels.fp8_quant.fp8_quantize_triton` returns, bit for bit
     (``q``, ``q_t`` and the scales are views of shared buffers).
+
+    ``amax``: fp32 ``[len(tensors)]``, the maxima to scale by instead of each tensor's own (FSDP's FP8 all-gather
+    scales each shard by the maximum of the whole weight over all ranks); no tensor may be empty then.
     """
     if not tensors:
         return []
@@ -198,11 +201,23 @@ def fp8_quantize_group_triton(
     q_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype)
     q_t_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype) if transpose else q_all
     scales = torch.empty(len(tensors) * 2 * _SCALE_STRIDE, device=device, dtype=torch.float32)
-    amax = torch.zeros(len(tensors), device=device, dtype=torch.float32)
+    given = amax is not None
+    if given:
+        if amax.shape != (len(tensors),) or amax.dtype != torch.float32 or amax.device != device or any(
+            t.numel() == 0 for t in tensors
+        ):
+            raise ValueError(
+                f"amax must be fp32 [{len(tensors)}] on {device} for non-empty tensors, got {amax.dtype} "
+                f"{tuple(amax.shape)} on {amax.device}"
+            )
+        amax = amax.contiguous()
+    else:
+        amax = torch.zeros(len(tensors), device=device, dtype=torch.float32)
     if tables.tiles:
         common = (tables.tile_tensor, tables.first_tile, tables.rows, tables.cols, tables.src)
-        _AMAX((tables.tiles,), *common, amax, IN_DTYPE=_TL_IN[first.dtype], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
-              num_warps=_NUM_WARPS)
+        if not given:
+            _AMAX((tables.tiles,), *common, amax, IN_DTYPE=_TL_IN[first.dtype], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+                  num_warps=_NUM_WARPS)
         _CAST(
             (tables.tiles,), *common, tables.offset, amax, q_all, q_t_all, scales, IN_DTYPE=_TL_IN[first.dtype],
             FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype, TRANSPOSE=transpose,

@@ -1,0 +1,208 @@
+"""The two tensor subclasses of FP8 all-gather under FSDP2: the sharded weight FSDP all-gathers, and the FP8 weight
+the all-gather produces.
+
+FSDP2 lets the local tensor of a sharded parameter decide what is all-gathered (``fsdp_pre_all_gather``) and what
+the module then sees (``fsdp_post_all_gather``), as torchao's float8 training does::
+
+    sharded parameter (DTensor)                         unsharded parameter (what the block's forward reads)
+      local tensor: FP8ShardedWeight  --all-gather-->   FP8GatheredWeight
+        bf16 shard, updated in place                      data: the whole weight in FP8 (e4m3), gathered
+        by the optimizer                                  scale_inv: fp32 0-d, the same on every rank
+
+- :class:`FP8ShardedWeight` wraps the high-precision shard (``bf16``): every op runs on that shard (the optimizer,
+  checkpoint loading, FSDP's padding and copies), and its ``fsdp_pre_all_gather`` hands FSDP the shard's FP8 copy
+  and the scale, which :class:`~lightning_thunder.fp8.fsdp.FP8AllGather` computes for all weights at once.
+- :class:`FP8GatheredWeight` is a high-precision tensor in shape, dtype and device (autograd gives it a ``bf16``
+  gradient of its shape, which FSDP reduce-scatters as usual) that holds FP8 data and its scale. ``fp8_linear``
+  consumes them as they are: its traces show the weight arriving as an FP8 tensor and a scale, and no quantization
+  of it. Any other op sees the dequantized weight (``data * scale_inv``) and warns once, outside tracing: the FP8
+  layer filter and the weights gathered in FP8 disagree.
+
+Both are traceable wrapper subclasses (``__tensor_flatten__``): Dynamo and AOTAutograd pass their inner tensors
+to the compiled graphs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+if TYPE_CHECKING:
+    from lightning_thunder.fp8.fsdp import FP8AllGather
+
+__all__ = ["FP8GatheredWeight", "FP8ShardedWeight"]
+
+aten = torch.ops.aten
+
+#: Ops after which an :class:`FP8GatheredWeight` is still the same weight (FSDP2's ``nn.Parameter`` and
+#: ``as_strided`` around the all-gather output; Dynamo's ``detach``/``alias``).
+_GATHERED_VIEWS = {aten.detach.default, aten.alias.default, aten.as_strided.default, aten.view.default}
+
+#: Ops whose results are still (parts of) the sharded weight: FSDP2's padding and sharding (``new_zeros``,
+#: ``slice``, ``view``, ``split``), materialization (``empty_like``), moves (``_to_copy``, ``_pin_memory``),
+#: ``nn.Parameter`` (``detach``), copies (``clone``). In-place ops return their destination; anything else
+#: (optimizer states made by ``zeros_like``, norms, arithmetic) gives plain tensors.
+_SHARDED_PRESERVED = {
+    aten.detach.default, aten.alias.default, aten.empty_like.default, aten.new_zeros.default, aten.slice.Tensor,
+    aten.view.default, aten.as_strided.default, aten._to_copy.default, aten._pin_memory.default,
+    aten.split.Tensor, aten.clone.default,
+}
+
+_warned: set[str] = set()
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds data (not a fake, functional or meta tensor of a trace)."""
+    return type(t) is torch.Tensor and not t.is_meta
+
+
+class FP8GatheredWeight(torch.Tensor):
+    """A weight quantized to FP8 (tensorwise) that poses as a tensor of its high-precision ``dtype``.
+
+    Args:
+        data: the FP8 values (``float8_e4m3fn``), the weight's shape.
+        scale_inv: fp32 0-d: ``weight ~= data * scale_inv``.
+        dtype: the dtype the weight has for autograd and for every op but ``fp8_linear`` (its gradient's dtype).
+        requires_grad: as for a parameter.
+    """
+
+    _data: torch.Tensor
+    _scale_inv: torch.Tensor
+
+    @staticmethod
+    def __new__(
+        cls, data: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, requires_grad: bool = False
+    ) -> FP8GatheredWeight:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, data.shape, strides=data.stride(), storage_offset=data.storage_offset(), dtype=dtype,
+            device=data.device, requires_grad=requires_grad,
+        )
+
+    def __init__(
+        self, data: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, requires_grad: bool = False
+    ) -> None:
+        self._data = data
+        self._scale_inv = scale_inv
+
+    def __tensor_flatten__(self) -> tuple[list[str], torch.dtype]:
+        """Inner tensors ``_data`` and ``_scale_inv``; the outer dtype is the context."""
+        return ["_data", "_scale_inv"], self.dtype
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], dtype: torch.dtype, outer_size: Any, outer_stride: Any) -> FP8GatheredWeight:
+        """The inverse of :meth:`__tensor_flatten__`."""
+        return FP8GatheredWeight(inner["_data"], inner["_scale_inv"], dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """``data * scale_inv`` in fp32, returned in this tensor's dtype (the weight as every other op sees it)."""
+        return (self._data.float() * self._scale_inv).to(self.dtype)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (
+            f"FP8GatheredWeight(shape={tuple(self.shape)}, dtype={self.dtype}, data={self._data.dtype}, "
+            f"device={self.device})"
+        )
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _GATHERED_VIEWS:
+            t, *rest = args
+            return FP8GatheredWeight(func(t._data, *rest, **kwargs), t._scale_inv, t.dtype)
+        weights = [a for a in args if isinstance(a, FP8GatheredWeight)]
+        if weights and _is_real(weights[0]._data) and str(func) not in _warned:
+            _warned.add(str(func))
+            warnings.warn(
+                f"{func} ran on the dequantized FP8 weight of a layer whose weight FSDP all-gathers in FP8: only "
+                "fp8_linear consumes it as it is, so this op computes with an FP8-rounded weight. The FP8 plugin's "
+                "filter and the gathered weights disagree; pass all_gather='bf16' to ThunderFP8/FP8",
+                stacklevel=2,
+            )
+        args, kwargs = tree_map_only(FP8GatheredWeight, FP8GatheredWeight.dequantize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+class FP8ShardedWeight(torch.Tensor):
+    """The local shard of an FP8 layer's weight under FSDP2: the high-precision shard (every op runs on it), plus the
+    FSDP2 all-gather extension that gathers it in FP8 (see the module docstring).
+
+    Args:
+        tensor: the high-precision shard.
+        group: the :class:`~lightning_thunder.fp8.fsdp.FP8AllGather` that quantizes every FP8 weight of the model.
+        index: this weight's position in ``group``.
+    """
+
+    _tensor: torch.Tensor
+    _group: FP8AllGather
+    _index: int
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor, group: FP8AllGather, index: int) -> FP8ShardedWeight:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, tensor.shape, strides=tensor.stride(), storage_offset=tensor.storage_offset(), dtype=tensor.dtype,
+            device=tensor.device, layout=tensor.layout, requires_grad=tensor.requires_grad,
+            pin_memory=tensor.is_pinned() if not tensor.is_meta else False,
+        )
+
+    def __init__(self, tensor: torch.Tensor, group: FP8AllGather, index: int) -> None:
+        self._tensor = tensor
+        self._group = group
+        self._index = index
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[FP8AllGather, int]]:
+        """Inner tensor ``_tensor``; the group and index are the context."""
+        return ["_tensor"], (self._group, self._index)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx: tuple[FP8AllGather, int], outer_size: Any, outer_stride: Any) -> FP8ShardedWeight:
+        """The inverse of :meth:`__tensor_flatten__`."""
+        return FP8ShardedWeight(inner["_tensor"], *ctx)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"FP8ShardedWeight({self._tensor!r}, index={self._index})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inner_args, inner_kwargs = tree_map_only(FP8ShardedWeight, lambda t: t._tensor, (args, kwargs or {}))
+        out = func(*inner_args, **inner_kwargs)
+        schema_args = func._schema.arguments
+        if schema_args and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write:
+            return args[0]  # in place (the optimizer's update, a checkpoint's copy_): the destination as it was
+        src = args[0] if args else None
+        if func not in _SHARDED_PRESERVED or not isinstance(src, FP8ShardedWeight):
+            return out
+        return tree_map_only(torch.Tensor, lambda t: FP8ShardedWeight(t, src._group, src._index), out)
+
+    # ------------------------------------------------------------------------------------- FSDP2's extension
+    def fsdp_pre_all_gather(
+        self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any
+    ) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """``((FP8 shard,), (scale_inv,))``: this shard in FP8, scaled by the whole weight's maximum (the same
+        scale on every rank), padded to FSDP's padded shard size."""
+        q, scale_inv = self._group.quantized(self)
+        padded_rows = -(-outer_size[0] // mesh.size())
+        if q.shape[0] != padded_rows:
+            q = torch.cat([q, q.new_zeros(padded_rows - q.shape[0], *q.shape[1:])])
+        return (q,), (scale_inv,)
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[torch.Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """The gathered FP8 weight as an :class:`FP8GatheredWeight` of ``param_dtype`` (on later all-gathers, FSDP
+        refills ``out``'s data in place and only the scale is set here)."""
+        (data,) = all_gather_outputs
+        (scale_inv,) = metadata
+        if out is not None:
+            if not isinstance(out, FP8GatheredWeight):
+                raise TypeError(f"FSDP's unsharded parameter should be an FP8GatheredWeight, got {type(out).__name__}")
+            out._scale_inv = scale_inv
+            return None
+        return FP8GatheredWeight(data, scale_inv, param_dtype), (data,)
