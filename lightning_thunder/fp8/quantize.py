@@ -340,7 +340,8 @@ def fp8_cast_group(
     if together:
         from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
 
-        chosen = amax if len(together) == len(tensors) else amax[torch.tensor(together, device=amax.device)]
+        # (No index tensor built on the host: uploading it would wait for the GPU.)
+        chosen = amax if len(together) == len(tensors) else torch.stack([amax[g] for g in together])
         quantized = fp8_quantize_group_triton([tensors[g] for g in together], dtype, False, amax=chosen)
         for g, (q, scale_inv) in zip(together, quantized):
             out[g] = (q, scale_inv)

@@ -181,8 +181,13 @@ class FP8ShardedWeight(torch.Tensor):
         self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any
     ) -> tuple[tuple[torch.Tensor, ...], Any]:
         """``((FP8 shard,), (scale_inv,))``: this shard in FP8, scaled by the whole weight's maximum (the same
-        scale on every rank), padded to FSDP's padded shard size."""
+        scale on every rank), padded to FSDP's padded shard size.
+
+        On a group of one rank the shard is the whole weight: nothing is gathered (an empty input) and the FP8
+        weight itself travels in the metadata, so FSDP2 copies nothing."""
         q, scale_inv = self._group.quantized(self)
+        if mesh.size() == 1:
+            return (q.new_empty((0, *q.shape[1:])),), (scale_inv, q)
         padded_rows = -(-outer_size[0] // mesh.size())
         if q.shape[0] != padded_rows:
             q = torch.cat([q, q.new_zeros(padded_rows - q.shape[0], *q.shape[1:])])
@@ -197,12 +202,16 @@ class FP8ShardedWeight(torch.Tensor):
         out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
         """The gathered FP8 weight as an :class:`FP8GatheredWeight` of ``param_dtype`` (on later all-gathers, FSDP
-        refills ``out``'s data in place and only the scale is set here)."""
-        (data,) = all_gather_outputs
-        (scale_inv,) = metadata
+        refills ``out``'s data in place and only the scale is set here; on one rank ``out`` takes the FP8 weight
+        from the metadata)."""
+        (gathered,) = all_gather_outputs
+        scale_inv, *whole = metadata
+        data = whole[0] if whole else gathered  # one rank: the FP8 weight itself, nothing was gathered
         if out is not None:
             if not isinstance(out, FP8GatheredWeight):
                 raise TypeError(f"FSDP's unsharded parameter should be an FP8GatheredWeight, got {type(out).__name__}")
             out._scale_inv = scale_inv
+            if whole:
+                out._data = data
             return None
-        return FP8GatheredWeight(data, scale_inv, param_dtype), (data,)
+        return FP8GatheredWeight(data, scale_inv, param_dtype), (gathered,)

@@ -137,16 +137,27 @@ def test_fsdp_plugin_gathers_fp8_weights_refreshes_once_per_step_and_keeps_state
     assert len(group.names) == 10 and group.names[0] == "transformer.h.0.attn.qkv" and group.refreshes == 3
     qkv = model.original_module.transformer.h[0].attn.qkv
     assert isinstance(qkv.weight._local_tensor, FP8ShardedWeight)
+    # On one rank nothing is gathered: the layer reads the FP8 weight the refresh made, not a copy of it.
+    seen = []
+    block = model.original_module.transformer.h[0]  # after FSDP's pre-forward hook, which gathers
+    handle = block.register_forward_pre_hook(lambda m, args: seen.append(qkv.weight))
+    with warnings.catch_warnings():  # (it does run: FSDP's hooks and the block's stay outside the root's graphs)
+        warnings.filterwarnings("ignore", message=".*registered after the first call", category=RuntimeWarning)
+        model(token_batches(1)[0][0])
+    handle.remove()
+    (gathered,) = seen
+    assert isinstance(gathered, FP8GatheredWeight) and gathered._data.data_ptr() == group._cache[0][0].data_ptr()
+    assert group.refreshes == 4  # the third optimizer step's weights, quantized at this forward's first all-gather
     state = model.state_dict()
     assert {type(v._local_tensor) for v in state.values()} == {torch.Tensor}
     # Loading a state dict overwrites the shards: the next all-gather requantizes them.
     new = {k: (v.full_tensor() * 0.5).detach() for k, v in state.items()}
     model.load_state_dict({k: torch.distributed.tensor.distribute_tensor(v, qkv.weight.device_mesh, qkv.weight.placements) for k, v in new.items()})
     q, scale_inv = group.quantized(qkv.weight._local_tensor)
-    assert group.refreshes == 4
+    assert group.refreshes == 5
     ref_q, ref_scale_inv = quantize_reference(new["transformer.h.0.attn.qkv.weight"], E4M3, False)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale_inv, ref_scale_inv)
-    assert group.quantized(qkv.weight._local_tensor)[0] is q and group.refreshes == 4  # unchanged: reused
+    assert group.quantized(qkv.weight._local_tensor)[0] is q and group.refreshes == 5  # unchanged: reused
 
 
 def test_fsdp_plugin_explains_where_fp8_all_gather_cannot_run(one_rank_group):
