@@ -95,8 +95,9 @@ class FP8AllGather:
         return wrapped
 
     def bind(self) -> None:
-        """After ``fully_shard``: take the sharded parameters (the ``DTensor``s the optimizer updates) and keep the
-        layers' ``state_dict`` entries plain."""
+        """After ``fully_shard``: take the sharded parameters (the ``DTensor``s the optimizer updates), and requantize
+        after any ``load_state_dict`` of their layers. (:func:`~lightning_thunder.fp8.weights.keep_state_dict_plain`
+        keeps the layers' ``state_dict`` entries plain.)"""
         from torch.distributed.tensor import DTensor
 
         params = []
@@ -113,7 +114,6 @@ class FP8AllGather:
                     "mesh (tensor parallelism): pass all_gather='bf16'"
                 )
             params.append(p)
-            linear.register_state_dict_post_hook(_plain_state_dict)
             linear.register_load_state_dict_post_hook(self._loaded)
         if params:
             mesh = params[0].device_mesh
@@ -161,18 +161,3 @@ def _is_dtensor(t: Any) -> bool:
     from lightning_thunder.fp8.dtensor import is_dtensor
 
     return is_dtensor(t)
-
-
-def _plain_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """``state_dict`` post-hook of a layer whose weight is gathered in FP8: its entry becomes a ``DTensor`` of the
-    plain high-precision shard (a view of the same storage)."""
-    from torch.distributed.tensor import DTensor
-
-    key = f"{prefix}weight"
-    value = state_dict.get(key)
-    if isinstance(value, DTensor) and isinstance(value._local_tensor, FP8ShardedWeight):
-        with torch.no_grad():
-            state_dict[key] = DTensor.from_local(
-                value._local_tensor._tensor, value.device_mesh, value.placements, run_check=False,
-                shape=value.shape, stride=value.stride(),
-            )

@@ -28,12 +28,13 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_map_only
 
 if TYPE_CHECKING:
     from lightning_thunder.fp8.fsdp import FP8AllGather
 
-__all__ = ["FP8GatheredWeight", "FP8ShardedWeight"]
+__all__ = ["FP8GatheredWeight", "FP8ShardedWeight", "OneRankShard", "ShardWrapper", "keep_state_dict_plain"]
 
 aten = torch.ops.aten
 
@@ -125,7 +126,100 @@ class FP8GatheredWeight(torch.Tensor):
         return func(*args, **kwargs)
 
 
-class FP8ShardedWeight(torch.Tensor):
+class ShardWrapper(torch.Tensor):
+    """The local shard of a parameter under FSDP2, wrapped so that its all-gather can be changed (FSDP2's
+    ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``, defined by subclasses): every op runs on the wrapped shard
+    ``_tensor``; FSDP2's padding, sharding and copies keep the wrapper (see ``_SHARDED_PRESERVED``), in-place ops
+    return their destination, and anything else gives plain tensors.
+
+    Args:
+        tensor: the high-precision shard.
+    """
+
+    _tensor: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> ShardWrapper:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, tensor.shape, strides=tensor.stride(), storage_offset=tensor.storage_offset(), dtype=tensor.dtype,
+            device=tensor.device, layout=tensor.layout, requires_grad=tensor.requires_grad,
+            pin_memory=tensor.is_pinned() if not tensor.is_meta else False,
+        )
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+
+    def _context(self) -> tuple[Any, ...]:
+        """The constructor's arguments after ``tensor`` (what a derived wrapper keeps)."""
+        return ()
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
+        """Inner tensor ``_tensor``; the constructor's other arguments are the context."""
+        return ["_tensor"], self._context()
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner: dict[str, torch.Tensor], ctx: tuple[Any, ...], outer_size: Any, outer_stride: Any) -> ShardWrapper:  # type: ignore[override]
+        """The inverse of :meth:`__tensor_flatten__`."""
+        return cls(inner["_tensor"], *ctx)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"{type(self).__name__}({self._tensor!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inner_args, inner_kwargs = tree_map_only(ShardWrapper, lambda t: t._tensor, (args, kwargs or {}))
+        out = func(*inner_args, **inner_kwargs)
+        schema_args = func._schema.arguments
+        if schema_args and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write:
+            return args[0]  # in place (the optimizer's update, a checkpoint's copy_): the destination as it was
+        src = args[0] if args else None
+        if func not in _SHARDED_PRESERVED or not isinstance(src, ShardWrapper):
+            return out
+        return tree_map_only(torch.Tensor, lambda t: type(src)(t, *src._context()), out)
+
+
+class OneRankShard(ShardWrapper):
+    """A parameter's shard on a data-parallel group of one rank, where it *is* the whole parameter: FSDP2's
+    all-gather moves nothing and the unsharded parameter is a view of the shard (FSDP2 would otherwise copy every
+    parameter into a second buffer at each all-gather). Only without a mixed-precision cast: a parameter gathered in
+    another dtype is a copy anyway."""
+
+    def fsdp_pre_all_gather(
+        self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any
+    ) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """``((empty,), (shard,))``: nothing to gather; the shard itself travels in the metadata."""
+        shard = self._tensor
+        if mesh.size() != 1 or shard.storage_offset() != 0 or not shard.is_contiguous():
+            raise RuntimeError(
+                f"OneRankShard serves a data-parallel group of one rank with a contiguous shard at the start of its "
+                f"storage; got a group of {mesh.size()} and a shard at offset {shard.storage_offset()}"
+            )
+        return (shard.new_empty((0, *shard.shape[1:])),), (shard,)
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[torch.Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """The shard as the unsharded parameter (FSDP2 frees and reallocates only the empty all-gather output)."""
+        (gathered,) = all_gather_outputs
+        (shard,) = metadata
+        if param_dtype != shard.dtype:
+            raise RuntimeError(
+                f"OneRankShard cannot hand a {shard.dtype} shard to a parameter computed in {param_dtype}: leave "
+                "parameters that FSDP's mixed-precision policy casts unwrapped"
+            )
+        if out is not None:
+            if out.data_ptr() != shard.data_ptr():  # the shard was replaced (materialized, loaded with assign)
+                out.data = shard.view(out.shape)
+            return None
+        return shard, (gathered,)
+
+
+class FP8ShardedWeight(ShardWrapper):
     """The local shard of an FP8 layer's weight under FSDP2: the high-precision shard (every op runs on it), plus the
     FSDP2 all-gather extension that gathers it in FP8 (see the module docstring).
 
@@ -135,46 +229,19 @@ class FP8ShardedWeight(torch.Tensor):
         index: this weight's position in ``group``.
     """
 
-    _tensor: torch.Tensor
     _group: FP8AllGather
     _index: int
 
-    @staticmethod
-    def __new__(cls, tensor: torch.Tensor, group: FP8AllGather, index: int) -> FP8ShardedWeight:
-        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
-            cls, tensor.shape, strides=tensor.stride(), storage_offset=tensor.storage_offset(), dtype=tensor.dtype,
-            device=tensor.device, layout=tensor.layout, requires_grad=tensor.requires_grad,
-            pin_memory=tensor.is_pinned() if not tensor.is_meta else False,
-        )
-
     def __init__(self, tensor: torch.Tensor, group: FP8AllGather, index: int) -> None:
-        self._tensor = tensor
+        super().__init__(tensor)
         self._group = group
         self._index = index
 
-    def __tensor_flatten__(self) -> tuple[list[str], tuple[FP8AllGather, int]]:
-        """Inner tensor ``_tensor``; the group and index are the context."""
-        return ["_tensor"], (self._group, self._index)
-
-    @staticmethod
-    def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx: tuple[FP8AllGather, int], outer_size: Any, outer_stride: Any) -> FP8ShardedWeight:
-        """The inverse of :meth:`__tensor_flatten__`."""
-        return FP8ShardedWeight(inner["_tensor"], *ctx)
+    def _context(self) -> tuple[Any, ...]:
+        return (self._group, self._index)
 
     def __repr__(self) -> str:  # type: ignore[override]
         return f"FP8ShardedWeight({self._tensor!r}, index={self._index})"
-
-    @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        inner_args, inner_kwargs = tree_map_only(FP8ShardedWeight, lambda t: t._tensor, (args, kwargs or {}))
-        out = func(*inner_args, **inner_kwargs)
-        schema_args = func._schema.arguments
-        if schema_args and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write:
-            return args[0]  # in place (the optimizer's update, a checkpoint's copy_): the destination as it was
-        src = args[0] if args else None
-        if func not in _SHARDED_PRESERVED or not isinstance(src, FP8ShardedWeight):
-            return out
-        return tree_map_only(torch.Tensor, lambda t: FP8ShardedWeight(t, src._group, src._index), out)
 
     # ------------------------------------------------------------------------------------- FSDP2's extension
     def fsdp_pre_all_gather(
@@ -215,3 +282,35 @@ class FP8ShardedWeight(torch.Tensor):
                 out._data = data
             return None
         return FP8GatheredWeight(data, scale_inv, param_dtype), (gathered,)
+
+
+_PLAIN_HOOK = "_lt_plain_state_dict"
+
+
+def keep_state_dict_plain(module: nn.Module) -> None:
+    """After ``fully_shard``: every ``state_dict`` entry of a parameter whose local shard is a :class:`ShardWrapper`
+    becomes a ``DTensor`` of the plain shard (a view of the same storage, no copy), so checkpoints never hold the
+    subclasses; loading copies into the shards in place. A post-hook on each module that holds such a parameter
+    (``module`` and its submodules), registered once."""
+    for sub in module.modules():
+        if getattr(sub, _PLAIN_HOOK, False) or not any(_wrapped(p) for p in sub._parameters.values()):
+            continue
+        sub.register_state_dict_post_hook(_plain_state_dict)
+        object.__setattr__(sub, _PLAIN_HOOK, True)
+
+
+def _wrapped(p: Any) -> bool:
+    return isinstance(getattr(p, "_local_tensor", None), ShardWrapper)
+
+
+def _plain_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for name in module._parameters:
+        value = state_dict.get(prefix + name)
+        if _wrapped(value):
+            with torch.no_grad():
+                state_dict[prefix + name] = DTensor.from_local(
+                    value._local_tensor._tensor, value.device_mesh, value.placements, run_check=False,
+                    shape=value.shape, stride=value.stride(),
+                )

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 from torch import nn
@@ -151,9 +151,11 @@ class FSDP(Plugin):
         self.fp8 = fp8
         self.fp8_all_gather: FP8AllGather | None = None
 
-    def _gathers_fp8(self, blocks: list[nn.Module]) -> bool:
-        """Whether the blocks' FP8 weights are all-gathered in FP8: the FP8 plugin asks for it and FSDP2 allows it
-        (an explicit ``all_gather="fp8"`` it cannot honour is an error; the default falls back with a warning)."""
+    def gathers_fp8(self, module: nn.Module, mesh: DeviceMesh) -> bool:
+        """Whether :meth:`transform_module` all-gathers the FP8 weights of ``module``'s blocks in FP8 over ``mesh``: the
+        FP8 plugin asks for it (``all_gather="fp8"``) and FSDP2 allows it. Where FSDP2 does not (CPU offload,
+        ``reshard_after_forward`` to a smaller group, tensor-parallel weights), an explicit ``all_gather="fp8"``
+        raises a ``ValueError`` and the default falls back to bf16 with a warning."""
         if self.fp8 is None or self.fp8.all_gather != "fp8":
             return False
         from lightning_thunder.fp8.dtensor import is_dtensor
@@ -161,12 +163,12 @@ class FSDP(Plugin):
         reasons = []
         if self.cpu_offload:
             reasons.append("cpu_offload=True (FSDP2 moves each bf16 shard to the GPU just before its all-gather)")
-        if not isinstance(self.reshard_after_forward, bool):
+        if not isinstance(self.reshard_after_forward, bool) and not self.one_unit(module, mesh):
             reasons.append(
                 f"reshard_after_forward={self.reshard_after_forward} (FSDP2 regathers from the smaller group without "
                 "the all-gather extension)"
             )
-        if any(is_dtensor(p) for block in blocks for p in block.parameters()):
+        if any(is_dtensor(p) for p in module.parameters()):
             reasons.append("tensor parallelism (the weights are already DTensors split over the tensor-parallel mesh)")
         if not reasons:
             return True
@@ -180,10 +182,20 @@ class FSDP(Plugin):
         )
         return False
 
+    def one_unit(self, module: nn.Module, mesh: DeviceMesh) -> bool:
+        """Whether :meth:`transform_module` shards ``module`` over ``mesh`` as a single unit, the root: on a
+        data-parallel group of one rank, without CPU offload and without tensor parallelism (see the module
+        docstring). The ``thunder_fsdp`` strategies then compile the whole step, not each block."""
+        from lightning_thunder.fp8.dtensor import is_dtensor
+
+        return mesh.size() == 1 and not self.cpu_offload and not any(is_dtensor(p) for p in module.parameters())
+
     def transform_module(self, module: nn.Module) -> nn.Module:
         """Apply activation checkpointing (if enabled) to each block, then ``fully_shard`` to the embedding, each
-        block, [final norm + head] and the root."""
+        block, [final norm + head] and the root (on one rank: to the root alone, see :meth:`one_unit`)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        from lightning_thunder.fp8.weights import keep_state_dict_plain
 
         mesh = self.mesh if self.mesh is not None else default_device_mesh("The FSDP plugin")
         if self.cpu_offload and mesh.device_type == "cpu":
@@ -194,56 +206,74 @@ class FSDP(Plugin):
             )
         block_cls = self.block_cls if self.block_cls is not None else find_block_class(module)
         blocks = find_blocks(module, block_cls)
+        mp_policy = self.mp_policy or MixedPrecisionPolicy()
         kwargs = {
             "mesh": mesh,
-            "mp_policy": self.mp_policy or MixedPrecisionPolicy(),
+            "mp_policy": mp_policy,
             "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
         }
+        one_unit = self.one_unit(module, mesh)
+        fp8_all_gather = self._wrap_fp8(module, [block for _, _, block in blocks]) if self.gathers_fp8(module, mesh) else None
+        if self.activation_checkpointing:
+            for _, _, block in blocks:
+                checkpoint_block(block)
+        if one_unit:
+            _alias_one_rank_shards(module, mp_policy.param_dtype)
+            fully_shard(module, reshard_after_forward=False, **kwargs)
+            units = "the whole model as one unit (one rank: nothing to shard, parameters used in place)"
+        else:
+            units = self._shard_units(module, block_cls, blocks, fully_shard, kwargs)
+        if fp8_all_gather is not None:
+            fp8_all_gather.bind()
+        keep_state_dict_plain(module)
+        self.fp8_all_gather = fp8_all_gather
+        log.info(
+            "FSDP: sharded %s over %d ranks (%d %s blocks; activation checkpointing %s; %s)",
+            units,
+            mesh.size(),
+            len(blocks),
+            "/".join(c.__name__ for c in (block_cls if isinstance(block_cls, tuple) else (block_cls,))),
+            "on" if self.activation_checkpointing else "off",
+            f"{len(fp8_all_gather.names)} weights all-gathered in FP8" if fp8_all_gather else "no FP8 all-gather",
+        )
+        return module
+
+    def _wrap_fp8(self, module: nn.Module, blocks: list[nn.Module]) -> FP8AllGather:
+        """Before sharding: the blocks' FP8 weights made FP8ShardedWeights."""
+        from lightning_thunder.fp8.fsdp import FP8AllGather
+        from lightning_thunder.plugins.fp8 import LinearInfo
+
+        fp8 = self.fp8
+        assert fp8 is not None
+
+        def accept(name: str, linear: nn.Linear) -> bool:  # the names the block's trace shows (attn.qkv)
+            return fp8.accepts(LinearInfo(name, linear.in_features, linear.out_features))
+
+        fp8_all_gather = FP8AllGather()
+        block_names = {id(b): n for n, b in module.named_modules()}
+        for block in blocks:
+            fp8_all_gather.wrap(block, accept, prefix=f"{block_names[id(block)]}.")
+        return fp8_all_gather
+
+    def _shard_units(
+        self, module: nn.Module, block_cls: BlockClass, blocks: list, fully_shard: Any, kwargs: dict[str, Any]
+    ) -> str:
+        """``fully_shard`` the embedding, each block, [final norm + head], then the root; returns their description."""
         # A head tied to the embedding (one weight) stays with it in the root's unit.
         outer = find_outer_modules(module, block_cls)
         embedding = outer.embedding if not outer.tied else None
         head = [n for n in (outer.final_norm, None if outer.tied else outer.head) if n is not None]
-        fp8_all_gather = None
-        if self._gathers_fp8([block for _, _, block in blocks]):
-            from lightning_thunder.fp8.fsdp import FP8AllGather
-            from lightning_thunder.plugins.fp8 import LinearInfo
-
-            fp8 = self.fp8
-            assert fp8 is not None
-
-            def accept(name: str, linear: nn.Linear) -> bool:  # the names the block's trace shows (attn.qkv)
-                return fp8.accepts(LinearInfo(name, linear.in_features, linear.out_features))
-
-            fp8_all_gather = FP8AllGather()
-            block_names = {id(b): n for n, b in module.named_modules()}
-            for _, _, block in blocks:
-                fp8_all_gather.wrap(block, accept, prefix=f"{block_names[id(block)]}.")
         if embedding is not None:
             fully_shard(module.get_submodule(embedding), reshard_after_forward=self.reshard_after_forward, **kwargs)
         for i, (_, _, block) in enumerate(blocks):
-            if self.activation_checkpointing:
-                checkpoint_block(block)
             last = i == len(blocks) - 1  # the backward starts with it: no need to free and gather it again
             fully_shard(block, reshard_after_forward=False if last else self.reshard_after_forward, **kwargs)
         if head:
             fully_shard([module.get_submodule(n) for n in head], reshard_after_forward=False, **kwargs)
         # The root's parameters are needed again as soon as the backward starts: keep them gathered.
         fully_shard(module, reshard_after_forward=False, **kwargs)
-        if fp8_all_gather is not None:
-            fp8_all_gather.bind()
-        self.fp8_all_gather = fp8_all_gather
-        units = [embedding] * (embedding is not None) + [" + ".join(head)] * bool(head)
-        log.info(
-            "FSDP: sharded %d %s blocks, %s and the root %s over %d ranks (activation checkpointing %s; %s)",
-            len(blocks),
-            "/".join(c.__name__ for c in (block_cls if isinstance(block_cls, tuple) else (block_cls,))),
-            ", ".join(units) or "no outer unit",
-            type(module).__name__,
-            mesh.size(),
-            "on" if self.activation_checkpointing else "off",
-            f"{len(fp8_all_gather.names)} weights all-gathered in FP8" if fp8_all_gather else "no FP8 all-gather",
-        )
-        return module
+        units = ["each block", *([embedding] if embedding else []), *([" + ".join(head)] if head else [])]
+        return f"{', '.join(units)} and the root {type(module).__name__}"
 
     def __repr__(self) -> str:
         fp8 = "" if self.fp8 is None else f", fp8={self.fp8!r}"
@@ -252,3 +282,22 @@ class FSDP(Plugin):
             f"cpu_offload={self.cpu_offload}, activation_checkpointing={self.activation_checkpointing}{fp8})"
         )
 
+
+
+def _alias_one_rank_shards(module: nn.Module, param_dtype: Any) -> None:
+    """Before ``fully_shard`` on one rank: make each parameter not yet wrapped (the FP8 weights are) a
+    :class:`~lightning_thunder.fp8.weights.OneRankShard`, so that FSDP2 gathers nothing and the unsharded parameter is
+    the shard itself; parameters that the mixed-precision policy casts (``param_dtype``) keep FSDP2's cast copy.
+    A parameter shared by several modules (tied weights) is wrapped once."""
+    from lightning_thunder.fp8.weights import OneRankShard, ShardWrapper
+
+    wrapped: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None or isinstance(p, ShardWrapper):
+                continue
+            if id(p) not in wrapped:
+                if param_dtype is not None and param_dtype != p.dtype:
+                    continue
+                wrapped[id(p)] = nn.Parameter(OneRankShard(p.detach()), requires_grad=p.requires_grad)
+            sub._parameters[name] = wrapped[id(p)]

@@ -137,16 +137,13 @@ def test_fsdp_plugin_gathers_fp8_weights_refreshes_once_per_step_and_keeps_state
     assert len(group.names) == 10 and group.names[0] == "transformer.h.0.attn.qkv" and group.refreshes == 3
     qkv = model.original_module.transformer.h[0].attn.qkv
     assert isinstance(qkv.weight._local_tensor, FP8ShardedWeight)
-    # On one rank nothing is gathered: the layer reads the FP8 weight the refresh made, not a copy of it.
-    seen = []
-    block = model.original_module.transformer.h[0]  # after FSDP's pre-forward hook, which gathers
-    handle = block.register_forward_pre_hook(lambda m, args: seen.append(qkv.weight))
-    with warnings.catch_warnings():  # (it does run: FSDP's hooks and the block's stay outside the root's graphs)
-        warnings.filterwarnings("ignore", message=".*registered after the first call", category=RuntimeWarning)
-        model(token_batches(1)[0][0])
-    handle.remove()
-    (gathered,) = seen
+    # On one rank nothing is gathered: between the forward and the backward the layer holds the FP8 weight the
+    # refresh made, not a copy of it (one FSDP unit, the root, keeps its parameters gathered until the backward).
+    x, y = token_batches(1)[0]
+    loss = lm_loss(model(x), y)
+    gathered = qkv.weight
     assert isinstance(gathered, FP8GatheredWeight) and gathered._data.data_ptr() == group._cache[0][0].data_ptr()
+    loss.backward()
     assert group.refreshes == 4  # the third optimizer step's weights, quantized at this forward's first all-gather
     state = model.state_dict()
     assert {type(v._local_tensor) for v in state.values()} == {torch.Tensor}
@@ -161,15 +158,21 @@ def test_fsdp_plugin_gathers_fp8_weights_refreshes_once_per_step_and_keeps_state
 
 
 def test_fsdp_plugin_explains_where_fp8_all_gather_cannot_run(one_rank_group):
-    with pytest.raises(ValueError, match=r"FP8 all-gather is not available with reshard_after_forward=2 .* pass "
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = tiny_gpt()
+    fc = model.transformer.h[0].mlp.fc_1  # as tensor parallelism leaves it: a DTensor
+    fc.weight = nn.Parameter(distribute_tensor(fc.weight.detach(), mesh, [Replicate()]))
+    with pytest.raises(ValueError, match=r"FP8 all-gather is not available with tensor parallelism .* pass "
                                          r"all_gather='bf16' to ThunderFP8/FP8"):
-        FSDP(reshard_after_forward=2, fp8=FP8(emulate=True, all_gather="fp8")).transform_module(tiny_gpt())
-    fsdp = FSDP(reshard_after_forward=2, fp8=FP8(emulate=True))
-    # The default falls back with a warning, before FSDP2 itself refuses to reshard to 2 of this group's 1 rank.
-    with pytest.warns(UserWarning, match=r"not available with reshard_after_forward=2 .* all-gathered in bf16"):
-        with pytest.raises(ValueError, match="factor of 1"):
-            fsdp.transform_module(tiny_gpt())
-    assert fsdp.fp8_all_gather is None
+        FSDP(fp8=FP8(emulate=True, all_gather="fp8")).gathers_fp8(model, mesh)
+    with pytest.warns(UserWarning, match=r"not available with tensor parallelism .* all-gathered in bf16"):
+        assert not FSDP(fp8=FP8(emulate=True)).gathers_fp8(model, mesh)
+    # On one rank the model is one unit: resharding to a smaller group does not arise, FP8 all-gather applies.
+    assert FSDP(reshard_after_forward=2, fp8=FP8(emulate=True, all_gather="fp8")).gathers_fp8(tiny_gpt(), mesh)
+    assert not FSDP(fp8=FP8(emulate=True, all_gather="bf16")).gathers_fp8(tiny_gpt(), mesh)
 
 
 def test_fp8_plugin_refuses_to_keep_a_gathered_weight_in_high_precision():
