@@ -7,13 +7,14 @@ no quantization of its own. What :class:`FP8AllGather` does, for the FP8 layers 
 1. Before ``fully_shard``, :meth:`FP8AllGather.wrap` makes each chosen weight an
    :class:`~lightning_thunder.fp8.weights.FP8ShardedWeight` (the same ``bf16`` values; FSDP2 shards it as usual).
 2. At an all-gather, FSDP2 asks each weight's shard for its all-gather input (``fsdp_pre_all_gather``). The first
-   time after any weight changed (the optimizer's step, a checkpoint load: the shards' version counters tell),
+   time after any weight changed (the optimizer's step, a checkpoint load: every in-place write to a shard goes
+   through its wrapper, which marks the group stale; a shard replaced by another tensor is noticed too),
    :meth:`FP8AllGather.refresh` quantizes *every* weight's shard at once: the maxima of all shards in one grouped op
    (:func:`~lightning_thunder.fp8.quantize.fp8_amax_group`), one ``all_reduce(MAX)`` of that vector over the
    data-parallel group (each weight's scale is its whole maximum, the same on every rank), then one grouped cast
    (:func:`~lightning_thunder.fp8.quantize.fp8_cast_group`). The FP8 shards are kept until the weights change
    again, so the backward's all-gather and the micro-steps of gradient accumulation reuse them. Nothing to call
-   after the optimizer step: the version counters catch every in-place change, whatever the loop.
+   after the optimizer step, whatever the loop or the optimizer (for-loop, foreach or fused).
 3. FSDP2 all-gathers the FP8 shards (in bytes when a unit mixes them with ``bf16`` norms) and the block's forward
    receives each weight as an :class:`~lightning_thunder.fp8.weights.FP8GatheredWeight`, which ``fp8_linear``
    consumes directly: its FP8 values and scale are inputs of the block's traces, which quantize only activations
@@ -67,7 +68,8 @@ class FP8AllGather:
         self._params: list[DTensor] = []
         self._group: Any = None
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._seen: list[tuple[weakref.ref, int]] = []
+        self._seen: list[weakref.ref] = []  # the shards the cache was computed from
+        self._stale = True
 
     def __repr__(self) -> str:
         return f"FP8AllGather({len(self.names)} weights, {self.refreshes} refreshes)"
@@ -120,18 +122,20 @@ class FP8AllGather:
             self._group = mesh.get_group() if mesh.size() > 1 else None
         self._params = params
 
+    def mark_stale(self) -> None:
+        """Requantize every weight at the next all-gather (called by a shard written in place)."""
+        self._stale = True
+
     def _loaded(self, module: nn.Module, incompatible_keys: Any) -> None:
-        """``load_state_dict`` post-hook of each wrapped layer: the shards were overwritten, requantize them."""
-        self._seen = []
+        """``load_state_dict`` post-hook of each wrapped layer: the shards may have been written through the plain
+        views the ``state_dict`` handed out (distributed checkpoint loading); requantize them."""
+        self._stale = True
 
     def stale(self, weight: FP8ShardedWeight) -> bool:
-        """Whether ``weight``'s shard changed since the last :meth:`refresh`: replaced (materialization, FSDP's
-        re-padding), or modified in place through its parameter (optimizer steps, ``load_state_dict``: in-place ops
-        on a ``DTensor`` bump the parameter's version counter, not its local tensor's)."""
-        if not self._seen:
-            return True
-        ref, version = self._seen[weight._index]
-        return ref() is not weight._tensor or self._params[weight._index]._version != version
+        """Whether the cache is out of date for ``weight``: a shard was written in place since the last
+        :meth:`refresh` (:meth:`mark_stale`), or ``weight``'s shard is another tensor (materialization, FSDP's
+        re-padding)."""
+        return self._stale or self._seen[weight._index]() is not weight._tensor
 
     def quantized(self, weight: FP8ShardedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         """``(FP8 shard, scale_inv)`` of ``weight`` (FSDP2's all-gather input), refreshing every weight first when it
@@ -153,7 +157,8 @@ class FP8AllGather:
         if self._group is not None:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self._group)
         self._cache = fp8_cast_group(shards, amax, E4M3)
-        self._seen = [(weakref.ref(t), p._version) for t, p in zip(shards, self._params)]
+        self._seen = [weakref.ref(t) for t in shards]
+        self._stale = False
         self.refreshes += 1
 
 

@@ -153,6 +153,10 @@ class ShardWrapper(torch.Tensor):
         """The constructor's arguments after ``tensor`` (what a derived wrapper keeps)."""
         return ()
 
+    def _written(self) -> None:
+        """Called after an in-place op wrote the shard (every write to a parameter's shard reaches here: the
+        ``DTensor`` parameter hands its local tensor, this wrapper, to the op)."""
+
     def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
         """Inner tensor ``_tensor``; the constructor's other arguments are the context."""
         return ["_tensor"], self._context()
@@ -169,9 +173,15 @@ class ShardWrapper(torch.Tensor):
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         inner_args, inner_kwargs = tree_map_only(ShardWrapper, lambda t: t._tensor, (args, kwargs or {}))
         out = func(*inner_args, **inner_kwargs)
-        schema_args = func._schema.arguments
-        if schema_args and schema_args[0].alias_info is not None and schema_args[0].alias_info.is_write:
-            return args[0]  # in place (the optimizer's update, a checkpoint's copy_): the destination as it was
+        schema = func._schema
+        if schema.arguments and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write:
+            # In place (the optimizer's update, a checkpoint's copy_, an initialization): tell the written shards, then
+            # return the destination as it was, or nothing (foreach and fused optimizer ops return nothing).
+            written = args[0] if isinstance(args[0], (list, tuple)) else (args[0],)
+            for t in written:
+                if isinstance(t, ShardWrapper):
+                    t._written()
+            return args[0] if schema.returns else out
         src = args[0] if args else None
         if func not in _SHARDED_PRESERVED or not isinstance(src, ShardWrapper):
             return out
@@ -239,6 +249,11 @@ class FP8ShardedWeight(ShardWrapper):
 
     def _context(self) -> tuple[Any, ...]:
         return (self._group, self._index)
+
+    def _written(self) -> None:
+        """The weights changed: the group requantizes them at the next all-gather."""
+        if self._group is not None:
+            self._group.mark_stale()
 
     def __repr__(self) -> str:  # type: ignore[override]
         return f"FP8ShardedWeight({self._tensor!r}, index={self._index})"

@@ -89,6 +89,9 @@ def test_the_sharded_weight_runs_every_op_on_its_shard_and_stays_itself_only_for
     assert isinstance(view, FP8ShardedWeight) and view._tensor.data_ptr() == padded._tensor.data_ptr()
     assert view.copy_(w) is view and torch.equal(padded._tensor[:8], shard)  # in place: the destination
     assert type(torch.zeros_like(w)) is torch.Tensor  # optimizer states are plain
+    before = w._tensor.clone()
+    torch._foreach_mul_([w], 2.0)  # in place, and no result at the dispatch level (foreach and fused optimizers)
+    assert torch.equal(w._tensor, before * 2)
     assert type(w.abs().max()) is torch.Tensor and float(w.abs().max()) == float(shard.abs().max())
 
 
@@ -113,12 +116,12 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def _train(all_gather: str, steps: int = 3) -> tuple[list[float], nn.Module, FSDP]:
+def _train(all_gather: str, steps: int = 3, **adamw: bool) -> tuple[list[float], nn.Module, FSDP]:
     torch._dynamo.reset()
     fp8 = FP8(emulate=True, all_gather=all_gather)
     fsdp = FSDP(fp8=fp8)
     model = lt.compile(tiny_gpt().bfloat16(), plugins=[fsdp, fp8])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **adamw)
     losses = []
     for x, y in token_batches(steps):
         loss = lm_loss(model(x), y)
@@ -133,6 +136,8 @@ def test_fsdp_plugin_gathers_fp8_weights_refreshes_once_per_step_and_keeps_state
     bf16_losses, _, bf16_fsdp = _train("bf16")
     losses, model, fsdp = _train("fp8")
     assert bf16_fsdp.fp8_all_gather is None and losses == bf16_losses
+    # The optimizer's foreach and fused implementations update the wrapped shards in place, as the for-loop one does.
+    assert _train("fp8", foreach=True)[0] == losses and _train("fp8", fused=True)[0] == losses
     group = fsdp.fp8_all_gather
     assert len(group.names) == 10 and group.names[0] == "transformer.h.0.attn.qkv" and group.refreshes == 3
     qkv = model.original_module.transformer.h[0].attn.qkv
