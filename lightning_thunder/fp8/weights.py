@@ -24,6 +24,7 @@ to the compiled graphs.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -298,6 +299,11 @@ class FP8ShardedWeight(ShardWrapper):
             return None
         return FP8GatheredWeight(data, scale_inv, param_dtype), (gathered,)
 
+
+# FSDP2 reads the signature of `fsdp_pre_all_gather` (``inspect.signature``) at every all-gather of every parameter:
+# about 20 us of host time each, two thirds of the extension's cost. A precomputed ``__signature__`` answers at once.
+for _cls in (OneRankShard, FP8ShardedWeight):
+    _cls.fsdp_pre_all_gather.__signature__ = inspect.signature(_cls.fsdp_pre_all_gather)  # type: ignore[attr-defined]
 
 _PLAIN_HOOK = "_lt_plain_state_dict"
 
