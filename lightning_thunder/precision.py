@@ -87,7 +87,8 @@ class ThunderFP8(HalfPrecision):
 
     @property
     def all_gather(self) -> str:
-        """``"fp8"`` or ``"bf16"``: how ``thunder_fsdp`` all-gathers the FP8 layers' weights (see the class docstring)."""
+        """``"fp8"`` or ``"bf16"``: how ``thunder_fsdp`` all-gathers the FP8 layers' weights (see the class
+        docstring)."""
         return self._fp8.all_gather
 
     @property

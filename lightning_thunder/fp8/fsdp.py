@@ -112,8 +112,8 @@ class FP8AllGather:
                 )
             if p.device_mesh.ndim != 1:
                 raise ValueError(
-                    f"FP8 all-gather shards over a 1-D data-parallel mesh; {name}.{attr} is on a {p.device_mesh.ndim}-D "
-                    "mesh (tensor parallelism): pass all_gather='bf16'"
+                    f"FP8 all-gather shards over a 1-D data-parallel mesh; {name}.{attr} is on a "
+                    f"{p.device_mesh.ndim}-D mesh (tensor parallelism): pass all_gather='bf16'"
                 )
             params.append(p)
             linear.register_load_state_dict_post_hook(self._loaded)

@@ -94,7 +94,9 @@ class FP8GatheredWeight(torch.Tensor):
         return ["_data", "_scale_inv"], self.dtype
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict[str, torch.Tensor], dtype: torch.dtype, outer_size: Any, outer_stride: Any) -> FP8GatheredWeight:
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], dtype: torch.dtype, outer_size: Any, outer_stride: Any
+    ) -> FP8GatheredWeight:
         """The inverse of :meth:`__tensor_flatten__`."""
         return FP8GatheredWeight(inner["_data"], inner["_scale_inv"], dtype)
 
@@ -163,7 +165,9 @@ class ShardWrapper(torch.Tensor):
         return ["_tensor"], self._context()
 
     @classmethod
-    def __tensor_unflatten__(cls, inner: dict[str, torch.Tensor], ctx: tuple[Any, ...], outer_size: Any, outer_stride: Any) -> ShardWrapper:  # type: ignore[override]
+    def __tensor_unflatten__(  # type: ignore[override]
+        cls, inner: dict[str, torch.Tensor], ctx: tuple[Any, ...], outer_size: Any, outer_stride: Any
+    ) -> ShardWrapper:
         """The inverse of :meth:`__tensor_flatten__`."""
         return cls(inner["_tensor"], *ctx)
 

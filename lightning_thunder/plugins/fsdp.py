@@ -23,12 +23,18 @@ FP8: given the :class:`~lightning_thunder.plugins.FP8` plugin (``FSDP(fp8=...)``
 pass ``ThunderFP8``'s), the weights of the blocks' FP8 layers are all-gathered in FP8 with their scales
 (:mod:`lightning_thunder.fp8.fsdp`) unless that plugin says ``all_gather="bf16"``.
 
-One device (a data-parallel group of one): FSDP2 is kept. There is nothing to shard, and FSDP2 still copies each
-unit's parameters into its "all-gathered" buffer and the gradients out of the "reduce-scatter" buffer, but
-leaving it out would change what the strategy hands back: parameters would not be ``DTensor``s, so Lightning's
-distributed checkpointing (which looks for them), ``strategy.device_mesh``-based code and the checkpoint layout
-would differ between one device and many, and a run debugged on one GPU would not be the run scaled out. With FP8
-all-gather those copies move FP8 bytes, half as many.
+One device (a data-parallel group of one rank, without CPU offload or tensor parallelism; :meth:`FSDP.one_unit`):
+there is nothing to shard, yet per-block units would cost what they cost on many ranks: FSDP2 copies every
+parameter into its "gathered" buffer at each all-gather (forward, and again in the backward), and the compiled
+blocks and the units' hooks split the step into graphs (so the head and the loss land in separate graphs, and the
+fused cross-entropy does not apply). FSDP2 is kept, because leaving it out would change what the strategy hands
+back: parameters would not be ``DTensor``s, so Lightning's distributed checkpointing (which looks for them),
+``strategy.device_mesh`` code and the checkpoint layout would differ between one device and many, and a run debugged
+on one GPU would not be the run scaled out. But the whole model is one unit, the root, whose parameters are used in
+place (:class:`~lightning_thunder.fp8.weights.OneRankShard`: FSDP2 gathers nothing; a parameter that a
+mixed-precision policy casts keeps FSDP2's cast copy), and the ``thunder_fsdp`` strategies compile the whole step as
+``thunder`` does. What remains of FSDP2 there: its hooks, ``DTensor`` parameters for the optimizer and clipping,
+and its copies of the gradients into and out of the reduce-scatter buffer.
 """
 
 from __future__ import annotations
@@ -213,7 +219,9 @@ class FSDP(Plugin):
             "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
         }
         one_unit = self.one_unit(module, mesh)
-        fp8_all_gather = self._wrap_fp8(module, [block for _, _, block in blocks]) if self.gathers_fp8(module, mesh) else None
+        fp8_all_gather = None
+        if self.gathers_fp8(module, mesh):
+            fp8_all_gather = self._wrap_fp8(module, [block for _, _, block in blocks])
         if self.activation_checkpointing:
             for _, _, block in blocks:
                 checkpoint_block(block)
@@ -281,7 +289,6 @@ class FSDP(Plugin):
             f"FSDP(block_cls={self.block_cls!r}, reshard_after_forward={self.reshard_after_forward!r}, "
             f"cpu_offload={self.cpu_offload}, activation_checkpointing={self.activation_checkpointing}{fp8})"
         )
-
 
 
 def _alias_one_rank_shards(module: nn.Module, param_dtype: Any) -> None:

@@ -58,7 +58,8 @@ def test_amax_and_cast_group_match_the_reference_with_a_given_maximum():
     tensors = [torch.randn(16, 32, dtype=torch.bfloat16), torch.randn(5, 7, dtype=torch.bfloat16) * 3,
                torch.empty(0, 32, dtype=torch.bfloat16)]
     amax = fp8_amax_group(tensors)
-    assert amax.dtype == torch.float32 and amax.tolist() == [float(t.abs().max()) if t.numel() else 0.0 for t in tensors]
+    assert amax.dtype == torch.float32
+    assert amax.tolist() == [float(t.abs().max()) if t.numel() else 0.0 for t in tensors]
     shared = torch.full((3,), 7.5)  # e.g. the maximum of each whole weight over all ranks
     for t, (q, scale_inv), m in zip(tensors, fp8_cast_group(tensors, shared, E4M3), shared):
         ref_q, ref_scale_inv = quantize_reference(torch.cat([t, t.new_full((1, t.shape[1]), float(m))]), E4M3, False)
@@ -154,7 +155,8 @@ def test_fsdp_plugin_gathers_fp8_weights_refreshes_once_per_step_and_keeps_state
     assert {type(v._local_tensor) for v in state.values()} == {torch.Tensor}
     # Loading a state dict overwrites the shards: the next all-gather requantizes them.
     new = {k: (v.full_tensor() * 0.5).detach() for k, v in state.items()}
-    model.load_state_dict({k: torch.distributed.tensor.distribute_tensor(v, qkv.weight.device_mesh, qkv.weight.placements) for k, v in new.items()})
+    mesh, placements = qkv.weight.device_mesh, qkv.weight.placements
+    model.load_state_dict({k: torch.distributed.tensor.distribute_tensor(v, mesh, placements) for k, v in new.items()})
     q, scale_inv = group.quantized(qkv.weight._local_tensor)
     assert group.refreshes == 5
     ref_q, ref_scale_inv = quantize_reference(new["transformer.h.0.attn.qkv.weight"], E4M3, False)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.strategies.helpers import WORLD_SIZE, lm_loss, spawn, tiny_gpt, token_batches
+from tests.fp8.trainer_helpers import lit_module, loss_recorder
+from tests.strategies.helpers import WORLD_SIZE, spawn, tiny_gpt, token_batches
 
 pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
 
@@ -22,28 +23,6 @@ def _loader(steps: int):
     rows = token_batches(steps, batch=2)
     x, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     return DataLoader(TensorDataset(x, y), batch_size=2, shuffle=False)
-
-
-def _module():
-    import lightning as L
-
-    class LitTiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model: torch.nn.Module | None = None
-
-        def configure_model(self) -> None:
-            if self.model is None:
-                self.model = tiny_gpt(seed=0)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return lm_loss(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    return LitTiny()
 
 
 class _GatherSpy:
@@ -82,22 +61,15 @@ def _fit(all_gather: str, callbacks: list, ckpt_path: str | None = None) -> tupl
 
     import lightning_thunder as lt
 
-    class Losses(L.Callback):
-        def __init__(self) -> None:
-            self.values: list[float] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.values.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
-
     torch._dynamo.reset()
-    losses = Losses()
+    losses = loss_recorder(reduce=True)
     trainer = L.Trainer(
         accelerator="cpu", devices=WORLD_SIZE, strategy="thunder_fsdp",
         plugins=[lt.ThunderFP8(emulate=True, all_gather=all_gather)], max_epochs=EPOCHS, gradient_clip_val=1.0,
         logger=False, enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
         callbacks=[losses, *callbacks],
     )
-    module = _module()
+    module = lit_module(tiny_gpt)
     with _GatherSpy() as spy:
         trainer.fit(module, _loader(STEPS_PER_EPOCH), ckpt_path=ckpt_path)
     return trainer, module, losses.values, spy.calls

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.strategies.helpers import lm_loss, spawn, tiny_gpt, token_batches
+from tests.fp8.trainer_helpers import lit_module, loss_recorder
+from tests.strategies.helpers import spawn, tiny_gpt, token_batches
 
 pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
 
@@ -20,33 +21,10 @@ def _fit(strategy: str, fp8: str | None, root: str | None = None, resume: str | 
 
     import lightning_thunder as lt
 
-    class LitTiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model: torch.nn.Module | None = None
-
-        def configure_model(self) -> None:
-            if self.model is None:
-                self.model = tiny_gpt(seed=0)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return lm_loss(self.model(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    class Losses(L.Callback):
-        def __init__(self) -> None:
-            self.values: list[float] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.values.append(float(outputs["loss"].detach()))
-
     torch._dynamo.reset()
     rows = token_batches(STEPS_PER_EPOCH, batch=1)
     data = torch.utils.data.TensorDataset(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
-    losses = Losses()
+    losses = loss_recorder()
     callbacks = [losses] + ([ModelCheckpoint(dirpath=root, filename="{epoch}", save_top_k=-1)] if root else [])
     precision = {"plugins": [lt.ThunderFP8(emulate=True, all_gather=fp8)]} if fp8 else {"precision": "bf16-true"}
     trainer = L.Trainer(
@@ -54,7 +32,7 @@ def _fit(strategy: str, fp8: str | None, root: str | None = None, resume: str | 
         enable_checkpointing=bool(root), enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, callbacks=callbacks, **precision,
     )
-    module = LitTiny()
+    module = lit_module(tiny_gpt)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2), ckpt_path=resume)
     return module, losses.values
 

@@ -152,7 +152,8 @@ def test_grouped_kernel_follows_weights_that_move_and_casts_with_given_maxima():
         assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(scale_inv, want_s)
     assert len(fp8_group_quant._TABLES) == tables
     amax = torch.tensor([1e3, 0.5])
-    for t, (q, scale_inv), m in zip(moved, fp8_group_quant.fp8_quantize_group_triton(moved, E4M3, False, amax=amax), amax):
+    given = fp8_group_quant.fp8_quantize_group_triton(moved, E4M3, False, amax=amax)
+    for t, (q, scale_inv), m in zip(moved, given, amax):
         want_q, want_s = fp8_cast_triton(t, m.reshape(1), E4M3, False)
         assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(scale_inv, want_s)
     with pytest.raises(ValueError, match=r"amax must be fp32 \[2\]"):

@@ -114,32 +114,11 @@ def _trainer_run(strategy: str, all_gather: str | None) -> dict:
     import lightning as L
 
     from lightning_thunder.fp8.fsdp import FP8AllGather
-
-    class Lit(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = None
-
-        def configure_model(self) -> None:
-            if self.model is None:
-                self.model = _llama()[0]
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self.model(batch[0]).flatten(0, 1).float(), batch[1].flatten())
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    class Losses(L.Callback):
-        def __init__(self) -> None:
-            self.values: list[float] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.values.append(float(outputs["loss"].detach()))
+    from tests.fp8.trainer_helpers import lit_module, loss_recorder
 
     torch._dynamo.reset()
-    losses = Losses()
-    lit = Lit()
+    losses = loss_recorder()
+    lit = lit_module(lambda: _llama()[0], lr=1e-3)
     trainer = L.Trainer(
         accelerator="cuda", devices=1, strategy=strategy, plugins=[lt.ThunderFP8(all_gather=all_gather)],
         max_steps=8, gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
