@@ -319,9 +319,12 @@ def fp8_amax_group(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         raise ValueError("fp8_amax_group needs at least one tensor")
     nonempty = [t for t in tensors if t.numel()]
-    norms = iter(torch._foreach_norm(nonempty, ord=math.inf) if nonempty else ())
+    norms = torch._foreach_norm(nonempty, ord=math.inf, dtype=torch.float32) if nonempty else []
+    if len(nonempty) == len(tensors):
+        return torch.stack(norms)
+    found = iter(norms)
     zero = tensors[0].new_zeros((), dtype=torch.float32)
-    return torch.stack([next(norms).float() if t.numel() else zero for t in tensors])
+    return torch.stack([next(found) if t.numel() else zero for t in tensors])
 
 
 def fp8_cast_group(
