@@ -14,7 +14,7 @@ from torch import nn
 import lightning_thunder as lt
 from lightning_thunder.fp8 import fp8_linear
 from lightning_thunder.fp8.quantize import E4M3, fp8_amax_group, fp8_cast_group, quantize_reference
-from lightning_thunder.fp8.weights import FP8GatheredWeight, FP8ShardedWeight
+from lightning_thunder.fp8.weights import FP8GatheredWeight, FP8ShardedWeight, OneRankShard
 from lightning_thunder.plugins import FP8, FSDP
 from tests.strategies.helpers import lm_loss, tiny_gpt, token_batches
 
@@ -94,6 +94,47 @@ def test_the_sharded_weight_runs_every_op_on_its_shard_and_stays_itself_only_for
     torch._foreach_mul_([w], 2.0)  # in place, and no result at the dispatch level (foreach and fused optimizers)
     assert torch.equal(w._tensor, before * 2)
     assert type(w.abs().max()) is torch.Tensor and float(w.abs().max()) == float(shard.abs().max())
+
+
+class _Group:
+    """An FP8AllGather stand-in that hands out fixed FP8 shards."""
+
+    def __init__(self, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        self.q, self.scale_inv = q, scale_inv
+
+    def quantized(self, weight: FP8ShardedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q, self.scale_inv
+
+
+class _Mesh:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_fsdp_extension_pads_uneven_shards_and_on_one_rank_gathers_nothing():
+    shard = torch.randn(3, 16, dtype=torch.bfloat16)
+    q, scale_inv = quantize_reference(shard, E4M3, False)
+    w = FP8ShardedWeight(shard, _Group(q, scale_inv), 0)  # type: ignore[arg-type]
+    # 7 rows over 2 ranks: shards of 4 rows, this one holds 3 and sends a zero row after them.
+    (sent,), (meta,) = w.fsdp_pre_all_gather(_Mesh(2), torch.Size([7, 16]), (16, 1), None, None)
+    assert sent.shape == (4, 16) and sent.dtype == E4M3 and meta is scale_inv
+    assert torch.equal(sent[:3].view(torch.uint8), q.view(torch.uint8)) and not sent[3].float().any()
+    gathered, inner = w.fsdp_post_all_gather((torch.cat([sent, sent]),), (scale_inv,), torch.bfloat16)
+    assert isinstance(gathered, FP8GatheredWeight) and gathered.dtype == torch.bfloat16 and inner[0].shape == (8, 16)
+    # One rank: an empty input, and the FP8 weight itself as the gathered one.
+    (sent,), meta = w.fsdp_pre_all_gather(_Mesh(1), torch.Size([3, 16]), (16, 1), None, None)
+    assert sent.numel() == 0 and meta[1] is q
+    gathered, _ = w.fsdp_post_all_gather((sent,), meta, torch.bfloat16)
+    assert gathered._data is q
+    one = OneRankShard(shard)
+    (sent,), meta = one.fsdp_pre_all_gather(_Mesh(1), torch.Size([3, 16]), (16, 1), None, None)
+    unsharded, _ = one.fsdp_post_all_gather((sent,), meta, torch.bfloat16)
+    assert sent.numel() == 0 and unsharded is shard  # used in place
+    with pytest.raises(RuntimeError, match="cannot hand a torch.bfloat16 shard to a parameter computed in"):
+        one.fsdp_post_all_gather((sent,), meta, torch.float32)
 
 
 def test_all_gather_defaults_by_recipe_and_rejects_fp8_with_rowwise():

@@ -16,6 +16,7 @@ import lightning_thunder as lt
 from lightning_thunder.fp8 import E4M3, fp8_linear, quantize_reference
 from lightning_thunder.fp8.quantize import fp8_amax_group, fp8_cast_group
 from lightning_thunder.fp8.weights import FP8GatheredWeight
+from lightning_thunder.plugins import FP8
 
 _CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 pytestmark = pytest.mark.skipif(
@@ -75,7 +76,7 @@ def test_fp8_linear_on_a_gathered_weight_equals_the_weight_quantized_in_the_laye
         torch._dynamo.reset()
         xs = x.clone().requires_grad_()
         if compiled:
-            fn = lt.compile(lambda a, b: F.linear(a, b), plugins=[lt.plugins.FP8()])
+            fn = lt.compile(lambda a, b: F.linear(a, b), plugins=[FP8()])
         else:
             fn = fp8_linear
         y = fn(xs, weight)
