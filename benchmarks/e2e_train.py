@@ -10,6 +10,15 @@ Each mode runs in its own process, one after the other, on the same model and ba
   the loss one compiled graph (what the recipe builds).
 - ``trainer-thunder``: ``Trainer(strategy="thunder")``; the LightningModule's ``training_step`` computes the loss.
 - ``trainer-compile``: the same LightningModule with ``torch.compile`` applied in ``configure_model``, default strategy.
+- ``trainer-thunder-fp8``: ``trainer-thunder`` with ``plugins=[ThunderFP8()]`` (bf16 weights, FP8 matmuls).
+- ``trainer-thunder-fsdp``: ``Trainer(strategy="thunder_fsdp")`` on the same single device (FSDP2 units, blocks compiled
+  one by one, the steps compiled around them).
+- ``trainer-thunder-fsdp-fp8``: ``thunder_fsdp`` with ``ThunderFP8()``: the blocks' FP8 weights all-gathered in FP8
+  (``all_gather="fp8"``, the default); ``trainer-thunder-fsdp-fp8-bf16ag``: the same with ``all_gather="bf16"``.
+  These four are compared with ``trainer-thunder`` in a second table: per phase (forward, backward, clipping +
+  optimizer; GPU time between CUDA events recorded by a callback, and when the host finished issuing each phase),
+  the number of weights gathered in FP8, and with ``--profile-rows N`` where one step's GPU time goes (kernel
+  families and the CPU ops that launched them, from ``step_profile.py``'s breakdown).
 
 Every mode: ``--precision`` (Lightning's setting), AdamW fused on CUDA. Reported per mode: median step time over
 ``--steps`` steps after ``--warmup`` (the first compiles), tokens/s, the ratio to the torch.compile path of the same
@@ -23,6 +32,8 @@ runs two steps (a new size may recompile once, with a dynamic batch dimension).
     python benchmarks/e2e_train.py --modes recipe,fabric-compile,fabric-thunder --batch 4 --seq 2048 --max-batch
     python benchmarks/e2e_train.py --modes trainer-thunder,trainer-compile --n-layer 8 --precision bf16-true
     python benchmarks/e2e_train.py --device cpu --tiny --steps 2 --warmup 1          # a quick CPU run
+    python benchmarks/e2e_train.py --n-layer 8 --precision bf16-true --clip 1.0 --modes trainer-thunder,\
+        trainer-thunder-fsdp,trainer-thunder-fsdp-fp8,trainer-thunder-fsdp-fp8-bf16ag     # FSDP and FP8 on one card
 
 Needs ``litgpt`` (the model, and LitGPT's loss for ``fabric-compile``); ``recipe`` needs ``omegaconf`` too. A mode that
 cannot run here is reported with the reason.
@@ -47,7 +58,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from measure import Unavailable, environment, parent_argv, spawn_worker, synchronize, worker_result  # noqa: E402
 
-MODES = ("recipe", "fabric-compile", "fabric-thunder", "trainer-thunder", "trainer-compile")
+#: Trainer modes of the second table: (strategy, ThunderFP8's all_gather or None for no FP8 plugin).
+TRAINER_VARIANTS = {
+    "trainer-thunder-fp8": ("thunder", "fp8"),
+    "trainer-thunder-fsdp": ("thunder_fsdp", None),
+    "trainer-thunder-fsdp-fp8": ("thunder_fsdp", "fp8"),
+    "trainer-thunder-fsdp-fp8-bf16ag": ("thunder_fsdp", "bf16"),
+}
+MODES = ("recipe", "fabric-compile", "fabric-thunder", "trainer-thunder", "trainer-compile", *TRAINER_VARIANTS)
 #: Each of our paths and the torch.compile path it is compared with.
 BASELINE = {"recipe": "fabric-compile", "fabric-thunder": "fabric-compile", "trainer-thunder": "trainer-compile"}
 #: ``--tiny``: a 2-layer Llama-style model for CPU runs and tests.
@@ -124,12 +142,16 @@ def trainer_run(args: argparse.Namespace, mode: str, device: torch.device) -> di
     """Fit ``warmup + steps`` steps with the Trainer; per-step times from a callback."""
     import lightning as L
 
-    import lightning_thunder  # noqa: F401 - registers the "thunder" strategies
+    import lightning_thunder  # registers the "thunder" strategies; ThunderFP8 for the FP8 modes
 
     config = _config(args)
     from litgpt import GPT
 
-    thunder = mode == "trainer-thunder"
+    thunder = mode != "trainer-compile"
+    strategy, all_gather = TRAINER_VARIANTS.get(mode, ("thunder" if thunder else "auto", None))
+    precision: dict = {"precision": args.precision}
+    if all_gather is not None:  # ThunderFP8 is the precision plugin (bf16-true); emulated off CUDA (tests)
+        precision = {"plugins": [lightning_thunder.ThunderFP8(emulate=device.type != "cuda", all_gather=all_gather)]}
 
     class LitGPTModule(L.LightningModule):
         def __init__(self) -> None:
@@ -147,31 +169,101 @@ def trainer_run(args: argparse.Namespace, mode: str, device: torch.device) -> di
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return _optimizer(self.parameters(), device.type == "cuda")
 
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args: object) -> None:
-            synchronize(device)
-            self.t0 = time.perf_counter()
-
-        def on_train_batch_end(self, *args: object) -> None:
-            synchronize(device)
-            self.times.append(time.perf_counter() - self.t0)
-
-    n = args.warmup + args.steps
+    n = args.warmup + args.steps + (1 if args.profile_rows else 0)
     x, y = _batch(n * args.batch, args, config.padded_vocab_size, torch.device("cpu"))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=args.batch)
-    timer = StepTimer()
+    timer = _step_timer(device, profile_step=args.warmup + args.steps if args.profile_rows else None)
     torch.manual_seed(0)
     module = LitGPTModule()
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, strategy="thunder" if thunder else "auto", precision=args.precision,
-        max_steps=n, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer],
+        accelerator=device.type, devices=1, strategy=strategy, max_steps=n, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], gradient_clip_val=args.clip,
+        **precision,
     )
     trainer.fit(module, loader)
-    return {"times": timer.times, **(_thunder_stats(module) if thunder else {})}
+    result = {"times": timer.times[: args.warmup + args.steps], **(_thunder_stats(module) if thunder else {})}
+    if timer.phases:
+        timed = timer.phases[args.warmup : args.warmup + args.steps] or timer.phases[1:]
+        result["phases"] = [statistics.median(c) for c in zip(*timed)]
+    if timer.trace_path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from step_profile import breakdown
+
+        result["breakdown"] = breakdown(timer.trace_path, args.profile_rows)
+    if mode in TRAINER_VARIANTS:
+        from lightning_thunder.fp8.fsdp import FP8AllGather
+
+        groups = {getattr(p, "_local_tensor", p).__dict__.get("_group") for p in module.parameters()}
+        result["fp8_gathered"] = sum(len(g.names) for g in groups if isinstance(g, FP8AllGather))
+        result["fp8_refreshes"] = sum(g.refreshes for g in groups if isinstance(g, FP8AllGather))
+    return result
+
+
+def _step_timer(device: torch.device, profile_step: int | None):
+    """A callback timing each training step (synchronized), and on CUDA its phases: GPU time between events recorded
+    at the Trainer's hooks (forward: batch start to ``on_before_backward``; backward: to ``on_after_backward``;
+    step: ``on_before_optimizer_step`` to batch end, i.e. clipping, the optimizer and ``zero_grad``) and when the host
+    reached each hook. ``profile_step``: profile that step (CPU and CUDA) into a Chrome trace."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        HOOKS = ("before_backward", "after_backward", "before_optimizer_step", "end")
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.phases: list[list[float]] = []
+            self.trace_path: str | None = None
+            self.index = 0
+            self.profiler = None
+
+        def _mark(self, hook: str) -> None:
+            if device.type == "cuda":
+                self.events[hook] = torch.cuda.Event(enable_timing=True)
+                self.events[hook].record()
+                self.host[hook] = time.perf_counter()
+
+        def on_train_batch_start(self, *args: object) -> None:
+            synchronize(device)
+            if self.index == profile_step and device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+            self.events: dict = {}
+            self.host: dict = {}
+            self.t0 = time.perf_counter()
+            self._mark("start")
+
+        def on_before_backward(self, *args: object) -> None:
+            self._mark("before_backward")
+
+        def on_after_backward(self, *args: object) -> None:
+            self._mark("after_backward")
+
+        def on_before_optimizer_step(self, *args: object) -> None:
+            self._mark("before_optimizer_step")
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self._mark("end")
+            synchronize(device)
+            self.times.append(time.perf_counter() - self.t0)
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                    self.trace_path = f.name
+                self.profiler.export_chrome_trace(self.trace_path)
+                self.profiler = None
+            if device.type == "cuda" and all(h in self.events for h in self.HOOKS):
+                e, h = self.events, self.host
+                self.phases.append([
+                    e["start"].elapsed_time(e["before_backward"]),
+                    e["before_backward"].elapsed_time(e["after_backward"]),
+                    e["before_optimizer_step"].elapsed_time(e["end"]),
+                    *((h[k] - h["start"]) * 1e3 for k in ("before_backward", "after_backward", "end")),
+                ])
+            self.index += 1
+
+    return StepTimer()
 
 
 def recipe_run(args: argparse.Namespace, device: torch.device) -> dict:
@@ -210,6 +302,31 @@ def recipe_run(args: argparse.Namespace, device: torch.device) -> dict:
     loop._Run._save = lambda self, index: None  # the final checkpoint (15 GB for this model) is not a step's time
     result = pretrain(cfg)
     return {"times": times, "compile_s": result.compile_time_s, "recipe_tokens_per_s": result.tokens_per_sec}
+
+
+def variants_table(results: list[dict]) -> str:
+    """The FSDP / FP8 Trainer modes against ``trainer-thunder``: step time, phases (CUDA), FP8 all-gather."""
+    by_mode = {r["mode"]: r for r in results if "step_ms" in r}
+    base = by_mode.get("trainer-thunder")
+    rows = [
+        "| mode | step ms | step / trainer-thunder's | GPU fwd / bwd / clip+opt ms | "
+        "host issued fwd / bwd / step at ms | weights gathered in FP8 (refreshes) | peak GiB |",
+        "| --- | ---: | ---: | --- | --- | ---: | ---: |",
+    ]
+    for r in results:
+        if r["mode"] not in ("trainer-thunder", *TRAINER_VARIANTS):
+            continue
+        if "step_ms" not in r:
+            rows.append(f"| {r['mode']} | {r.get('skipped') or r.get('error')} | | | | | |")
+            continue
+        ratio = f"{r['step_ms'] / base['step_ms']:.3f}x" if base else "-"
+        ph = r.get("phases")
+        gpu = " / ".join(f"{v:.1f}" for v in ph[:3]) if ph else "n/a"
+        host = " / ".join(f"{v:.1f}" for v in ph[3:]) if ph else "n/a"
+        gathered = f"{r['fp8_gathered']} ({r['fp8_refreshes']})" if "fp8_gathered" in r else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a"
+        rows.append(f"| {r['mode']} | {r['step_ms']:.1f} | {ratio} | {gpu} | {host} | {gathered} | {peak} |")
+    return "\n".join(rows)
 
 
 def _thunder_stats(model: object) -> dict:
@@ -343,6 +460,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
     p.add_argument("--max-batch", action="store_true", help="also search the largest micro-batch (Fabric modes, CUDA)")
     p.add_argument("--max-batch-probes", type=int, default=5, help="batch sizes tried at most by --max-batch")
+    p.add_argument("--clip", type=float, default=None, help="Trainer modes: gradient_clip_val (clipping by norm)")
+    p.add_argument("--profile-rows", type=int, default=0,
+                   help="Trainer modes on CUDA: profile one more step and print this many rows of its GPU breakdown")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per mode")
@@ -384,6 +504,13 @@ def main(argv: list[str] | None = None) -> None:
         f"median of {args.steps} steps after {args.warmup}; peak: CUDA peak allocated over the run\n"
     )
     print(table(results, args.batch * args.seq))
+    if any(m in TRAINER_VARIANTS for m in args.mode_list):
+        clip = f"clipping at norm {args.clip}" if args.clip else "no clipping"
+        print(f"\nFSDP and FP8 on one device ({clip}; phases: medians over the timed steps)\n")
+        print(variants_table(results))
+    for r in results:
+        if "breakdown" in r:
+            print(f"\n{r['mode']}: one step's GPU time\n{r['breakdown']}")
     for r in results:
         if "tried" in r:
             sizes = sorted(r["tried"].items(), key=lambda kv: int(kv[0]))

@@ -52,10 +52,16 @@ class ThunderFP8(HalfPrecision):
             without it a CUDA GPU of compute capability >= 8.9 is required.
         filter: ``filter(info: LinearInfo) -> bool`` chooses the FP8 layers among those whose dims are
             multiples of 16 (default: all but the output head ``lm_head``/``output``).
+        all_gather: with ``thunder_fsdp``, ``"fp8"`` all-gathers the weights of the blocks' FP8 layers in FP8 with
+            their scales, computed once per optimizer step for all weights (half the bytes, and the blocks do not
+            quantize them again); ``"bf16"`` gathers them in bf16 and each block quantizes them. ``None`` (default):
+            ``"fp8"`` for ``recipe="tensorwise"``, ``"bf16"`` for ``"rowwise"`` (rowwise always gathers in bf16;
+            ``"fp8"`` with it is an error). See :class:`~lightning_thunder.plugins.FP8`.
 
     A subclass of the Trainer's ``HalfPrecision("bf16-true")``, which is a Fabric ``Precision`` too; the hooks
     whose signatures differ between the two (``backward``, ``optimizer_step``, ...) follow the caller's.
-    With ``thunder_fsdp``, FSDP2 shards the bf16 weights (no mixed-precision policy: the model is already bf16).
+    With ``thunder_fsdp``, FSDP2 shards the bf16 weights (no mixed-precision policy: the model is already bf16) and,
+    with tensorwise scaling, all-gathers the FP8 layers' weights in FP8 (``all_gather``).
     """
 
     def __init__(
@@ -63,10 +69,11 @@ class ThunderFP8(HalfPrecision):
         recipe: str = "tensorwise",
         emulate: bool = False,
         filter: Callable[[LinearInfo], bool] | None = None,  # noqa: A002 - the FP8 plugin's name for it
+        all_gather: str | None = None,
     ) -> None:
         super().__init__("bf16-true")
         # One compiler plugin instance for every compile: all blocks share one backend and one graph.
-        self._fp8 = FP8(recipe=recipe, emulate=emulate, filter=filter)
+        self._fp8 = FP8(recipe=recipe, emulate=emulate, filter=filter, all_gather=all_gather)
 
     @property
     def recipe(self) -> str:
@@ -77,6 +84,12 @@ class ThunderFP8(HalfPrecision):
     def emulate(self) -> bool:
         """Whether the matmuls are emulated in bf16."""
         return self._fp8.emulate
+
+    @property
+    def all_gather(self) -> str:
+        """``"fp8"`` or ``"bf16"``: how ``thunder_fsdp`` all-gathers the FP8 layers' weights (see the class
+        docstring)."""
+        return self._fp8.all_gather
 
     @property
     def fp8_active(self) -> bool:
@@ -148,4 +161,4 @@ class ThunderFP8(HalfPrecision):
         return FabricPrecision.optimizer_step(self, optimizer, **kwargs)
 
     def __repr__(self) -> str:
-        return f"ThunderFP8(recipe={self.recipe!r}, emulate={self.emulate})"
+        return f"ThunderFP8(recipe={self.recipe!r}, emulate={self.emulate}, all_gather={self.all_gather!r})"

@@ -87,10 +87,13 @@ def test_e2e_train_benchmark_on_cpu(tmp_path):
     pytest.importorskip("litgpt", reason="litgpt is part of the `test` extra")
     out_json = tmp_path / "e2e.json"
     out = _run("benchmarks/e2e_train.py", "--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1",
-               "--modes", "recipe,trainer-thunder", "--json", str(out_json))
+               "--modes", "recipe,trainer-thunder,trainer-thunder-fsdp-fp8", "--clip", "1.0", "--json", str(out_json))
     assert "| mode | step ms | tokens/s | vs torch.compile | peak GiB | first step s | max micro-batch |" in out
     by_mode = {r["mode"]: r for r in json.loads(out_json.read_text())["results"]}
-    assert set(by_mode) == {"recipe", "trainer-thunder"}
+    assert set(by_mode) == {"recipe", "trainer-thunder", "trainer-thunder-fsdp-fp8"}
+    # The FSDP / FP8 table: thunder_fsdp with ThunderFP8 (emulated on CPU) gathered the tiny model's 10 FP8 weights.
+    assert "| mode | step ms | step / trainer-thunder's |" in out
+    assert by_mode["trainer-thunder-fsdp-fp8"]["fp8_gathered"] == 10, by_mode["trainer-thunder-fsdp-fp8"]
     for r in by_mode.values():
         assert r["step_ms"] > 0 and r["first_step_s"] > 0, r
     assert by_mode["trainer-thunder"]["graphs"] >= 1 and by_mode["recipe"]["recipe_tokens_per_s"] > 0

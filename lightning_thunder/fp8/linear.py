@@ -33,6 +33,7 @@ from lightning_thunder.fp8.config import check_recipe
 from lightning_thunder.fp8.dtensor import fp8_linear_dtensor, is_dtensor
 from lightning_thunder.fp8.matmul import fp8_mm_t
 from lightning_thunder.fp8.quantize import E4M3, E5M2, quantize, quantize_with_transpose
+from lightning_thunder.fp8.weights import FP8GatheredWeight
 
 __all__ = ["fp8_linear", "FP8LinearFunction"]
 
@@ -48,17 +49,30 @@ class FP8LinearFunction(torch.autograd.Function):
     """``x [M, K] @ weight [N, K]^T + bias [N]`` with FP8 matmuls forward and backward (see the module docstring).
 
     The forward quantizes the transposed copies only for the gradients that are needed
-    (``ctx.needs_input_grad``), so inference does one quantization per operand.
+    (``ctx.needs_input_grad``), so inference does one quantization per operand. A weight FSDP all-gathered in FP8
+    (:class:`~lightning_thunder.fp8.weights.FP8GatheredWeight`, tensorwise) is used as it is: its FP8 values and
+    scale feed the forward matmul, and the backward transposes the FP8 values (FSDP gathers them again for the
+    backward, so nothing of the weight stays alive in between).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rowwise: bool, emulate: bool
     ) -> torch.Tensor:
-        """``[M, N]`` in ``x.dtype``; saves the FP8 ``x^T``/``w^T`` the backward reads."""
+        """``[M, N]`` in ``x.dtype``; saves the FP8 ``x^T``/``w^T`` the backward reads (or the gathered FP8 ``w``)."""
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         x_q, x_s, x_qt, x_st = _quantize(x, E4M3, rowwise, with_transpose=need_dw)
-        w_q, w_s, w_qt, w_st = _quantize(weight, E4M3, rowwise, with_transpose=need_dx)
+        ctx.gathered = isinstance(weight, FP8GatheredWeight)
+        if ctx.gathered:
+            if rowwise:
+                raise ValueError(
+                    "a weight all-gathered in FP8 has one scale for the whole tensor (tensorwise); recipe='rowwise' "
+                    "needs the bf16 all-gather (all_gather='bf16')"
+                )
+            w_q, w_s = weight._data, weight._scale_inv
+            w_qt, w_st = (w_q, w_s) if need_dx else (None, None)  # transposed in the backward
+        else:
+            w_q, w_s, w_qt, w_st = _quantize(weight, E4M3, rowwise, with_transpose=need_dx)
         y = fp8_mm_t(x_q, x_s, w_q, w_s, out_dtype=x.dtype, bias=bias, emulate=emulate, use_fast_accum=True)
         ctx.save_for_backward(x_qt, x_st, w_qt, w_st)
         ctx.rowwise, ctx.emulate = rowwise, emulate
@@ -71,6 +85,8 @@ class FP8LinearFunction(torch.autograd.Function):
         """``dx = dy @ w``, ``dW = dy^T @ x`` with ``dy`` in e5m2; ``db = sum(dy)`` in high precision."""
         x_qt, x_st, w_qt, w_st = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        if ctx.gathered and need_dx:
+            w_qt = w_qt.t().contiguous()  # the gathered FP8 weight [N, K] -> [K, N]; same scale
         rowwise, emulate = ctx.rowwise, ctx.emulate
         dx = dw = db = None
         if need_dx and need_dw:

@@ -28,6 +28,8 @@ Formats for Deep Learning" (arXiv:2209.05433); torchao.float8's dynamic scaling.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightning_thunder.executors.kernels.fp8_formats import (
@@ -58,6 +60,8 @@ __all__ = [
     "fp8_cast_kernel",
     "fp8_cast_with_transpose_kernel",
     "fp8_quantize_group_kernel",
+    "fp8_amax_group",
+    "fp8_cast_group",
 ]
 
 #: Forward operands (activations, weights): 4 exponent bits, 3 mantissa bits, largest value 448.
@@ -306,3 +310,49 @@ def fp8_quantize_group_kernel(*tensors: torch.Tensor, dtype: torch.dtype, transp
         for t in tensors
     ]
     return tuple(out for group in groups for out in group)
+
+
+def fp8_amax_group(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``max |t|`` of each tensor (0 for an empty one) as one fp32 ``[len(tensors)]`` tensor, in one grouped op
+    (``torch._foreach_norm`` with ``ord=inf``: one multi-tensor launch on CUDA). The first half of
+    :func:`fp8_cast_group`'s tensorwise quantization, separate so the maxima can be reduced over ranks between."""
+    if not tensors:
+        raise ValueError("fp8_amax_group needs at least one tensor")
+    nonempty = [t for t in tensors if t.numel()]
+    norms = torch._foreach_norm(nonempty, ord=math.inf, dtype=torch.float32) if nonempty else []
+    if len(nonempty) == len(tensors):
+        return torch.stack(norms)
+    found = iter(norms)
+    zero = tensors[0].new_zeros((), dtype=torch.float32)
+    return torch.stack([next(found) if t.numel() else zero for t in tensors])
+
+
+def fp8_cast_group(
+    tensors: list[torch.Tensor], amax: torch.Tensor, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(q, scale_inv)`` of each 2-D tensor, scaled by ``MAX / max(amax[g], EPS)`` and cast to ``dtype``: the
+    second pass of tensorwise quantization with maxima given (fp32 ``[len(tensors)]``; for FSDP's FP8 all-gather,
+    the maximum of each whole weight over all ranks, so every rank's shard gets the same scale). The values are those
+    of ``fp8_cast`` with ``partials = amax[g:g+1]``, bit for bit. On CUDA one launch for every tensor the grouped
+    kernel takes (:func:`~lightning_thunder.executors.kernels.fp8_group_quant.fp8_quantize_group_triton`), the
+    others one by one; elsewhere the PyTorch reference."""
+    for t in tensors:
+        check_fp8_input(t, dtype)
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(tensors)
+    together = [g for g, t in enumerate(tensors) if t.is_cuda and t.numel() and groupable(t)]
+    if together:
+        from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
+
+        # (No index tensor built on the host: uploading it would wait for the GPU.)
+        chosen = amax if len(together) == len(tensors) else torch.stack([amax[g] for g in together])
+        quantized = fp8_quantize_group_triton([tensors[g] for g in together], dtype, False, amax=chosen)
+        for g, (q, scale_inv) in zip(together, quantized):
+            out[g] = (q, scale_inv)
+    for g, t in enumerate(tensors):
+        if out[g] is not None:
+            continue
+        if t.numel() == 0 or not t.is_cuda:  # the reference (an empty shard still gets the whole weight's scale)
+            out[g] = _tensorwise_reference(t.float().contiguous(), amax[g], dtype, False)  # type: ignore[assignment]
+        else:
+            out[g] = _cast_from_partials(t, amax[g : g + 1], dtype, False)  # type: ignore[assignment]
+    return out  # type: ignore[return-value]

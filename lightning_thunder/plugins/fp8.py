@@ -30,8 +30,10 @@ from torch import nn
 from lightning_thunder.executors.base import Executor, OpExecutor
 from lightning_thunder.executors.triton.epilogues import Epilogue
 from lightning_thunder.fp8.config import check_fp8_hardware, check_recipe
+from lightning_thunder.fp8.fsdp import ALL_GATHER_CHOICES
 from lightning_thunder.fp8.linear import fp8_linear
 from lightning_thunder.fp8.module import restore_linears
+from lightning_thunder.fp8.weights import FP8GatheredWeight
 from lightning_thunder.fp8.quantize import (
     fp8_amax_kernel,
     fp8_cast_kernel,
@@ -44,7 +46,15 @@ from lightning_thunder.plugins.base import Plugin
 from lightning_thunder.trace.proxy import Proxy
 from lightning_thunder.trace.trace import BoundOp, Trace
 
-__all__ = ["FP8", "LinearInfo", "default_filter", "fp8_compatible", "group_weight_quantizations", "OUTPUT_HEAD_NAMES"]
+__all__ = [
+    "FP8",
+    "LinearInfo",
+    "default_filter",
+    "fp8_compatible",
+    "group_weight_quantizations",
+    "check_all_gather",
+    "OUTPUT_HEAD_NAMES",
+]
 
 #: Module names (the last part of the qualified name) :func:`default_filter` treats as the output head.
 OUTPUT_HEAD_NAMES = ("lm_head", "output")
@@ -193,6 +203,15 @@ class FP8(Plugin):
             device (tests, CPU). Without it, a CUDA GPU of compute capability >= 8.9 is required.
         filter: ``filter(info: LinearInfo) -> bool`` chooses the layers to run in FP8 among those whose
             dims are multiples of 16; default :func:`default_filter` (all but the output head).
+        all_gather: under FSDP (the ``thunder_fsdp`` strategies, or :class:`~lightning_thunder.plugins.FSDP` given
+            this plugin), how the FP8 layers' weights of the transformer blocks are all-gathered. ``"fp8"``: as FP8
+            with their scales, computed for all weights once after they change (the optimizer step); the blocks
+            use them without quantizing them again (:mod:`lightning_thunder.fp8.fsdp`): half the bytes gathered,
+            no weight quantization per block and micro-step. ``"bf16"``: the weights' own dtype, quantized in each
+            block's forward. ``None`` (default): ``"fp8"`` with ``recipe="tensorwise"``; ``"bf16"`` with
+            ``"rowwise"`` (per-row scales of the gathered weight cannot be computed shard by shard), and where FSDP2
+            cannot gather in FP8 (tensor parallelism, CPU offload, ``reshard_after_forward`` to a smaller group),
+            with a warning. ``"fp8"`` with ``"rowwise"`` is an error.
 
     Attributes:
         converted: qualified names of the layers rewritten so far (all graphs), in order.
@@ -210,9 +229,11 @@ class FP8(Plugin):
         recipe: str = "tensorwise",
         emulate: bool = False,
         filter: Callable[[LinearInfo], bool] | None = None,  # noqa: A002 - the issue's name for it
+        all_gather: str | None = None,
     ) -> None:
         self.recipe = check_recipe(recipe)
         self.emulate = bool(emulate)
+        self.all_gather_requested = check_all_gather(all_gather, self.recipe)
         check_fp8_hardware(self.emulate)
         if filter is not None and not callable(filter):
             raise TypeError(f"filter must be a callable taking a LinearInfo and returning a bool, got {filter!r}")
@@ -229,6 +250,14 @@ class FP8(Plugin):
                 torch.ops.lightning_thunder.fp8_cast_with_transpose.default: fp8_cast_with_transpose_kernel,
             },
         )
+
+    @property
+    def all_gather(self) -> str:
+        """``"fp8"`` or ``"bf16"``: the ``all_gather`` argument, or its default for the recipe (see the class
+        docstring)."""
+        if self.all_gather_requested is not None:
+            return self.all_gather_requested
+        return "fp8" if self.recipe == "tensorwise" else "bf16"
 
     def accepts(self, info: LinearInfo) -> bool:
         """Whether the layer described by ``info`` runs in FP8 (dims multiples of 16, and the filter agrees)."""
@@ -254,6 +283,12 @@ class FP8(Plugin):
             out_features, in_features = weight.shape
             info = LinearInfo(_module_name(op, weight), in_features, out_features)
             if not self.accepts(info):
+                if isinstance(weight.val, FP8GatheredWeight):
+                    raise ValueError(
+                        f"FP8: the filter keeps `{info.name}` in high precision, but FSDP all-gathers its weight in "
+                        "FP8 (the FSDP plugin chose the layers with this plugin's filter under other module names); "
+                        "make the filter decide by the last part of the name, or pass all_gather='bf16'"
+                    )
                 kept.append(info.name)
                 ops.append(op)
                 continue
@@ -292,4 +327,23 @@ class FP8(Plugin):
 
     def __repr__(self) -> str:
         filt = "" if self.filter is None else f", filter={getattr(self.filter, '__name__', self.filter)!r}"
-        return f"FP8(recipe={self.recipe!r}, emulate={self.emulate}{filt})"
+        gather = "" if self.all_gather_requested is None else f", all_gather={self.all_gather_requested!r}"
+        return f"FP8(recipe={self.recipe!r}, emulate={self.emulate}{filt}{gather})"
+
+
+def check_all_gather(all_gather: str | None, recipe: str) -> str | None:
+    """Validate the ``all_gather`` argument of :class:`FP8` for ``recipe`` (``None``: the recipe's default)."""
+    if all_gather is None:
+        return None
+    if all_gather not in ALL_GATHER_CHOICES:
+        raise ValueError(
+            f"all_gather={all_gather!r} is not supported; choose one of {list(ALL_GATHER_CHOICES)} (or None for the "
+            "recipe's default)"
+        )
+    if all_gather == "fp8" and recipe != "tensorwise":
+        raise ValueError(
+            f"all_gather='fp8' needs recipe='tensorwise' (one scale per weight, computed before the all-gather), got "
+            f"recipe={recipe!r}: rowwise scales belong to rows of the gathered weight, so rowwise FP8 keeps the bf16 "
+            "all-gather; pass all_gather='bf16' or leave it None"
+        )
+    return all_gather

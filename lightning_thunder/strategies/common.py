@@ -132,12 +132,17 @@ def compile_and_shard(
     plugins: Sequence[Plugin] | None,
     compile_options: Mapping[str, Any],
     tensor_parallel: TensorParallel | None = None,
-) -> nn.Module:
+) -> tuple[nn.Module, bool]:
     """``thunder_fsdp``'s model setup, shared by the Fabric and Trainer strategies, in torchtitan's order:
     tensor parallelism (``tensor_parallel``, on ``mesh["tensor_parallel"]``), then every block (the detected or
     given ``options.block_cls``) compiled with the same plugin instances, so all blocks share one backend and one
     graph and see local (tensor-parallel) shapes, then the FSDP plugin puts activation checkpointing inside the
     compiled blocks (before their first call) and shards the units over ``mesh["data_parallel"]``.
+
+    On a data-parallel group of one rank (no tensor parallelism, no CPU offload) the FSDP plugin makes the whole
+    model one unit (:meth:`~lightning_thunder.plugins.FSDP.one_unit`) and no block is compiled on its own: the caller
+    compiles the whole step or module, as the ``thunder`` strategies do (one graph: the loss with the head, no graph
+    break per block). Returns ``(module, whole)``, ``whole`` telling the caller to do so.
 
     Args:
         options: the strategy's validated FSDP options (``block_cls``, ``reshard_after_forward``,
@@ -148,9 +153,12 @@ def compile_and_shard(
     """
     from lightning_thunder.plugins.blocks import compile_blocks, find_block_class
 
+    from lightning_thunder.plugins.fp8 import FP8
+
     block_cls = options.block_cls if options.block_cls is not None else find_block_class(module)
     if tensor_parallel is not None:
         tensor_parallel.transform_module(module)
+    block_plugins = with_precision_plugins(plugins, precision_plugin)
     fsdp = FSDP(
         mesh=mesh["data_parallel"],
         block_cls=block_cls,
@@ -158,9 +166,13 @@ def compile_and_shard(
         reshard_after_forward=options.reshard_after_forward,
         cpu_offload=options.cpu_offload,
         activation_checkpointing=options.activation_checkpointing,
+        # The FP8 plugin the blocks compile with (ThunderFP8's, or one in `plugins`): FP8 all-gather of its weights.
+        fp8=next((p for p in block_plugins or () if isinstance(p, FP8)), None),
     )
-    compile_blocks(module, with_precision_plugins(plugins, precision_plugin), block_cls=block_cls, **compile_options)
-    return fsdp.transform_module(module)
+    whole = fsdp.one_unit(module, mesh["data_parallel"])
+    if not whole:
+        compile_blocks(module, block_plugins, block_cls=block_cls, **compile_options)
+    return fsdp.transform_module(module), whole
 
 
 def compile_submodules(

@@ -283,10 +283,13 @@ class ThunderFSDPStrategy(AtomicFabricSave, ModelParallelStrategy):
                 mesh=device_mesh["tensor_parallel"], sequence_parallel=self.sequence_parallel,
                 block_cls=self.fsdp.block_cls,
             )
-        module = compile_and_shard(
+        module, whole = compile_and_shard(
             module, self.fsdp, device_mesh, self.precision, self.plugins, self.compile_options, tensor_parallel
         )
         self._sharded_module = module
+        if whole:  # one rank: one FSDP unit, compiled as a whole (as strategy="thunder" does)
+            plugins = with_precision_plugins(self.plugins, self.precision)
+            return thunder_compile(module, plugins=plugins, **self.compile_options)
         return module
 
     @override

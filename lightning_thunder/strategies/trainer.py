@@ -278,7 +278,7 @@ class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParal
                 mesh=self.device_mesh["tensor_parallel"], sequence_parallel=self.sequence_parallel,
                 block_cls=self.fsdp.block_cls,
             )
-        compile_and_shard(
+        _, whole = compile_and_shard(
             module, self.fsdp, self.device_mesh, self.precision_plugin, self.plugins, self.compile_options,
             tensor_parallel,
         )
@@ -292,7 +292,11 @@ class ThunderFSDPTrainerStrategy(_StepCompilation, AtomicTrainerSave, ModelParal
                 "their graphs). Pass compile_step=False to keep this without the warning"
             )
         else:
-            self._compile_steps(module, with_precision_plugins(self.plugins, self.precision_plugin), "thunder_fsdp")
+            plugins = with_precision_plugins(self.plugins, self.precision_plugin)
+            # One rank: the whole model is one FSDP unit and no block was compiled; compile the steps (or, when they
+            # stay eager, the networks) whole, as strategy="thunder" does.
+            if not self._compile_steps(module, plugins, "thunder_fsdp") and whole:
+                compile_submodules(module, plugins, self.compile_options, "thunder_fsdp")
         # Lightning calls `training_step` & co. directly, not `forward`: make FSDP gather the root's parameters
         # (embeddings, head) around them too.
         from torch.distributed.fsdp import register_fsdp_forward_method

@@ -174,7 +174,7 @@ def test_mfu_peak_follows_fp8_active():
     ):
         real = lt.ThunderFP8(recipe="rowwise")
     assert fp8_active(real) and precision_of(real) == "fp8" and real.precision == "bf16-true"
-    assert repr(real) == "ThunderFP8(recipe='rowwise', emulate=False)"
+    assert repr(real) == "ThunderFP8(recipe='rowwise', emulate=False, all_gather='bf16')"
 
 
 def test_errors_name_the_fix():

@@ -134,6 +134,32 @@ def test_grouped_kernel_matches_the_single_tensor_kernel_bit_for_bit(fp8_dtype, 
         assert all(s.data_ptr() % 16 == 0 for s in got[1::2])
 
 
+def test_grouped_kernel_follows_weights_that_move_and_casts_with_given_maxima():
+    """Weights of the same shapes at new addresses (FSDP gathers a block's weights into new memory at every
+    all-gather) share the shape tables and get their own address table; with ``amax`` given, the cast pass alone
+    scales by those maxima (FSDP's FP8 all-gather: the whole weight's maximum), as the single-tensor cast does."""
+    from lightning_thunder.executors.kernels import fp8_group_quant
+    from lightning_thunder.executors.kernels.fp8_quant import fp8_cast_triton
+
+    torch.manual_seed(1)
+    shapes = [(32, 48), (16, 16)]
+    first = [_spread(r, c, torch.bfloat16) for r, c in shapes]
+    fp8_group_quant.fp8_quantize_group_triton(first, E4M3, False)
+    tables = len(fp8_group_quant._TABLES)
+    moved = [_spread(r, c, torch.bfloat16) for r, c in shapes]  # same shapes, other memory and values
+    for t, (q, scale_inv) in zip(moved, fp8_group_quant.fp8_quantize_group_triton(moved, E4M3, False)):
+        want_q, want_s = fp8_quantize_triton(t, E4M3, False, False)
+        assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(scale_inv, want_s)
+    assert len(fp8_group_quant._TABLES) == tables
+    amax = torch.tensor([1e3, 0.5])
+    given = fp8_group_quant.fp8_quantize_group_triton(moved, E4M3, False, amax=amax)
+    for t, (q, scale_inv), m in zip(moved, given, amax):
+        want_q, want_s = fp8_cast_triton(t, m.reshape(1), E4M3, False)
+        assert torch.equal(_bits(q), _bits(want_q)) and torch.equal(scale_inv, want_s)
+    with pytest.raises(ValueError, match=r"amax must be fp32 \[2\]"):
+        fp8_group_quant.fp8_quantize_group_triton(moved, E4M3, False, amax=amax[:1])
+
+
 def test_grouped_kernel_rejects_what_it_cannot_address():
     from lightning_thunder.executors.kernels.fp8_group_quant import fp8_quantize_group_triton
 

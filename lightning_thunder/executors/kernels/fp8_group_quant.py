@@ -11,8 +11,11 @@ known when the forward starts, so one call quantizes all of them (the same math 
     scale_inv[g]     = 1 / scale[g]
 
 Each program finds its tensor through small device tables (tile -> tensor, tensor -> first tile, rows,
-columns, input address, output offset) built once per set of weights (same addresses and shapes: the
-parameters an optimizer updates in place) and cached. The outputs are views of three allocations (all
+columns, output offset) built once per list of shapes and cached, and a table of the input addresses, cached
+per set of addresses (the parameters an optimizer updates in place keep theirs). Weights that move (FSDP
+allocates a block's gathered weights anew at every all-gather) get their addresses uploaded from pinned memory
+without waiting: a blocking upload would synchronize the host with the GPU at every block. The outputs are views
+of three allocations (all
 ``q``, all ``q^T``, all scales at 16-byte aligned offsets, as cuBLAS wants). The tensors must be 2-D
 and contiguous, with dims that are multiples of 16 and 16-byte aligned addresses (parameters of FP8 layers
 are); the caller quantizes other tensors one by one.
@@ -130,10 +133,11 @@ _TL_IN = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32:
 
 
 class _Tables:
-    """The device tables of one set of tensors (see the module docstring) and where each output starts."""
+    """The device tables of one list of shapes (see the module docstring) and where each output starts; the
+    address tables of the sets of tensors of those shapes seen last."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
-        device = tensors[0].device
+        device = self.device = tensors[0].device
         tiles = [triton.cdiv(t.shape[0], _BLOCK_R) * triton.cdiv(t.shape[1], _BLOCK_C) for t in tensors]
         first, offsets, total_tiles, total = [], [], 0, 0
         for t, n in zip(tensors, tiles):
@@ -147,17 +151,31 @@ class _Tables:
         self.tile_tensor = torch.repeat_interleave(torch.arange(len(tensors), **ints), torch.tensor(tiles, device=device))
         self.rows = torch.tensor([t.shape[0] for t in tensors], **ints)
         self.cols = torch.tensor([t.shape[1] for t in tensors], **ints)
-        longs = {"dtype": torch.int64, "device": device}
-        self.src = torch.tensor([t.data_ptr() for t in tensors], **longs)
-        self.offset = torch.tensor(offsets, **longs)
+        self.offset = torch.tensor(offsets, dtype=torch.int64, device=device)
+        self._sources: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def sources(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """int64 ``[G]`` on the device: each tensor's address (uploaded without synchronizing when new)."""
+        addresses = tuple(t.data_ptr() for t in tensors)
+        src = self._sources.get(addresses)
+        if src is None:
+            host = torch.tensor(addresses, dtype=torch.int64)
+            if self.device.type == "cuda":  # pinned: the copy is queued on the stream, the host goes on
+                host = host.pin_memory()
+            src = self._sources[addresses] = host.to(self.device, non_blocking=True)
+            if len(self._sources) > _MAX_TABLES:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(addresses)
+        return src
 
 
 _TABLES: OrderedDict[tuple, _Tables] = OrderedDict()
-_MAX_TABLES = 16  # sets of weights remembered (one per compiled forward, usually)
+_MAX_TABLES = 16  # lists of shapes remembered (one per compiled forward, usually), and address sets per list
 
 
 def _tables(tensors: list[torch.Tensor]) -> _Tables:
-    key = tuple((t.data_ptr(), t.shape, t.dtype, t.device) for t in tensors)
+    key = tuple((t.shape, t.dtype, t.device) for t in tensors)
     tables = _TABLES.get(key)
     if tables is None:
         tables = _TABLES[key] = _Tables(tensors)
@@ -169,14 +187,17 @@ def _tables(tensors: list[torch.Tensor]) -> _Tables:
 
 
 def fp8_quantize_group_triton(
-    tensors: list[torch.Tensor], fp8_dtype: torch.dtype, transpose: bool
+    tensors: list[torch.Tensor], fp8_dtype: torch.dtype, transpose: bool, amax: torch.Tensor | None = None
 ) -> list[tuple[torch.Tensor, ...]]:
     """Tensorwise FP8 quantization of each of ``tensors`` (2-D, contiguous, one dtype and device), in three
-    launches (a zero fill, the amax pass, the cast pass).
+    launches (a zero fill, the amax pass, the cast pass), or only the cast pass when ``amax`` is given.
 
     Returns, per tensor, ``(q, scale_inv)`` or, with ``transpose``, ``(q, scale_inv, q_t, scale_inv_t)``:
     the values :func:`~lightning_thunder.executors.kernels.fp8_quant.fp8_quantize_triton` returns, bit for bit
     (``q``, ``q_t`` and the scales are views of shared buffers).
+
+    ``amax``: fp32 ``[len(tensors)]``, the maxima to scale by instead of each tensor's own (FSDP's FP8 all-gather
+    scales each shard by the maximum of the whole weight over all ranks); no tensor may be empty then.
     """
     if not tensors:
         return []
@@ -198,11 +219,23 @@ def fp8_quantize_group_triton(
     q_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype)
     q_t_all = torch.empty(tables.numel, device=device, dtype=fp8_dtype) if transpose else q_all
     scales = torch.empty(len(tensors) * 2 * _SCALE_STRIDE, device=device, dtype=torch.float32)
-    amax = torch.zeros(len(tensors), device=device, dtype=torch.float32)
+    given = amax is not None
+    if given:
+        if amax.shape != (len(tensors),) or amax.dtype != torch.float32 or amax.device != device or any(
+            t.numel() == 0 for t in tensors
+        ):
+            raise ValueError(
+                f"amax must be fp32 [{len(tensors)}] on {device} for non-empty tensors, got {amax.dtype} "
+                f"{tuple(amax.shape)} on {amax.device}"
+            )
+        amax = amax.contiguous()
+    else:
+        amax = torch.zeros(len(tensors), device=device, dtype=torch.float32)
     if tables.tiles:
-        common = (tables.tile_tensor, tables.first_tile, tables.rows, tables.cols, tables.src)
-        _AMAX((tables.tiles,), *common, amax, IN_DTYPE=_TL_IN[first.dtype], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
-              num_warps=_NUM_WARPS)
+        common = (tables.tile_tensor, tables.first_tile, tables.rows, tables.cols, tables.sources(tensors))
+        if not given:
+            _AMAX((tables.tiles,), *common, amax, IN_DTYPE=_TL_IN[first.dtype], BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
+                  num_warps=_NUM_WARPS)
         _CAST(
             (tables.tiles,), *common, tables.offset, amax, q_all, q_t_all, scales, IN_DTYPE=_TL_IN[first.dtype],
             FP8_MAX=fp8_max, EPS=EPS, MANTISSA=mantissa, MIN_EXP=min_exp, OUT_DTYPE=tl_dtype, TRANSPOSE=transpose,
