@@ -205,12 +205,12 @@ class _Former:
     def _try_join(self, region: _Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:
         """(kind, has_col, width) if ``op`` can join ``region``; ``None`` otherwise."""
         fit = self._fit(region, op, role)
-        if fit is not None and region.epilogues:
+        if fit is not None and region.folds_after_kernel:
             wider = fit[2] if fit[0] in WIDE else None
             if role == "reduction":
                 wider = dims(op.args[0].val)[-1]
             if wider is not None and wider > (region.N or 0):
-                return None  # an epilogue covers the region's full width: it may not grow
+                return None  # column sums and epilogues cover the region's full width: it may not grow
         return fit
 
     def _fit(self, region: _Region, op: BoundOp, role: str) -> tuple[str, bool, int | None] | None:

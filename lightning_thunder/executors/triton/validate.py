@@ -48,6 +48,10 @@ def validate_plan(plan: FusionPlan) -> None:
                 elif p.is_tensor:  # (an int is the size of a view, which needs no value inside the region)
                     _check(id(p) in inputs, f"{r.name}: {op.name} reads {p.name}, neither made here nor an input")
         _check(not any(id(p) in r.produced for p in r.inputs), f"{r.name}: an input is made in the region")
+        for op in r.ops:  # sums over rows and epilogues are accumulated over the whole grid: it is their width
+            if r.kinds[id(op.outputs[0])] in AFTER_KERNEL:
+                width = op.args[0].shape[-1]
+                _check(width == r.N, f"{r.name}: {op.outputs[0].name} folds a value {width} wide in a grid of {r.N} columns")
         proxies = [id(o.proxy) for o in r.outputs]
         _check(len(proxies) == len(set(proxies)), f"{r.name}: an output is stored twice")
         for o in r.outputs:

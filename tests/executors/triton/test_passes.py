@@ -275,3 +275,11 @@ def test_layout_stores_a_query_saved_for_backward_in_the_order_attention_reads_i
     new = layout_pass(plan)
     (out,) = [o for r in new.regions for o in r.outputs if tuple(o.proxy.shape) == (2, 4, 16, 8)]
     assert out.strides == (512, 8, 32, 1) and len(new.freed) == 1
+
+
+def test_validator_rejects_a_column_sum_narrower_than_its_grid():
+    plan = _plan(lambda x, w: ((x * w).sin(), (x * w).sum(0)), torch.randn(8, 16), torch.randn(16))
+    (region,) = plan.regions
+    assert region.column_sums
+    with pytest.raises(PlanError, match="folds a value 16 wide in a grid of 32 columns"):
+        validate_plan(plan.with_region(region.replace(N=32)))

@@ -162,3 +162,23 @@ def test_a_kernel_triton_cannot_compile_runs_its_region_on_pytorch(monkeypatch):
     with pytest.warns(FusionWarning, match="Triton could not compile its kernel: RuntimeError: ptxas died"):
         assert_close(compiled(y), (y * 2).sin() * 3, "outputs")
     assert lt.compile_stats(compiled).fusion_regions == 0
+
+
+def test_a_region_with_a_column_sum_does_not_grow_wider_than_the_sum():
+    """Fuzzer seed 20353: a slice's gradient (16 columns wide) joined a region that already summed a 5-column value
+    over its rows; the kernel then stored 16 partial sums per program into a buffer of 5: a write out of bounds
+    (heap corruption under the interpreter, memory corruption on a GPU)."""
+
+    def program(x):
+        v = x[:, 10:15]
+        return x.amax(-1) * v, v[3:4]
+
+    g = torch.Generator().manual_seed(20353)
+    x = torch.randn((16, 5), generator=g).to(torch.bfloat16).transpose(-1, -2)
+    from tests.helpers import check_module_parity
+
+    class Program(torch.nn.Module):
+        def forward(self, a):
+            return program(a)
+
+    check_module_parity(Program(), lambda: [x.clone().requires_grad_()], plugins=[Fusion()])
